@@ -1,1 +1,724 @@
-//! placeholder
+//! `tether-driver`: the one async driver of tether's multiplexer, used by both
+//! `tetherd` and `tether-edge`.
+//!
+//! It turns a [`tether_proto::Mux`] plus any futures-io byte pipe (a TLS
+//! stream in practice, a TCP stream in tests) into:
+//!
+//! - a [`Session`] handle (cheap to clone) to [`open`](Session::open) and
+//!   [`accept`](Session::accept) streams, exchange control messages and start
+//!   draining with [`goaway`](Session::goaway);
+//! - [`Stream`]s that implement futures-io `AsyncRead` + `AsyncWrite`, where
+//!   `poll_close` is a half-close (FIN) and dropping the stream releases it
+//!   (a stream not finished both ways is reset with `CANCEL`);
+//! - one [`Driver`] future per session that moves bytes between the pipe and
+//!   the mux, runs the heartbeat timer (async-io `Timer`) and wakes the tasks
+//!   that wait on streams. Spawn it (or poll it) beside the application.
+//!
+//! The mux's memory is allocated once in [`Session::new`], from the
+//! [`Config`]: nothing here grows with traffic except per-stream wakers, which
+//! are bounded by `max_streams`. Both ends run on any executor; the daemon
+//! uses one single-threaded smol executor.
+//!
+//! This crate does not know about TLS, tokens or endpoints.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use async_io::Timer;
+use futures_io::{AsyncRead, AsyncWrite};
+use tether_proto::mux::{CloseReason, ControlError, OpenError, Recv, StreamError};
+use tether_proto::{Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId, StreamMeta};
+
+/// Size of the driver's read and write buffers towards the pipe.
+pub const IO_BUFFER: usize = 64 * 1024;
+
+type SessionMux = Mux<Vec<Slot>, Vec<u8>>;
+
+/// Stream metadata with owned strings, as the application sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Meta {
+    /// The endpoint the stream belongs to.
+    pub endpoint: String,
+    /// The public client's address, if known.
+    pub peer: Option<SocketAddr>,
+    /// TLS server name the client asked for.
+    pub sni: Option<String>,
+    /// Subject of the verified client certificate.
+    pub client_subject: Option<String>,
+}
+
+impl Meta {
+    /// Metadata for a stream of `endpoint` with nothing else known.
+    pub fn endpoint(endpoint: &str) -> Meta {
+        Meta { endpoint: endpoint.to_owned(), peer: None, sni: None, client_subject: None }
+    }
+
+    fn from_wire(m: &StreamMeta<'_>) -> Meta {
+        let peer = match m.peer {
+            PeerAddr::V4(ip, port) => Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), port)),
+            PeerAddr::V6(ip, port) => Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port)),
+            PeerAddr::Unknown => None,
+        };
+        Meta {
+            endpoint: m.endpoint.to_owned(),
+            peer,
+            sni: m.sni.map(str::to_owned),
+            client_subject: m.client_subject.map(str::to_owned),
+        }
+    }
+
+    fn to_wire(&self) -> StreamMeta<'_> {
+        let peer = match self.peer {
+            Some(SocketAddr::V4(a)) => PeerAddr::V4(a.ip().octets(), a.port()),
+            Some(SocketAddr::V6(a)) => PeerAddr::V6(a.ip().octets(), a.port()),
+            None => PeerAddr::Unknown,
+        };
+        StreamMeta {
+            endpoint: &self.endpoint,
+            peer,
+            sni: self.sni.as_deref(),
+            client_subject: self.client_subject.as_deref(),
+        }
+    }
+}
+
+/// How a session ended, the [`Driver`]'s output.
+#[derive(Debug)]
+pub enum Closed {
+    /// The mux closed (drained, a GOAWAY, a protocol error, a heartbeat timeout).
+    Mux(CloseReason),
+    /// The pipe ended or failed before the mux closed.
+    Transport(io::Error),
+}
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Closed::Mux(r) => write!(f, "{r}"),
+            Closed::Transport(e) => write!(f, "transport: {e}"),
+        }
+    }
+}
+
+impl Closed {
+    /// The wire code that best describes the end.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Closed::Mux(r) => r.code(),
+            Closed::Transport(_) => ErrorCode::INTERNAL,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Wakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
+}
+
+struct Inner {
+    mux: SessionMux,
+    origin: Instant,
+    streams: HashMap<u32, Wakers>,
+    accept_queue: VecDeque<StreamId>,
+    accept_waker: Option<Waker>,
+    control_waker: Option<Waker>,
+    blocked: Vec<Waker>,
+    driver: Option<Waker>,
+    goaway: Option<(ErrorCode, u32)>,
+    /// Set when the driver has returned: nothing will move any more.
+    ended: bool,
+    transport_error: Option<io::ErrorKind>,
+}
+
+impl Inner {
+    fn now(&self) -> Millis {
+        Millis(self.origin.elapsed().as_millis() as u64)
+    }
+
+    fn wake_driver(&mut self) {
+        if let Some(w) = &self.driver {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Moves every pending mux event to the tasks waiting on it.
+    fn dispatch_events(&mut self) {
+        while let Some(ev) = self.mux.poll_event() {
+            match ev {
+                Event::Opened(id) => {
+                    self.streams.entry(id.get()).or_default();
+                    self.accept_queue.push_back(id);
+                    if let Some(w) = self.accept_waker.take() {
+                        w.wake();
+                    }
+                }
+                Event::Readable(id) => self.wake_stream(id, true, false),
+                Event::Writable(id) => self.wake_stream(id, false, true),
+                Event::Reset(id, _) => self.wake_stream(id, true, true),
+                Event::Control => {
+                    if let Some(w) = self.control_waker.take() {
+                        w.wake();
+                    }
+                }
+                Event::Unblocked => self.wake_blocked(),
+                Event::GoAway { code, last } => {
+                    self.goaway = Some((code, last));
+                    self.wake_blocked();
+                }
+                Event::Closed(_) => self.wake_all(),
+            }
+        }
+    }
+
+    fn wake_stream(&mut self, id: StreamId, read: bool, write: bool) {
+        if let Some(w) = self.streams.get_mut(&id.get()) {
+            if read {
+                if let Some(w) = w.read.take() {
+                    w.wake();
+                }
+            }
+            if write {
+                if let Some(w) = w.write.take() {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    fn wake_blocked(&mut self) {
+        for w in self.blocked.drain(..) {
+            w.wake();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        self.wake_blocked();
+        for w in self.streams.values_mut() {
+            if let Some(w) = w.read.take() {
+                w.wake();
+            }
+            if let Some(w) = w.write.take() {
+                w.wake();
+            }
+        }
+        if let Some(w) = self.accept_waker.take() {
+            w.wake();
+        }
+        if let Some(w) = self.control_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Whether no more progress can happen on this session.
+    fn dead(&self) -> bool {
+        self.ended || self.mux.is_closed()
+    }
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the mux half-updated in a
+        // way that matters more than the panic itself; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A handle on one session. Clone it freely; the session lives while the
+/// [`Driver`] runs.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.shared.lock();
+        f.debug_struct("Session").field("mux", &inner.mux).finish()
+    }
+}
+
+fn closed_error(inner: &Inner) -> io::Error {
+    let what = match inner.mux.close_reason() {
+        Some(r) => format!("session closed: {r}"),
+        None => match inner.transport_error {
+            Some(k) => format!("session transport failed: {k}"),
+            None => "session closed".to_owned(),
+        },
+    };
+    io::Error::new(io::ErrorKind::NotConnected, what)
+}
+
+impl Session {
+    /// A new session over `io`, with all its buffers allocated now. Spawn the
+    /// returned [`Driver`]; the session ends when it returns.
+    pub fn new<T>(io: T, cfg: Config) -> Result<(Session, Driver<T>), tether_proto::mux::ConfigError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        let origin = Instant::now();
+        let mux = Mux::new(cfg, vec![Slot::EMPTY; cfg.max_streams], vec![0u8; cfg.buffer_len()], Millis(0))?;
+        let inner = Inner {
+            mux,
+            origin,
+            streams: HashMap::with_capacity(cfg.max_streams),
+            accept_queue: VecDeque::with_capacity(cfg.max_streams),
+            accept_waker: None,
+            control_waker: None,
+            blocked: Vec::new(),
+            driver: None,
+            goaway: None,
+            ended: false,
+            transport_error: None,
+        };
+        let shared = Arc::new(Shared { inner: Mutex::new(inner) });
+        let driver = Driver {
+            shared: shared.clone(),
+            io,
+            rbuf: vec![0u8; IO_BUFFER].into_boxed_slice(),
+            rpos: 0,
+            rend: 0,
+            read_done: false,
+            wbuf: vec![0u8; IO_BUFFER].into_boxed_slice(),
+            wpos: 0,
+            wend: 0,
+            need_flush: false,
+            timer: Timer::never(),
+            timer_at: None,
+            closing_io: false,
+        };
+        Ok((Session { shared }, driver))
+    }
+
+    /// Opens a stream, waiting while every stream slot is in use.
+    pub async fn open(&self, meta: &Meta) -> io::Result<Stream> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.ended {
+                return Poll::Ready(Err(closed_error(&inner)));
+            }
+            match inner.mux.open(&meta.to_wire()) {
+                Ok(id) => {
+                    inner.streams.insert(id.get(), Wakers::default());
+                    inner.wake_driver();
+                    Poll::Ready(Ok(Stream { shared: self.shared.clone(), id }))
+                }
+                Err(OpenError::TooManyStreams | OpenError::Blocked) => {
+                    inner.blocked.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(OpenError::Closing) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "session is draining or closed",
+                ))),
+                Err(OpenError::IdsExhausted) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "stream ids exhausted; reconnect",
+                ))),
+                Err(OpenError::Meta(e)) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, format!("stream metadata: {e}"))))
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next stream the peer opened; `None` once the session is over.
+    pub async fn accept(&self) -> Option<Stream> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(id) = inner.accept_queue.pop_front() {
+                return Poll::Ready(Some(Stream { shared: self.shared.clone(), id }));
+            }
+            if inner.dead() {
+                return Poll::Ready(None);
+            }
+            inner.accept_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Queues a control message, waiting while the control queue is full.
+    pub async fn send_control(&self, msg: &Control<'_>) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.ended {
+                return Poll::Ready(Err(closed_error(&inner)));
+            }
+            match inner.mux.send_control(msg) {
+                Ok(()) => {
+                    inner.wake_driver();
+                    Poll::Ready(Ok(()))
+                }
+                Err(ControlError::Blocked) => {
+                    inner.blocked.push(cx.waker().clone());
+                    Poll::Pending
+                }
+                Err(ControlError::Closed) => Poll::Ready(Err(closed_error(&inner))),
+                Err(ControlError::Codec(e)) => {
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, format!("control message: {e}"))))
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next control message, as its raw bytes (already checked to decode:
+    /// use [`Control::decode`]); `None` once the session is over.
+    pub async fn recv_control(&self) -> Option<Vec<u8>> {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if let Some(bytes) = inner.mux.control_bytes() {
+                let bytes = bytes.to_vec();
+                inner.mux.take_control();
+                inner.wake_driver(); // input may have stalled on it
+                return Poll::Ready(Some(bytes));
+            }
+            if inner.dead() {
+                return Poll::Ready(None);
+            }
+            inner.control_waker = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Starts draining (`NO_ERROR`: open streams finish, no new ones) or closes
+    /// at once with an error code. The peer is told with `GOAWAY`.
+    pub fn goaway(&self, code: ErrorCode) {
+        let mut inner = self.shared.lock();
+        inner.mux.goaway(code);
+        inner.dispatch_events();
+        inner.wake_driver();
+    }
+
+    /// The peer's `GOAWAY`, if it sent one: its code and the last stream it accepted.
+    pub fn peer_goaway(&self) -> Option<(ErrorCode, u32)> {
+        self.shared.lock().goaway
+    }
+
+    /// Streams held right now.
+    pub fn live_streams(&self) -> usize {
+        self.shared.lock().mux.live_streams()
+    }
+
+    /// Whether the session is draining or over.
+    pub fn is_closing(&self) -> bool {
+        let inner = self.shared.lock();
+        inner.ended || inner.mux.is_closing()
+    }
+
+    /// Waits until the session is over (the mux closed or the pipe ended).
+    pub async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            let mut inner = self.shared.lock();
+            if inner.dead() {
+                return Poll::Ready(());
+            }
+            inner.blocked.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// One stream of a session: `AsyncRead` + `AsyncWrite`. `poll_close` ends
+/// this side's direction (half-close); dropping it releases the stream.
+pub struct Stream {
+    shared: Arc<Shared>,
+    id: StreamId,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream").field("id", &self.id).finish()
+    }
+}
+
+fn stream_error(e: StreamError) -> io::Error {
+    match e {
+        StreamError::Reset(code) => io::Error::new(io::ErrorKind::ConnectionReset, format!("stream reset: {code}")),
+        StreamError::Finished => io::Error::new(io::ErrorKind::BrokenPipe, "stream already finished"),
+        StreamError::Unknown(id) => io::Error::new(io::ErrorKind::NotConnected, format!("{id} is gone")),
+        StreamError::Blocked => io::Error::new(io::ErrorKind::WouldBlock, "blocked"),
+    }
+}
+
+impl Stream {
+    /// The stream id.
+    pub fn id(&self) -> StreamId {
+        self.id
+    }
+
+    /// The metadata its opener sent.
+    pub fn meta(&self) -> Option<Meta> {
+        self.shared.lock().mux.meta(self.id).map(|m| Meta::from_wire(&m))
+    }
+
+    /// Resets the stream with `code`: both directions end now.
+    pub fn reset(&self, code: ErrorCode) {
+        let mut inner = self.shared.lock();
+        let _ = inner.mux.reset(self.id, code);
+        inner.wake_driver();
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut inner = self.shared.lock();
+        match inner.mux.recv(self.id, buf) {
+            Ok(Recv::Data(n)) => {
+                inner.wake_driver(); // a WINDOW grant may be due
+                Poll::Ready(Ok(n))
+            }
+            Ok(Recv::Fin) => Poll::Ready(Ok(0)),
+            Ok(Recv::Blocked) => {
+                if inner.ended {
+                    return Poll::Ready(Err(closed_error(&inner)));
+                }
+                if let Some(w) = inner.streams.get_mut(&self.id.get()) {
+                    w.read = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(stream_error(e))),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let mut inner = self.shared.lock();
+        match inner.mux.send(self.id, buf) {
+            Ok(n) => {
+                inner.wake_driver();
+                Poll::Ready(Ok(n))
+            }
+            Err(StreamError::Blocked) => {
+                if inner.ended {
+                    return Poll::Ready(Err(closed_error(&inner)));
+                }
+                if let Some(w) = inner.streams.get_mut(&self.id.get()) {
+                    w.write = Some(cx.waker().clone());
+                }
+                inner.wake_driver();
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(stream_error(e))),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Queued bytes belong to the driver, which flushes the pipe itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.shared.lock();
+        match inner.mux.finish(self.id) {
+            Ok(()) => {
+                inner.wake_driver();
+                Poll::Ready(Ok(()))
+            }
+            Err(StreamError::Blocked) => {
+                if inner.ended {
+                    return Poll::Ready(Err(closed_error(&inner)));
+                }
+                if let Some(w) = inner.streams.get_mut(&self.id.get()) {
+                    w.write = Some(cx.waker().clone());
+                }
+                inner.wake_driver();
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(stream_error(e))),
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.mux.release(self.id);
+        inner.streams.remove(&self.id.get());
+        inner.dispatch_events();
+        inner.wake_driver();
+    }
+}
+
+/// The future that runs a session: spawn it. It resolves when the session is
+/// over and the pipe is closed, with how it ended.
+pub struct Driver<T> {
+    shared: Arc<Shared>,
+    io: T,
+    rbuf: Box<[u8]>,
+    rpos: usize,
+    rend: usize,
+    read_done: bool,
+    wbuf: Box<[u8]>,
+    wpos: usize,
+    wend: usize,
+    need_flush: bool,
+    timer: Timer,
+    timer_at: Option<Millis>,
+    closing_io: bool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    fn finish(&mut self, inner: &mut Inner, result: Closed) -> Poll<Closed> {
+        inner.ended = true;
+        inner.wake_all();
+        Poll::Ready(result)
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
+    type Output = Closed;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Closed> {
+        let this = self.get_mut();
+        let shared = this.shared.clone();
+        let mut inner = shared.lock();
+        inner.driver = Some(cx.waker().clone());
+        // Bounded so one busy session cannot starve the executor.
+        for _ in 0..64 {
+            let mut progress = false;
+            let now = inner.now();
+
+            // 1. Input: leftovers first, then the pipe.
+            if this.rpos < this.rend {
+                let n = inner.mux.handle_input(now, &this.rbuf[this.rpos..this.rend]);
+                this.rpos += n;
+                progress |= n > 0;
+            } else if !inner.mux.is_closed() {
+                // Resume input that stalled on a full control slot.
+                inner.mux.handle_input(now, &[]);
+            }
+            if this.rpos == this.rend && !this.read_done && !inner.mux.is_closed() {
+                this.rpos = 0;
+                this.rend = 0;
+                match Pin::new(&mut this.io).poll_read(cx, &mut this.rbuf) {
+                    Poll::Ready(Ok(0)) => {
+                        this.read_done = true;
+                        inner.transport_error = Some(io::ErrorKind::UnexpectedEof);
+                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.dispatch_events();
+                        let e = io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection");
+                        return this.finish(&mut inner, Closed::Transport(e));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        this.rend = n;
+                        let c = inner.mux.handle_input(now, &this.rbuf[..n]);
+                        this.rpos = c;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        inner.transport_error = Some(e.kind());
+                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.dispatch_events();
+                        return this.finish(&mut inner, Closed::Transport(e));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            // 2. Time.
+            if inner.mux.poll_timeout().is_some_and(|t| t <= now) {
+                inner.mux.handle_timeout(now);
+                progress = true;
+            }
+
+            // 3. Events to the tasks that wait on them.
+            inner.dispatch_events();
+
+            // 4. Output.
+            if this.wpos == this.wend {
+                this.wpos = 0;
+                this.wend = inner.mux.poll_transmit(&mut this.wbuf);
+                // Wake writers that the freed queue space unblocked.
+                inner.dispatch_events();
+            }
+            while this.wpos < this.wend {
+                match Pin::new(&mut this.io).poll_write(cx, &this.wbuf[this.wpos..this.wend]) {
+                    Poll::Ready(Ok(0)) => {
+                        let e = io::Error::new(io::ErrorKind::WriteZero, "pipe accepts no more bytes");
+                        inner.transport_error = Some(e.kind());
+                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.dispatch_events();
+                        return this.finish(&mut inner, Closed::Transport(e));
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        this.wpos += n;
+                        this.need_flush = true;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        inner.transport_error = Some(e.kind());
+                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.dispatch_events();
+                        return this.finish(&mut inner, Closed::Transport(e));
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if this.need_flush && (this.wpos == this.wend) {
+                match Pin::new(&mut this.io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => this.need_flush = false,
+                    Poll::Ready(Err(e)) => {
+                        inner.transport_error = Some(e.kind());
+                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.dispatch_events();
+                        return this.finish(&mut inner, Closed::Transport(e));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+
+            // 5. The end: everything written, then close the pipe.
+            if inner.mux.is_finished() && this.wpos == this.wend && !this.need_flush {
+                this.closing_io = true;
+            }
+            if this.closing_io {
+                return match Pin::new(&mut this.io).poll_close(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(_) => {
+                        let reason = inner.mux.close_reason().unwrap_or(CloseReason::Drained);
+                        this.finish(&mut inner, Closed::Mux(reason))
+                    }
+                };
+            }
+            if !progress {
+                // 6. Sleep until the pipe, a task or the heartbeat wakes us.
+                let deadline = inner.mux.poll_timeout();
+                if deadline != this.timer_at {
+                    this.timer_at = deadline;
+                    match deadline {
+                        Some(t) => this.timer.set_at(inner.origin + Duration::from_millis(t.0)),
+                        None => this.timer = Timer::never(),
+                    }
+                }
+                if deadline.is_some() && Pin::new(&mut this.timer).poll(cx).is_ready() {
+                    this.timer_at = None;
+                    continue;
+                }
+                return Poll::Pending;
+            }
+        }
+        // Still busy: yield to other tasks and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}

@@ -1,0 +1,332 @@
+//! The driver over real pipes: loopback TCP and rustls TLS 1.3 with a test
+//! PKI generated at test time (rcgen). Each test is named after what it proves.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_io::Async;
+use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
+use futures_rustls::{TlsAcceptor, TlsConnector};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tether_driver::{Closed, Meta, Session};
+use tether_proto::mux::CloseReason;
+use tether_proto::{Config, ErrorCode, Role};
+
+fn tcp_pair() -> (Async<TcpStream>, Async<TcpStream>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("local addr");
+    let c = TcpStream::connect(addr).expect("connect");
+    let (s, _) = l.accept().expect("accept");
+    c.set_nodelay(true).expect("nodelay");
+    s.set_nodelay(true).expect("nodelay");
+    (Async::new(c).expect("async"), Async::new(s).expect("async"))
+}
+
+fn cfg(role: Role) -> Config {
+    Config::new(role)
+}
+
+/// A pseudo-random but reproducible byte for position `i` of stream `s`.
+fn pattern(s: u64, i: u64) -> u8 {
+    let x = (i ^ (s << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8
+}
+
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for b in bytes {
+        *h ^= *b as u64;
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+/// The server side echoes every accepted stream, reading to EOF then closing.
+async fn echo_server(sess: Session) {
+    while let Some(mut st) = sess.accept().await {
+        smol::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = st.read(&mut buf).await.expect("echo read");
+                if n == 0 {
+                    break;
+                }
+                st.write_all(&buf[..n]).await.expect("echo write");
+            }
+            st.close().await.expect("echo close");
+        })
+        .detach();
+    }
+}
+
+#[test]
+fn sixty_four_concurrent_streams_echo_over_tcp() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client session");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server session");
+        let cdrv = smol::spawn(cdrv);
+        let sdrv = smol::spawn(sdrv);
+        smol::spawn(echo_server(server.clone())).detach();
+
+        let mut tasks = Vec::new();
+        for k in 0..64u64 {
+            let client = client.clone();
+            tasks.push(smol::spawn(async move {
+                let st = client.open(&Meta::endpoint("echo")).await.expect("open");
+                let len = 256 * 1024 + k as usize * 1000;
+                let data: Vec<u8> = (0..len as u64).map(|i| pattern(k, i)).collect();
+                let (mut r, mut w) = futures_lite::io::split(st);
+                let writer = async {
+                    for chunk in data.chunks(7000) {
+                        w.write_all(chunk).await.expect("write");
+                    }
+                    w.close().await.expect("half-close");
+                };
+                let reader = async {
+                    let mut got = Vec::with_capacity(len);
+                    r.read_to_end(&mut got).await.expect("read back");
+                    got
+                };
+                let ((), got) = future::zip(writer, reader).await;
+                assert_eq!(got.len(), data.len(), "stream {k} length");
+                assert!(got == data, "stream {k} bytes differ");
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(client.live_streams(), 0, "every stream released");
+        client.goaway(ErrorCode::NO_ERROR);
+        let end = cdrv.await;
+        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "client ended with {end}");
+        let end = sdrv.await;
+        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "server ended with {end}");
+    });
+}
+
+#[test]
+fn half_close_works_in_both_directions() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
+        smol::spawn(cdrv).detach();
+        smol::spawn(sdrv).detach();
+
+        // Client -> server finishes first; the server still answers afterwards.
+        let mut st = client.open(&Meta::endpoint("a")).await.expect("open");
+        st.write_all(b"request").await.expect("write");
+        st.close().await.expect("client half-close");
+        let mut peer = server.accept().await.expect("accept");
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).await.expect("server reads to EOF");
+        assert_eq!(got, b"request");
+        peer.write_all(b"answer after the client's FIN").await.expect("server writes after FIN");
+        peer.close().await.expect("server half-close");
+        let mut back = Vec::new();
+        st.read_to_end(&mut back).await.expect("client reads to EOF");
+        assert_eq!(back, b"answer after the client's FIN");
+
+        // Server -> client finishes first; the client still sends afterwards.
+        let mut st = client.open(&Meta::endpoint("b")).await.expect("open");
+        st.write_all(b"x").await.expect("write");
+        let mut peer = server.accept().await.expect("accept");
+        let mut one = [0u8; 1];
+        peer.read_exact(&mut one).await.expect("read");
+        peer.write_all(b"bye").await.expect("write");
+        peer.close().await.expect("server finishes first");
+        let mut back = Vec::new();
+        st.read_to_end(&mut back).await.expect("client sees EOF");
+        assert_eq!(back, b"bye");
+        st.write_all(b"still open").await.expect("client writes after server FIN");
+        st.close().await.expect("client close");
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.expect("server reads the rest");
+        assert_eq!(rest, b"still open");
+    });
+}
+
+#[test]
+fn stream_metadata_reaches_the_acceptor() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (client, cdrv) = Session::new(c, cfg(Role::Server)).expect("edge side");
+        let (server, sdrv) = Session::new(s, cfg(Role::Client)).expect("agent side");
+        smol::spawn(cdrv).detach();
+        smol::spawn(sdrv).detach();
+        let meta = Meta {
+            endpoint: "web".into(),
+            peer: Some("203.0.113.7:51000".parse().expect("addr")),
+            sni: Some("web.example.com".into()),
+            client_subject: Some("CN=client".into()),
+        };
+        let st = client.open(&meta).await.expect("open");
+        let peer = server.accept().await.expect("accept");
+        assert_eq!(peer.meta(), Some(meta));
+        assert_eq!(peer.id(), st.id());
+        assert_eq!(st.id().get() % 2, 0, "the edge (server role) opens even ids");
+    });
+}
+
+#[test]
+fn silent_peer_ends_the_session_at_the_heartbeat_deadline() {
+    smol::block_on(async {
+        let (c, _silent) = tcp_pair(); // the other end never reads or writes
+        let mut config = cfg(Role::Client);
+        config.ping_interval_ms = 100;
+        config.dead_after_ms = 300;
+        let (client, drv) = Session::new(c, config).expect("session");
+        let t0 = Instant::now();
+        let end = drv.await;
+        let took = t0.elapsed();
+        assert!(matches!(end, Closed::Mux(CloseReason::Timeout)), "ended with {end}");
+        assert!(took >= Duration::from_millis(300), "not before the deadline: {took:?}");
+        assert!(took < Duration::from_millis(1500), "detected late: {took:?}");
+        assert!(client.accept().await.is_none());
+    });
+}
+
+#[test]
+fn goaway_lets_open_streams_finish_and_refuses_new_ones() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
+        let cdrv = smol::spawn(cdrv);
+        smol::spawn(sdrv).detach();
+        let mut st = client.open(&Meta::endpoint("a")).await.expect("open");
+        let mut peer = server.accept().await.expect("accept");
+        server.goaway(ErrorCode::NO_ERROR);
+        // The open stream still carries bytes both ways after GOAWAY.
+        let big = vec![7u8; 1 << 20];
+        let w = async {
+            st.write_all(&big).await.expect("write after goaway");
+            st.close().await.expect("close");
+            st
+        };
+        let r = async {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.expect("read after goaway");
+            peer.write_all(b"done").await.expect("answer");
+            peer.close().await.expect("close");
+            (got, peer)
+        };
+        let (mut st, (got, peer)) = future::zip(w, r).await;
+        assert_eq!(got.len(), big.len());
+        let mut back = Vec::new();
+        st.read_to_end(&mut back).await.expect("read answer");
+        assert_eq!(back, b"done");
+        // New streams are refused once the GOAWAY arrived.
+        while client.peer_goaway().is_none() {
+            smol::Timer::after(Duration::from_millis(5)).await;
+        }
+        assert!(client.open(&Meta::endpoint("late")).await.is_err(), "no new streams while draining");
+        drop(st);
+        drop(peer);
+        let end = cdrv.await;
+        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "ended with {end}");
+    });
+}
+
+fn test_pki() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    let ck = rcgen::generate_simple_self_signed(vec!["edge.test".to_owned()]).expect("rcgen");
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("server cert");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).expect("root");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+#[test]
+fn hundred_mib_over_tls_arrive_intact_both_ways() {
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (server_cfg, client_cfg) = test_pki();
+        let name = ServerName::try_from("edge.test").expect("name").to_owned();
+        let (c, s) = future::zip(
+            TlsConnector::from(client_cfg).connect(name, c),
+            TlsAcceptor::from(server_cfg).accept(s),
+        )
+        .await;
+        let (c, s) = (c.expect("client handshake"), s.expect("server handshake"));
+        assert_eq!(c.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
+        smol::spawn(cdrv).detach();
+        smol::spawn(sdrv).detach();
+        smol::spawn(echo_server(server)).detach();
+
+        let st = client.open(&Meta::endpoint("bulk")).await.expect("open");
+        let (mut r, mut w) = futures_lite::io::split(st);
+        let writer = async {
+            let mut sum = 0xcbf2_9ce4_8422_2325u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off = 0u64;
+            while off < TOTAL {
+                for (i, b) in buf.iter_mut().enumerate() {
+                    *b = pattern(1, off + i as u64);
+                }
+                fnv(&mut sum, &buf);
+                w.write_all(&buf).await.expect("write");
+                off += buf.len() as u64;
+            }
+            w.close().await.expect("close");
+            sum
+        };
+        let reader = async {
+            let mut sum = 0xcbf2_9ce4_8422_2325u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = 0u64;
+            loop {
+                let n = r.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                fnv(&mut sum, &buf[..n]);
+                total += n as u64;
+            }
+            (total, sum)
+        };
+        let (sent, (got, received)) = future::zip(writer, reader).await;
+        assert_eq!(got, TOTAL, "every byte came back");
+        assert_eq!(sent, received, "checksum of the echoed bytes");
+    });
+}
+
+#[test]
+fn dropping_a_stream_resets_it_for_the_peer() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
+        smol::spawn(cdrv).detach();
+        smol::spawn(sdrv).detach();
+        let mut st = client.open(&Meta::endpoint("a")).await.expect("open");
+        st.write_all(b"hi").await.expect("write");
+        let peer = server.accept().await.expect("accept");
+        drop(peer);
+        let mut buf = [0u8; 8];
+        let err = loop {
+            match st.read(&mut buf).await {
+                Ok(0) => panic!("expected a reset, got EOF"),
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        assert!(err.to_string().contains("CANCEL"), "{err}");
+    });
+}
