@@ -1,2 +1,519 @@
-//! End-to-end tests that run the real binaries on loopback (filled by the
-//! end-to-end issue).
+//! The harness of the end-to-end tests: it runs the real `tether-edge` and
+//! `tetherd` binaries on 127.0.0.1 with ports chosen by the OS, a test PKI
+//! generated at test time (rcgen), a sample upstream, and real clients.
+//!
+//! It owns process lifecycles (killed on drop), the machine-readable stdout
+//! lines both programs print (`LISTEN`, `BOUND`, `CONNECTED`), log capture for
+//! assertions, and small network tools (an echo upstream, a pausable proxy).
+//! It does not own any tunnel logic: that is what it tests.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The directory that holds the workspace's built binaries (`target/debug`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test>-<hash> -> target/debug
+    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    for b in ["tetherd", "tether-edge"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the workspace first (cargo build --workspace or scripts/test)",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+/// A test PKI written as PEM files: a CA, the edge's agent-port certificate
+/// (localhost, 127.0.0.1) and a wildcard certificate for `*.tether.test`.
+pub struct Pki {
+    /// Where the files are.
+    pub dir: PathBuf,
+    /// CA certificate (PEM).
+    pub ca: PathBuf,
+    /// Agent-port certificate and key.
+    pub agent_cert: PathBuf,
+    /// Agent-port key.
+    pub agent_key: PathBuf,
+    /// Wildcard certificate for the TLS endpoints.
+    pub wild_cert: PathBuf,
+    /// Wildcard key.
+    pub wild_key: PathBuf,
+}
+
+/// The domain of the TLS endpoints in tests.
+pub const DOMAIN: &str = "tether.test";
+
+impl Pki {
+    /// Generates a PKI under `dir`, signed by a fresh CA.
+    pub fn generate(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "tether test CA");
+        let ca_key = KeyPair::generate().expect("ca key");
+        let ca = ca_params.self_signed(&ca_key).expect("ca cert");
+        let leaf = |names: Vec<String>| {
+            let mut p = CertificateParams::new(names).expect("leaf params");
+            p.distinguished_name.push(DnType::CommonName, "tether test");
+            let k = KeyPair::generate().expect("leaf key");
+            let c = p.signed_by(&k, &ca, &ca_key).expect("sign leaf");
+            (c.pem(), k.serialize_pem())
+        };
+        let (agent_c, agent_k) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+        let (wild_c, wild_k) = leaf(vec![format!("*.{DOMAIN}")]);
+        let w = |name: &str, body: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, body).expect("write pem");
+            p
+        };
+        Pki {
+            dir: dir.to_path_buf(),
+            ca: w("ca.pem", &ca.pem()),
+            agent_cert: w("agent.crt", &agent_c),
+            agent_key: w("agent.key", &agent_k),
+            wild_cert: w("wild.crt", &wild_c),
+            wild_key: w("wild.key", &wild_k),
+        }
+    }
+}
+
+/// Lines a child printed, shared with the thread that reads them.
+#[derive(Clone, Default)]
+pub struct Lines {
+    inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Lines {
+    fn push(&self, line: String) {
+        let (m, c) = &*self.inner;
+        m.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        c.notify_all();
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.all().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for the `nth` (0-based) line that starts with `prefix`, returning it.
+    pub fn wait_nth(&self, prefix: &str, nth: usize, timeout: Duration) -> Option<String> {
+        let (m, c) = &*self.inner;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(l) = g.iter().filter(|l| l.starts_with(prefix)).nth(nth) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = c.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Waits for the first line that starts with `prefix`.
+    pub fn wait(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        self.wait_nth(prefix, 0, timeout)
+    }
+
+    /// Waits for a line containing `needle` anywhere.
+    pub fn wait_contains(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let (m, c) = &*self.inner;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(l) = g.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = c.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+/// A running binary: killed when dropped. Its stdout and stderr lines are captured.
+pub struct Proc {
+    /// The child process.
+    pub child: Child,
+    /// Lines printed on stdout.
+    pub out: Lines,
+    /// Lines printed on stderr (logs).
+    pub err: Lines,
+    name: &'static str,
+}
+
+fn pump(r: impl Read + Send + 'static, lines: Lines, echo: Option<&'static str>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(tag) = echo {
+                if std::env::var_os("TETHER_TEST_LOG").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+            }
+            lines.push(line);
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `bin` (a workspace binary) with `args`.
+    pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
+        let mut child = Command::new(bin_dir().join(name))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let out = Lines::default();
+        let err = Lines::default();
+        pump(child.stdout.take().expect("stdout"), out.clone(), Some(name));
+        pump(child.stderr.take().expect("stderr"), err.clone(), Some(name));
+        Proc { child, out, err, name }
+    }
+
+    /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                // Let the pump threads read the last lines.
+                thread::sleep(Duration::from_millis(50));
+                return st.code();
+            }
+            if Instant::now() >= deadline {
+                panic!("{} did not exit within {timeout:?}; stderr: {:#?}", self.name, self.err.all());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a binary to completion and returns (exit code, stdout, stderr).
+pub fn run(name: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(bin_dir().join(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {name}: {e}"));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Extra edge settings for a test.
+#[derive(Clone, Debug)]
+pub struct EdgeOpts {
+    /// `[session]` ping interval.
+    pub ping_interval_ms: u64,
+    /// `[session]` dead-peer deadline.
+    pub dead_after_ms: u64,
+    /// Fixed agent listen address (for restart tests); None = port 0.
+    pub agent_listen: Option<SocketAddr>,
+}
+
+impl Default for EdgeOpts {
+    fn default() -> Self {
+        EdgeOpts { ping_interval_ms: 15_000, dead_after_ms: 45_000, agent_listen: None }
+    }
+}
+
+/// Writes an edge config into `dir` and returns its path.
+pub fn write_edge_config(dir: &Path, pki: &Pki, opts: &EdgeOpts) -> PathBuf {
+    let state = dir.join("edge-state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    let agent = opts.agent_listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+    let body = format!(
+        r#"state_dir = "{state}"
+
+[agent]
+listen = "{agent}"
+cert = "{ac}"
+key = "{ak}"
+
+[tcp]
+listen_ip = "127.0.0.1"
+port_range = [0, 0]
+
+[tls]
+listen = "127.0.0.1:0"
+domain = "{DOMAIN}"
+cert = "{wc}"
+key = "{wk}"
+
+[session]
+ping_interval_ms = {pi}
+dead_after_ms = {da}
+shutdown_grace_ms = 3000
+"#,
+        state = state.display(),
+        ac = pki.agent_cert.display(),
+        ak = pki.agent_key.display(),
+        wc = pki.wild_cert.display(),
+        wk = pki.wild_key.display(),
+        pi = opts.ping_interval_ms,
+        da = opts.dead_after_ms,
+    );
+    let path = dir.join("edge.toml");
+    std::fs::write(&path, body).expect("write edge.toml");
+    path
+}
+
+/// A running edge with the addresses it printed.
+pub struct Edge {
+    /// The process.
+    pub proc: Proc,
+    /// Its config file.
+    pub config: PathBuf,
+    /// The agent port.
+    pub agent: SocketAddr,
+    /// The shared TLS port.
+    pub tls: SocketAddr,
+}
+
+fn parse_addr(line: &str) -> SocketAddr {
+    line.split_whitespace().last().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+impl Edge {
+    /// Starts `tether-edge serve` with `config` and waits for its listeners.
+    pub fn start(config: &Path) -> Edge {
+        let cfg = config.to_str().expect("utf-8 path");
+        let proc = Proc::spawn("tether-edge", &["--config", cfg, "serve"]);
+        let t = Duration::from_secs(20);
+        let agent = proc.out.wait("LISTEN agent", t).unwrap_or_else(|| panic!("edge did not listen: {:#?}", proc.err.all()));
+        let tls = proc.out.wait("LISTEN tls", t).expect("edge tls listener");
+        Edge { agent: parse_addr(&agent), tls: parse_addr(&tls), proc, config: config.to_path_buf() }
+    }
+
+    /// `token create` against this edge's store; returns (token, id).
+    pub fn create_token(config: &Path, allow: &[&str]) -> (String, String) {
+        let mut args = vec!["--config", config.to_str().expect("utf-8"), "token", "create", "--description", "e2e"];
+        for a in allow {
+            args.push("--allow");
+            args.push(a);
+        }
+        let (code, out, err) = run("tether-edge", &args);
+        assert_eq!(code, Some(0), "token create failed: {err}");
+        let token = out.trim().to_owned();
+        let id = token.split('.').next().expect("token id").to_owned();
+        (token, id)
+    }
+}
+
+/// Writes a daemon config and its credential (mode 0600) into `dir`.
+pub fn write_daemon_config(
+    dir: &Path,
+    edge: SocketAddr,
+    ca: &Path,
+    token: &str,
+    endpoints: &[(&str, &str, SocketAddr)],
+    session: (u64, u64),
+) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let cred = dir.join("credential");
+    std::fs::write(&cred, format!("{token}\n")).expect("write credential");
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut body = format!(
+        r#"edge = "{edge}"
+server_name = "localhost"
+ca_file = "{ca}"
+credential = "{cred}"
+
+[reconnect]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+healthy_after_ms = 2000
+
+[session]
+ping_interval_ms = {pi}
+dead_after_ms = {da}
+"#,
+        ca = ca.display(),
+        cred = cred.display(),
+        pi = session.0,
+        da = session.1,
+    );
+    for (name, kind, up) in endpoints {
+        body.push_str(&format!(
+            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{up}\"\nconnect_timeout_ms = 2000\n"
+        ));
+    }
+    let path = dir.join("tetherd.toml");
+    std::fs::write(&path, body).expect("write tetherd.toml");
+    path
+}
+
+/// Starts tetherd (as root in CI, hence `--allow-root` when euid is 0).
+pub fn start_daemon(config: &Path) -> Proc {
+    let cfg = config.to_str().expect("utf-8");
+    let mut args = vec!["--config", cfg];
+    if is_root() {
+        args.push("--allow-root");
+    }
+    Proc::spawn("tetherd", &args)
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// The port in a `BOUND <name> <scheme>://<host>:<port>` line.
+pub fn bound_port(line: &str) -> u16 {
+    line.rsplit(':').next().and_then(|p| p.trim().parse().ok()).unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
+/// An upstream that echoes every connection until EOF, then closes its write half.
+pub fn echo_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP proxy between the daemon and the edge that can be paused: while
+/// paused it stops forwarding without closing anything (a silent network).
+pub struct Proxy {
+    /// Where the daemon should dial.
+    pub addr: SocketAddr,
+    paused: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// A proxy to `target`.
+    pub fn start(target: SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = l.local_addr().expect("addr");
+        let paused = Arc::new(AtomicBool::new(false));
+        let p = paused.clone();
+        thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                let Ok(t) = TcpStream::connect(target) else { continue };
+                for (mut from, mut to) in [
+                    (c.try_clone().expect("clone"), t.try_clone().expect("clone")),
+                    (t, c),
+                ] {
+                    let p = p.clone();
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // While paused, hold the bytes: nothing moves, nothing closes.
+                            while p.load(Ordering::SeqCst) {
+                                thread::sleep(Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Proxy { addr, paused }
+    }
+
+    /// Stops (true) or resumes (false) forwarding.
+    pub fn pause(&self, on: bool) {
+        self.paused.store(on, Ordering::SeqCst);
+    }
+}
+
+/// A fresh temporary directory for one test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir")
+}
+
+/// A tiny HTTP/1.1 upstream that answers every request with `body`, then closes.
+pub fn http_upstream(body: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind http upstream");
+    let addr = l.local_addr().expect("addr");
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes());
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream address where nothing listens (connections are refused).
+pub fn refusing_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    addr
+}
