@@ -240,8 +240,16 @@ mod tests {
                 agent: "tetherd/0.1.0",
                 arch: "aarch64",
             },
-            Control::Welcome { version: 1, session: 42, edge: "tether-edge/0.1.0" },
-            Control::Error { code: 101, retry_after_ms: 60_000, message: "revoked" },
+            Control::Welcome {
+                version: 1,
+                session: 42,
+                edge: "tether-edge/0.1.0",
+            },
+            Control::Error {
+                code: 101,
+                retry_after_ms: 60_000,
+                message: "revoked",
+            },
             Control::Bind {
                 endpoint: "web",
                 kind: EndpointKind::Tls,
@@ -249,9 +257,20 @@ mod tests {
                 upstream: "127.0.0.1:8080",
                 policy: "",
             },
-            Control::BindOk { endpoint: "web", url: "tls://web.example.com:443" },
-            Control::BindErr { endpoint: "web", code: 103, rule: "acl[0]", message: "no" },
-            Control::RotateOffer { token_id: "tok_x", token: Secret("s") },
+            Control::BindOk {
+                endpoint: "web",
+                url: "tls://web.example.com:443",
+            },
+            Control::BindErr {
+                endpoint: "web",
+                code: 103,
+                rule: "acl[0]",
+                message: "no",
+            },
+            Control::RotateOffer {
+                token_id: "tok_x",
+                token: Secret("s"),
+            },
             Control::RotateStored { token_id: "tok_x" },
             Control::RotateConfirmed { token_id: "tok_x" },
         ];
@@ -274,12 +293,18 @@ mod tests {
             arch: "x",
         };
         let mut buf = [0u8; 64];
-        assert_eq!(m.encode(&mut buf).unwrap(), &[0, 1, 1, 1, b't', 1, b'a', 1, b'x']);
+        assert_eq!(
+            m.encode(&mut buf).unwrap(),
+            &[0, 1, 1, 1, b't', 1, b'a', 1, b'x']
+        );
     }
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let m = Control::RotateOffer { token_id: "tok_x", token: Secret("hunter2") };
+        let m = Control::RotateOffer {
+            token_id: "tok_x",
+            token: Secret("hunter2"),
+        };
         let s = std::format!("{m:?}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(s.contains("tok_x"));
@@ -290,7 +315,10 @@ mod tests {
         assert_eq!(Control::decode(&[99]), Err(CodecError::Malformed));
         assert_eq!(Control::decode(&[7]), Err(CodecError::Malformed));
         assert_eq!(Control::decode(&[]), Err(CodecError::Malformed));
-        assert_eq!(Control::decode(&[7, 1, b'a', 0]), Err(CodecError::TrailingBytes));
+        assert_eq!(
+            Control::decode(&[7, 1, b'a', 0]),
+            Err(CodecError::TrailingBytes)
+        );
         assert_eq!(Control::decode(&[7, 1, 0xff]), Err(CodecError::Malformed));
     }
 
@@ -306,7 +334,12 @@ mod tests {
         let bytes = m.encode(&mut buf).unwrap().to_vec();
         assert_eq!(StreamMeta::decode(&bytes).unwrap(), m);
         let long = "x".repeat(600);
-        let big = StreamMeta { endpoint: &long, peer: PeerAddr::Unknown, sni: None, client_subject: None };
+        let big = StreamMeta {
+            endpoint: &long,
+            peer: PeerAddr::Unknown,
+            sni: None,
+            client_subject: None,
+        };
         let mut buf = [0u8; 1024];
         assert_eq!(big.encode(&mut buf), Err(CodecError::TooLarge));
     }

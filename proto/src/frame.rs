@@ -157,7 +157,10 @@ impl FrameKind {
     }
     /// Whether frames of this kind belong to stream 0 (the session).
     pub const fn is_session(self) -> bool {
-        matches!(self, FrameKind::Ping | FrameKind::Control | FrameKind::GoAway)
+        matches!(
+            self,
+            FrameKind::Ping | FrameKind::Control | FrameKind::GoAway
+        )
     }
     /// The flag bits defined for this kind.
     pub const fn allowed_flags(self) -> u8 {
@@ -257,7 +260,11 @@ impl fmt::Display for HeaderError {
                 write!(f, "{kind:?} frame on stream {stream}")
             }
             HeaderError::BadLength { kind, len } => {
-                write!(f, "{kind:?} frame of {len} bytes (limit {})", kind.max_len())
+                write!(
+                    f,
+                    "{kind:?} frame of {len} bytes (limit {})",
+                    kind.max_len()
+                )
             }
         }
     }
@@ -266,11 +273,21 @@ impl fmt::Display for HeaderError {
 impl FrameHeader {
     /// A header for a stream frame.
     pub const fn stream(kind: FrameKind, flags: u8, len: u16, id: StreamId) -> FrameHeader {
-        FrameHeader { kind, flags, len, stream: Some(id) }
+        FrameHeader {
+            kind,
+            flags,
+            len,
+            stream: Some(id),
+        }
     }
     /// A header for a session frame.
     pub const fn session(kind: FrameKind, flags: u8, len: u16) -> FrameHeader {
-        FrameHeader { kind, flags, len, stream: None }
+        FrameHeader {
+            kind,
+            flags,
+            len,
+            stream: None,
+        }
     }
 
     /// Decodes and checks a header.
@@ -297,7 +314,12 @@ impl FrameHeader {
         if !ok {
             return Err(HeaderError::BadLength { kind, len });
         }
-        Ok(FrameHeader { kind, flags, len, stream })
+        Ok(FrameHeader {
+            kind,
+            flags,
+            len,
+            stream,
+        })
     }
 
     /// Encodes the header.
@@ -356,7 +378,13 @@ mod tests {
         let e = FrameHeader::decode(&[0, 0, len[0], len[1], 0, 0, 0, 1]).unwrap_err();
         assert_eq!(e.code(), ErrorCode::FRAME_SIZE);
         let e = FrameHeader::decode(&[1, 0, 0x02, 0x01, 0, 0, 0, 1]).unwrap_err();
-        assert_eq!(e, HeaderError::BadLength { kind: FrameKind::Open, len: 513 });
+        assert_eq!(
+            e,
+            HeaderError::BadLength {
+                kind: FrameKind::Open,
+                len: 513
+            }
+        );
         let e = FrameHeader::decode(&[2, 0, 0, 5, 0, 0, 0, 1]).unwrap_err();
         assert_eq!(e.code(), ErrorCode::FRAME_SIZE);
     }

@@ -224,9 +224,9 @@ impl CloseReason {
             CloseReason::Timeout => ErrorCode::TIMEOUT,
             CloseReason::BadHeader(e) => e.code(),
             CloseReason::BadControl(e) => e.code(),
-            CloseReason::NotOpened(_)
-            | CloseReason::BadOpen(_)
-            | CloseReason::ZeroWindow(_) => ErrorCode::PROTOCOL,
+            CloseReason::NotOpened(_) | CloseReason::BadOpen(_) | CloseReason::ZeroWindow(_) => {
+                ErrorCode::PROTOCOL
+            }
         }
     }
 }
@@ -343,6 +343,11 @@ pub struct Slot {
     ev: u8,
     /// A send or finish was blocked.
     blocked: bool,
+    /// A finish was blocked on transmit space (it needs no credit).
+    fin_blocked: bool,
+    /// For a stream this side opened: the transmit-queue position just past
+    /// its `OPEN`. Its `RESET` waits until the queue has sent that far.
+    open_end: u64,
     /// The application released the stream.
     released: bool,
 }
@@ -363,6 +368,8 @@ impl Slot {
         meta_len: 0,
         ev: 0,
         blocked: false,
+        fin_blocked: false,
+        open_end: 0,
         released: false,
     };
 
@@ -395,9 +402,18 @@ enum Rx {
     /// Collecting a header into `hdr`.
     Header,
     /// Copying a DATA payload into a slot (or discarding it).
-    Data { slot: Option<usize>, remaining: usize, fin: bool },
+    Data {
+        slot: Option<usize>,
+        remaining: usize,
+        fin: bool,
+    },
     /// Copying an OPEN payload into a slot's metadata (or discarding it).
-    Open { slot: Option<usize>, id: StreamId, len: usize, got: usize },
+    Open {
+        slot: Option<usize>,
+        id: StreamId,
+        len: usize,
+        got: usize,
+    },
     /// Collecting a fixed-size payload into `small`.
     Small { hdr: FrameHeader, got: usize },
     /// Collecting a CONTROL payload into the inbound control buffer.
@@ -427,6 +443,13 @@ pub struct Mux<S, B> {
     last_rx: Millis,
 
     tx: Ring,
+    /// Bytes ever pushed into / sent from the transmit queue: positions that
+    /// order frames written outside the queue after frames queued before them.
+    tx_pushed: u64,
+    tx_sent: u64,
+    /// The queue position a `GOAWAY(NO_ERROR)` waits for (every `OPEN` queued
+    /// before [`Mux::goaway`] goes first).
+    goaway_after: u64,
     ctl_out: (usize, usize),
     tx_blocked: bool,
     open_blocked: bool,
@@ -474,11 +497,17 @@ where
         cfg.validate()?;
         let got = slots.as_ref().len();
         if got != cfg.max_streams {
-            return Err(ConfigError::Slots { expected: cfg.max_streams, got });
+            return Err(ConfigError::Slots {
+                expected: cfg.max_streams,
+                got,
+            });
         }
         let got = buf.as_ref().len();
         if got != cfg.buffer_len() {
-            return Err(ConfigError::Buffer { expected: cfg.buffer_len(), got });
+            return Err(ConfigError::Buffer {
+                expected: cfg.buffer_len(),
+                got,
+            });
         }
         slots.as_mut().fill(Slot::EMPTY);
         Ok(Mux {
@@ -495,6 +524,9 @@ where
             ctl_in_ready: None,
             last_rx: now,
             tx: Ring::EMPTY,
+            tx_pushed: 0,
+            tx_sent: 0,
+            goaway_after: 0,
             ctl_out: (0, 0),
             tx_blocked: false,
             open_blocked: false,
@@ -637,17 +669,27 @@ where
                     }
                     self.hdr_len = 0;
                 }
-                Rx::Data { slot, remaining, fin } => {
+                Rx::Data {
+                    slot,
+                    remaining,
+                    fin,
+                } => {
                     let n = remaining.min(input.len() - pos);
                     if let Some(idx) = slot {
                         let r = self.region(idx);
                         let ring_mem = &mut self.buf.as_mut()[r.start + MAX_META..r.end];
-                        self.slots.as_mut()[idx].recv.push(ring_mem, &input[pos..pos + n]);
+                        self.slots.as_mut()[idx]
+                            .recv
+                            .push(ring_mem, &input[pos..pos + n]);
                     }
                     pos += n;
                     let remaining = remaining - n;
                     if remaining > 0 {
-                        self.rx = Rx::Data { slot, remaining, fin };
+                        self.rx = Rx::Data {
+                            slot,
+                            remaining,
+                            fin,
+                        };
                         return pos;
                     }
                     self.rx = Rx::Header;
@@ -666,7 +708,12 @@ where
                     }
                     pos += n;
                     if got + n < len {
-                        self.rx = Rx::Open { slot, id, len, got: got + n };
+                        self.rx = Rx::Open {
+                            slot,
+                            id,
+                            len,
+                            got: got + n,
+                        };
                         return pos;
                     }
                     self.rx = Rx::Header;
@@ -744,7 +791,11 @@ where
     }
 
     fn on_data_header(&mut self, id: StreamId, len: usize, fin: bool) {
-        let discard = Rx::Data { slot: None, remaining: len, fin };
+        let discard = Rx::Data {
+            slot: None,
+            remaining: len,
+            fin,
+        };
         let Some(idx) = self.find(id) else {
             if !self.was_opened(id) {
                 self.fail(CloseReason::NotOpened(id));
@@ -768,7 +819,11 @@ where
             return;
         }
         self.slots.as_mut()[idx].recv_credit -= len as u32;
-        self.rx = Rx::Data { slot: Some(idx), remaining: len, fin };
+        self.rx = Rx::Data {
+            slot: Some(idx),
+            remaining: len,
+            fin,
+        };
         if len == 0 {
             // Zero-length frames complete at once.
             self.rx = Rx::Header;
@@ -793,10 +848,20 @@ where
         };
         let Some(idx) = free else {
             self.queue_orphan(id, ErrorCode::REFUSED_STREAM);
-            self.rx = Rx::Open { slot: None, id, len, got: 0 };
+            self.rx = Rx::Open {
+                slot: None,
+                id,
+                len,
+                got: 0,
+            };
             return;
         };
-        self.rx = Rx::Open { slot: Some(idx), id, len, got: 0 };
+        self.rx = Rx::Open {
+            slot: Some(idx),
+            id,
+            len,
+            got: 0,
+        };
         if len == 0 {
             self.rx = Rx::Header;
             self.on_open_complete(idx, id, 0);
@@ -846,7 +911,9 @@ where
                 }
                 self.slots.as_mut()[idx].send_credit += inc;
                 if s.blocked {
-                    self.slots.as_mut()[idx].blocked = false;
+                    let s = &mut self.slots.as_mut()[idx];
+                    s.blocked = false;
+                    s.fin_blocked = false;
                     self.mark(idx, EV_WRITABLE);
                 }
             }
@@ -943,7 +1010,12 @@ where
         self.state = SessionState::Closed(code);
         self.close_event = true;
         self.tx.clear();
-        self.ctl_out = (0, 0);
+        self.tx_sent = self.tx_pushed;
+        if !matches!(reason, CloseReason::Local(_)) {
+            // A local close keeps the control messages queued before it (an
+            // `Error` that explains the `GOAWAY`, PROTOCOL.md 1.4).
+            self.ctl_out = (0, 0);
+        }
         self.orphan_len = 0;
         self.ping_out = false;
         self.ping_ack_out = None;
@@ -1031,7 +1103,11 @@ where
             || self.orphan_len > 0
             || self.ctl_out.1 > self.ctl_out.0
             || self.tx.len() > 0
-            || self.slots.as_ref().iter().any(|s| s.reset_out.is_some() || s.grant_out > 0)
+            || self
+                .slots
+                .as_ref()
+                .iter()
+                .any(|s| s.reset_out.is_some() || s.grant_out > 0)
     }
 
     /// Writes whole frames to send into `out` (give it at least [`MAX_FRAME`]
@@ -1039,20 +1115,22 @@ where
     /// when there is nothing to send.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> usize {
         let mut w = 0;
-        if let Some((last, code)) = self.goaway_out {
-            let mut p = [0u8; 8];
-            p[..4].copy_from_slice(&last.to_be_bytes());
-            p[4..].copy_from_slice(&code.0.to_be_bytes());
-            if !put(out, &mut w, FrameHeader::session(FrameKind::GoAway, 0, 8), &p) {
+        if self.is_closed() && self.reason != Some(CloseReason::Drained) {
+            // Control messages queued before a local close (an `Error`) go
+            // out before the `GOAWAY`; nothing else does.
+            if !self.drain_control(out, &mut w) {
                 return w;
             }
-            self.goaway_out = None;
-        }
-        if self.is_closed() && self.reason != Some(CloseReason::Drained) {
+            self.put_goaway(out, &mut w);
             return w;
         }
         if let Some(p) = self.ping_ack_out {
-            if !put(out, &mut w, FrameHeader::session(FrameKind::Ping, FLAG_ACK, 8), &p) {
+            if !put(
+                out,
+                &mut w,
+                FrameHeader::session(FrameKind::Ping, FLAG_ACK, 8),
+                &p,
+            ) {
                 return w;
             }
             self.ping_ack_out = None;
@@ -1082,6 +1160,10 @@ where
                 continue;
             }
             if let Some(code) = s.reset_out {
+                if s.open_end > self.tx_sent {
+                    // Its OPEN is still queued: a RESET must not overtake it.
+                    continue;
+                }
                 let h = FrameHeader::stream(FrameKind::Reset, 0, 4, s.sid());
                 if !put(out, &mut w, h, &code.0.to_be_bytes()) {
                     return w;
@@ -1098,24 +1180,25 @@ where
                 s.grant_out = 0;
             }
         }
-        let r = self.ctl_out_range();
-        let (start, end) = self.ctl_out;
-        let n = drain_linear(&self.buf.as_ref()[r][start..end], &mut out[w..]);
-        w += n;
-        self.ctl_out = if start + n == end { (0, 0) } else { (start + n, end) };
-        if n > 0 && self.ctl_blocked {
-            self.ctl_blocked = false;
-            self.unblocked = true;
+        if !self.drain_control(out, &mut w) {
+            return w;
         }
         let r = self.tx_range();
         let before = self.tx.len();
         w += drain_frames(&mut self.tx, &self.buf.as_ref()[r], &mut out[w..]);
+        self.tx_sent += (before - self.tx.len()) as u64;
         if self.tx.len() < before && self.tx_blocked {
             self.tx_blocked = false;
             for idx in 0..self.cfg.max_streams {
                 let s = self.slots.as_ref()[idx];
-                if s.id != 0 && s.blocked && s.send_credit > 0 {
-                    self.slots.as_mut()[idx].blocked = false;
+                if s.id != 0
+                    && s.blocked
+                    && s.reset.is_none()
+                    && (s.send_credit > 0 || s.fin_blocked)
+                {
+                    let s = &mut self.slots.as_mut()[idx];
+                    s.blocked = false;
+                    s.fin_blocked = false;
                     self.mark(idx, EV_WRITABLE);
                 }
             }
@@ -1124,7 +1207,41 @@ where
                 self.unblocked = true;
             }
         }
+        if self.tx_sent >= self.goaway_after {
+            // A draining GOAWAY follows every OPEN queued before it.
+            self.put_goaway(out, &mut w);
+        }
         w
+    }
+
+    /// Moves whole queued control frames to `out`; false if some remain.
+    fn drain_control(&mut self, out: &mut [u8], w: &mut usize) -> bool {
+        let r = self.ctl_out_range();
+        let (start, end) = self.ctl_out;
+        let n = drain_linear(&self.buf.as_ref()[r][start..end], &mut out[*w..]);
+        *w += n;
+        self.ctl_out = if start + n == end {
+            (0, 0)
+        } else {
+            (start + n, end)
+        };
+        if n > 0 && self.ctl_blocked {
+            self.ctl_blocked = false;
+            self.unblocked = true;
+        }
+        start + n == end
+    }
+
+    /// Writes the pending `GOAWAY`, if any and if it fits.
+    fn put_goaway(&mut self, out: &mut [u8], w: &mut usize) {
+        if let Some((last, code)) = self.goaway_out {
+            let mut p = [0u8; 8];
+            p[..4].copy_from_slice(&last.to_be_bytes());
+            p[4..].copy_from_slice(&code.0.to_be_bytes());
+            if put(out, w, FrameHeader::session(FrameKind::GoAway, 0, 8), &p) {
+                self.goaway_out = None;
+            }
+        }
     }
 
     /// The next event, if any.
@@ -1157,7 +1274,10 @@ where
                 (EV_OPENED, Event::Opened(id))
             } else if s.ev & EV_RESET != 0 {
                 // A reset supersedes pending readable/writable events.
-                (EV_RESET | EV_READABLE | EV_WRITABLE, Event::Reset(id, s.reset.unwrap_or(ErrorCode::INTERNAL)))
+                (
+                    EV_RESET | EV_READABLE | EV_WRITABLE,
+                    Event::Reset(id, s.reset.unwrap_or(ErrorCode::INTERNAL)),
+                )
             } else if s.ev & EV_READABLE != 0 {
                 (EV_READABLE, Event::Readable(id))
             } else {
@@ -1253,14 +1373,17 @@ where
             return Err(OpenError::Blocked);
         }
         let mut frame = [0u8; HEADER_LEN + MAX_META];
-        frame[..HEADER_LEN].copy_from_slice(&FrameHeader::stream(FrameKind::Open, 0, len as u16, id).encode());
-        frame[HEADER_LEN..HEADER_LEN + len].copy_from_slice(&self.buf.as_ref()[r.start..r.start + len]);
+        frame[..HEADER_LEN]
+            .copy_from_slice(&FrameHeader::stream(FrameKind::Open, 0, len as u16, id).encode());
+        frame[HEADER_LEN..HEADER_LEN + len]
+            .copy_from_slice(&self.buf.as_ref()[r.start..r.start + len]);
         self.push_tx(&frame[..HEADER_LEN + len]);
         if grant > 0 {
             // The first grant follows the OPEN in the same queue: a WINDOW must
             // never overtake the OPEN of its stream.
             let mut f = [0u8; HEADER_LEN + 4];
-            f[..HEADER_LEN].copy_from_slice(&FrameHeader::stream(FrameKind::Window, 0, 4, id).encode());
+            f[..HEADER_LEN]
+                .copy_from_slice(&FrameHeader::stream(FrameKind::Window, 0, 4, id).encode());
             f[HEADER_LEN..].copy_from_slice(&grant.to_be_bytes());
             self.push_tx(&f);
         }
@@ -1271,6 +1394,7 @@ where
         s.meta_len = len as u16;
         s.recv_credit = self.cfg.window;
         s.send_credit = INITIAL_WINDOW;
+        s.open_end = self.tx_pushed;
         self.live += 1;
         Ok(id)
     }
@@ -1278,6 +1402,7 @@ where
     fn push_tx(&mut self, bytes: &[u8]) {
         let r = self.tx_range();
         self.tx.push(&mut self.buf.as_mut()[r], bytes);
+        self.tx_pushed += bytes.len() as u64;
     }
 
     /// The metadata of a held stream (what the opener sent).
@@ -1337,7 +1462,9 @@ where
         }
         if self.tx.free(TX_CAPACITY) < HEADER_LEN {
             self.tx_blocked = true;
-            self.slots.as_mut()[idx].blocked = true;
+            let s = &mut self.slots.as_mut()[idx];
+            s.blocked = true;
+            s.fin_blocked = true;
             return Err(StreamError::Blocked);
         }
         self.push_tx(&FrameHeader::stream(FrameKind::Data, FLAG_FIN, 0, id).encode());
@@ -1370,7 +1497,11 @@ where
 
     /// Bytes waiting to be read on a stream.
     pub fn readable_len(&self, id: StreamId) -> usize {
-        self.slots.as_ref().iter().find(|s| s.id == id.get()).map_or(0, |s| s.recv.len())
+        self.slots
+            .as_ref()
+            .iter()
+            .find(|s| s.id == id.get())
+            .map_or(0, |s| s.recv.len())
     }
 
     /// Resets a stream: both directions end, the peer is told `code`.
@@ -1405,6 +1536,11 @@ where
         if closed {
             s.reset_out = None;
         }
+        // The application has forgotten the id: nothing more is reported on it.
+        if s.ev != 0 {
+            s.ev = 0;
+            self.ev_slots -= 1;
+        }
         self.maybe_free(idx);
     }
 
@@ -1420,6 +1556,7 @@ where
         }
         if self.goaway_out.is_none() && self.state == SessionState::Open {
             self.goaway_out = Some((self.last_remote, code));
+            self.goaway_after = self.tx_pushed;
         }
         self.state = SessionState::Draining;
         self.check_drained();

@@ -49,7 +49,11 @@ impl Ring {
     pub(crate) fn consume(&mut self, cap: usize, n: usize) {
         debug_assert!(n <= self.len);
         self.len -= n;
-        self.head = if self.len == 0 { 0 } else { (self.head + n) % cap };
+        self.head = if self.len == 0 {
+            0
+        } else {
+            (self.head + n) % cap
+        };
     }
 
     /// Moves up to `out.len()` bytes from the front into `out`.

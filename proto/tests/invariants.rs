@@ -1,0 +1,619 @@
+//! One test per protocol invariant (DESIGN.md invariants 1, 2 and 10;
+//! PROTOCOL.md sections 2, 3 and 3.4): what a peer that breaks the rules gets
+//! back on the wire, and that nothing it sends is buffered past the bound.
+//!
+//! The misbehaving peer is simulated by injecting raw frames (built with
+//! `tether_proto::frame::write_frame`) into the link towards the victim, the
+//! server; the victim's answers are read back by parsing what it transmits.
+#![allow(clippy::unwrap_used)]
+
+mod sim;
+
+use sim::*;
+use tether_proto::control::Control;
+use tether_proto::mux::{CloseReason, ORPHAN_RESETS, TX_CAPACITY};
+use tether_proto::{
+    Config, ErrorCode, Event, FrameKind, Role, HEADER_LEN, INITIAL_WINDOW, MAX_CONTROL, MAX_META,
+    MAX_PAYLOAD, MAX_WINDOW,
+};
+
+/// A pair with one stream (id 1) opened by the client and seen by the server.
+fn established() -> (Sim, tether_proto::StreamId) {
+    let mut sim = Sim::small();
+    let id = sim.open(C).unwrap();
+    sim.write(C, id, b"hi");
+    sim.drive();
+    assert_eq!(sim.app(S, id).received, b"hi");
+    (sim, id)
+}
+
+/// Injects `bytes` towards the server, runs, and returns what the server
+/// transmitted in answer.
+fn inject_into_server(sim: &mut Sim, bytes: &[u8]) -> Vec<Frame> {
+    let before = sim.sent_frames(S).len();
+    sim.inject(S, bytes);
+    sim.drive();
+    sim.sent_frames(S)[before..].to_vec()
+}
+
+/// Asserts that the server closed the session with `GOAWAY(code)` and nothing
+/// else after it, and that the client learned it.
+fn assert_session_error(sim: &mut Sim, answer: &[Frame], code: ErrorCode) {
+    let goaways: Vec<_> = answer.iter().filter_map(Frame::goaway).collect();
+    assert_eq!(
+        goaways.len(),
+        1,
+        "expected one GOAWAY, the server sent {answer:?}"
+    );
+    assert_eq!(
+        goaways[0].1,
+        code,
+        "GOAWAY code (reason: {:?})",
+        sim.sides[S].mux.close_reason()
+    );
+    assert_eq!(
+        answer.last().and_then(Frame::goaway).map(|g| g.1),
+        Some(code),
+        "frames after the GOAWAY"
+    );
+    assert_eq!(sim.sides[S].closed, Some(code));
+    assert!(
+        sim.mux(S).is_finished(),
+        "the server still has bytes to send"
+    );
+    if !sim.sides[S].mute {
+        assert!(sim.sides[C].events.contains(&Event::GoAway {
+            code,
+            last: goaways[0].0
+        }));
+        assert_eq!(sim.sides[C].closed, Some(code));
+    }
+}
+
+// ----------------------------------------------------------- memory bound
+
+#[test]
+fn memory_is_fixed_by_configuration() {
+    // PROTOCOL.md 3.5: max_streams × (W + MAX_META) of receive buffers, the
+    // transmit queue, the outbound control queue and one inbound control buffer.
+    for (streams, window) in [(1usize, INITIAL_WINDOW), (64, 128 * 1024), (8, 1 << 20)] {
+        let cfg = Config {
+            max_streams: streams,
+            window,
+            ..Config::new(Role::Client)
+        };
+        let expected = streams * (window as usize + MAX_META)
+            + 4 * (HEADER_LEN + MAX_PAYLOAD)
+            + (HEADER_LEN + MAX_CONTROL)
+            + MAX_CONTROL;
+        assert_eq!(cfg.buffer_len(), expected);
+        assert_eq!(TX_CAPACITY, 4 * (HEADER_LEN + MAX_PAYLOAD));
+    }
+    let cfg = small_cfg(Role::Server);
+    let bad = tether_proto::Mux::new(
+        cfg,
+        vec![tether_proto::Slot::EMPTY; 8],
+        vec![0u8; cfg.buffer_len() - 1],
+        Default::default(),
+    );
+    assert!(bad.is_err(), "a buffer of the wrong size is refused");
+}
+
+#[test]
+fn memory_stays_at_bound_when_peer_ignores_window() {
+    let (mut sim, id) = established();
+    sim.sides[S].app_mut(id).reading = false; // nobody reads: the buffer only fills
+    let window = sim.sides[S].mux.config().window as usize;
+    sim.delivery = Delivery::Chunks(1000);
+    // The peer already used 2 bytes; it now sends two whole windows' worth,
+    // ignoring its credit.
+    let mut flood = Vec::new();
+    let junk = pattern(9, MAX_PAYLOAD);
+    for _ in 0..(2 * window / MAX_PAYLOAD) {
+        flood.extend_from_slice(&data_frame(id.get(), false, &junk));
+    }
+    let answer = inject_into_server(&mut sim, &flood);
+    assert!(
+        answer
+            .iter()
+            .any(|f| f.reset() == Some((id.get(), ErrorCode::FLOW_CONTROL))),
+        "no RESET(FLOW_CONTROL): {answer:?}"
+    );
+    assert_eq!(sim.app(S, id).reset, Some(ErrorCode::FLOW_CONTROL));
+    assert!(
+        sim.app(S, id).max_buffered <= window,
+        "buffered {} > window {window}",
+        sim.app(S, id).max_buffered
+    );
+    // The frame that crossed the credit was not buffered at all.
+    assert!(sim.app(S, id).max_buffered <= 2 + window - MAX_PAYLOAD);
+    assert_eq!(
+        sim.app(C, id).reset,
+        Some(ErrorCode::FLOW_CONTROL),
+        "the peer is told"
+    );
+    // More data on the reset stream is dropped, not buffered, and the session lives.
+    let before = sim.sides[S].consumed;
+    let more = data_frame(id.get(), false, &junk);
+    inject_into_server(&mut sim, &more);
+    assert_eq!(sim.sides[S].consumed - before, more.len());
+    assert_eq!(sim.mux(S).readable_len(id), 0);
+    assert_eq!(sim.sides[S].closed, None);
+    assert!(sim.goaways_sent(S).is_empty());
+    let next = sim.open(C).unwrap();
+    sim.write(C, next, b"ok");
+    sim.drive();
+    assert_eq!(sim.app(S, next).received, b"ok");
+}
+
+#[test]
+fn a_frame_crossing_the_credit_is_refused_whole() {
+    // Exactly at the credit is fine; one byte over resets.
+    let (mut sim, id) = established();
+    sim.sides[S].app_mut(id).reading = false;
+    let window = sim.sides[S].mux.config().window as usize;
+    let room = window - 2;
+    let first = pattern(1, MAX_PAYLOAD);
+    let second = pattern(2, room - MAX_PAYLOAD);
+    let mut bytes = data_frame(id.get(), false, &first);
+    bytes.extend_from_slice(&data_frame(id.get(), false, &second));
+    let answer = inject_into_server(&mut sim, &bytes);
+    assert!(
+        answer.iter().all(|f| f.kind != FrameKind::Reset),
+        "reset at exactly the credit: {answer:?}"
+    );
+    assert_eq!(
+        sim.mux(S).readable_len(id),
+        room,
+        "the whole credit is buffered"
+    );
+    let answer = inject_into_server(&mut sim, &data_frame(id.get(), false, b"!"));
+    assert!(answer
+        .iter()
+        .any(|f| f.reset() == Some((id.get(), ErrorCode::FLOW_CONTROL))));
+    assert_eq!(sim.app(S, id).max_buffered, room);
+}
+
+#[test]
+fn too_many_streams_are_refused_with_reset() {
+    let server = Config {
+        max_streams: 2,
+        ..small_cfg(Role::Server)
+    };
+    let mut sim = Sim::new(small_cfg(Role::Client), server);
+    let ids: Vec<_> = (0..3).map(|_| sim.open(C).unwrap()).collect();
+    for id in &ids {
+        sim.write(C, *id, &pattern(id.get(), 20_000));
+    }
+    sim.drive();
+    assert_eq!(sim.mux(S).live_streams(), 2);
+    assert_eq!(sim.app(C, ids[2]).reset, Some(ErrorCode::REFUSED_STREAM));
+    assert!(sim
+        .resets_sent(S)
+        .contains(&(ids[2].get(), ErrorCode::REFUSED_STREAM)));
+    assert!(
+        !sim.sides[S].apps.contains_key(&ids[2].get()),
+        "a refused stream is never offered"
+    );
+    assert!(sim.app(S, ids[0]).received == pattern(ids[0].get(), 20_000));
+
+    // A flood of OPENs far beyond the limit: each refused, none held, the
+    // answers queue in bounded memory (input waits while they are sent).
+    // (The client mux did not open these: it does not get the answers.)
+    sim.sides[S].mute = true;
+    let mut flood = Vec::new();
+    let first = ids[2].get() + 2;
+    let n = 10 * ORPHAN_RESETS as u32;
+    for k in 0..n {
+        flood.extend_from_slice(&open_frame(first + 2 * k));
+    }
+    let answer = inject_into_server(&mut sim, &flood);
+    let refused: Vec<_> = answer.iter().filter_map(Frame::reset).collect();
+    assert_eq!(refused.len(), n as usize);
+    assert!(refused
+        .iter()
+        .enumerate()
+        .all(|(k, r)| *r == (first + 2 * k as u32, ErrorCode::REFUSED_STREAM)));
+    assert_eq!(sim.mux(S).live_streams(), 2);
+    assert_eq!(sim.sides[S].closed, None);
+}
+
+// ----------------------------------------------------------- session errors
+
+#[test]
+fn oversized_frame_gets_goaway_frame_size() {
+    for header in [
+        raw_header(FrameKind::Data as u8, 0, MAX_PAYLOAD as u16 + 1, 1),
+        raw_header(FrameKind::Control as u8, 0, u16::MAX, 0),
+        raw_header(FrameKind::Open as u8, 0, MAX_META as u16 + 1, 3),
+        raw_header(FrameKind::Window as u8, 0, 5, 1),
+        raw_header(FrameKind::Reset as u8, 0, 3, 1),
+        raw_header(FrameKind::Ping as u8, 0, 7, 0),
+        raw_header(FrameKind::GoAway as u8, 0, 0, 0),
+    ] {
+        let (mut sim, _) = established();
+        let mut bytes = header.clone();
+        // Whatever follows is not read: a PING that would be answered.
+        bytes.extend_from_slice(&[0u8; 100]);
+        bytes.extend_from_slice(&ping_frame(false, [1; 8]));
+        let answer = inject_into_server(&mut sim, &bytes);
+        assert_session_error(&mut sim, &answer, ErrorCode::FRAME_SIZE);
+        assert!(
+            answer.iter().all(|f| f.kind != FrameKind::Ping),
+            "read on after {header:?}"
+        );
+        assert!(matches!(
+            sim.sides[S].mux.close_reason(),
+            Some(CloseReason::BadHeader(_))
+        ));
+    }
+}
+
+#[test]
+fn unknown_frame_kind_gets_goaway_protocol() {
+    for kind in [0x07u8, 0x7f, 0xff] {
+        let (mut sim, _) = established();
+        let mut bytes = raw_header(kind, 0, 4, 1);
+        bytes.extend_from_slice(&[0; 4]);
+        let answer = inject_into_server(&mut sim, &bytes);
+        assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+    }
+}
+
+#[test]
+fn header_rule_violations_get_goaway_protocol() {
+    for (what, bytes) in [
+        (
+            "undefined flag on DATA",
+            raw_header(FrameKind::Data as u8, 0x02, 0, 1),
+        ),
+        (
+            "flag on WINDOW",
+            [
+                raw_header(FrameKind::Window as u8, 0x01, 4, 1),
+                vec![0, 0, 0, 1],
+            ]
+            .concat(),
+        ),
+        (
+            "PING on a stream",
+            [raw_header(FrameKind::Ping as u8, 0, 8, 1), vec![0; 8]].concat(),
+        ),
+        (
+            "CONTROL on a stream",
+            raw_header(FrameKind::Control as u8, 0, 0, 2),
+        ),
+        (
+            "DATA on stream 0",
+            raw_header(FrameKind::Data as u8, 0, 0, 0),
+        ),
+        (
+            "stream id above 2^31-1",
+            raw_header(FrameKind::Data as u8, 0, 0, 0x8000_0001),
+        ),
+    ] {
+        let (mut sim, _) = established();
+        let answer = inject_into_server(&mut sim, &bytes);
+        assert!(
+            answer.iter().any(|f| f.goaway().is_some()),
+            "{what}: no GOAWAY"
+        );
+        assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+    }
+}
+
+#[test]
+fn data_on_unknown_stream_gets_goaway() {
+    // Stream 3 is the client's next id (not opened yet); 2 is the server's own
+    // and the server never opened it.
+    for bytes in [
+        data_frame(3, false, b"early"),
+        data_frame(2, false, b"never opened"),
+        data_frame(1001, true, b""),
+        window_frame(3, 100),
+        reset_frame(4, ErrorCode::CANCEL),
+    ] {
+        let (mut sim, _) = established();
+        let answer = inject_into_server(&mut sim, &bytes);
+        assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+        assert!(matches!(
+            sim.sides[S].mux.close_reason(),
+            Some(CloseReason::NotOpened(_))
+        ));
+    }
+}
+
+#[test]
+fn data_on_closed_stream_gets_reset_stream_closed() {
+    // After FIN: a stream error on a stream still held.
+    let (mut sim, id) = established();
+    sim.finish(C, id);
+    sim.drive();
+    assert!(sim.app(S, id).fin_received);
+    let answer = inject_into_server(&mut sim, &data_frame(id.get(), false, b"after fin"));
+    assert_eq!(
+        answer.iter().filter_map(Frame::reset).collect::<Vec<_>>(),
+        vec![(id.get(), ErrorCode::STREAM_CLOSED)]
+    );
+    assert_eq!(sim.app(S, id).reset, Some(ErrorCode::STREAM_CLOSED));
+    assert_eq!(sim.app(C, id).reset, Some(ErrorCode::STREAM_CLOSED));
+    assert_eq!(sim.sides[S].closed, None);
+
+    // On a stream that is gone (both ways closed, released): discarded
+    // unbuffered, answered with one RESET while one is queued.
+    let (mut sim, id) = established();
+    sim.finish(C, id);
+    sim.drive();
+    sim.finish(S, id);
+    sim.drive();
+    assert_eq!(sim.mux(S).live_streams(), 0);
+    let mut burst = Vec::new();
+    for _ in 0..50 {
+        burst.extend_from_slice(&data_frame(id.get(), false, &pattern(3, 1000)));
+    }
+    let answer = inject_into_server(&mut sim, &burst);
+    assert_eq!(
+        answer.iter().filter_map(Frame::reset).collect::<Vec<_>>(),
+        vec![(id.get(), ErrorCode::STREAM_CLOSED)]
+    );
+    assert_eq!(sim.mux(S).live_streams(), 0);
+    assert_eq!(sim.sides[S].closed, None);
+    // Many gone streams at once: every one is answered, the answers wait in
+    // bounded memory (input pauses while the queue of answers is full).
+    let mut gone = Vec::new();
+    for _ in 0..(3 * ORPHAN_RESETS) {
+        let g = sim.open(C).unwrap();
+        sim.finish(C, g);
+        sim.drive();
+        sim.finish(S, g);
+        sim.drive();
+        gone.push(g.get());
+    }
+    assert_eq!(sim.mux(S).live_streams(), 0);
+    let burst: Vec<u8> = gone
+        .iter()
+        .flat_map(|g| data_frame(*g, false, b"zombie"))
+        .collect();
+    let answer = inject_into_server(&mut sim, &burst);
+    let expected: Vec<_> = gone
+        .iter()
+        .map(|g| (*g, ErrorCode::STREAM_CLOSED))
+        .collect();
+    assert_eq!(
+        answer.iter().filter_map(Frame::reset).collect::<Vec<_>>(),
+        expected
+    );
+    // WINDOW and RESET for a gone stream are ignored.
+    let mut late = window_frame(id.get(), 10);
+    late.extend_from_slice(&reset_frame(id.get(), ErrorCode::CANCEL));
+    let answer = inject_into_server(&mut sim, &late);
+    assert!(answer.is_empty(), "answered {answer:?}");
+    assert_eq!(sim.sides[S].closed, None);
+}
+
+#[test]
+fn stream_id_reuse_gets_goaway() {
+    for (what, id) in [
+        ("reused id", 1u32),
+        ("backwards id", 1),
+        ("server parity", 4),
+        ("zero-gap reuse", 3),
+    ] {
+        let (mut sim, first) = established();
+        assert_eq!(first.get(), 1);
+        if what == "backwards id" || what == "zero-gap reuse" {
+            let second = sim.open(C).unwrap(); // 3
+            sim.drive();
+            assert_eq!(second.get(), 3);
+        }
+        let answer = inject_into_server(&mut sim, &open_frame(id));
+        assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+        assert!(
+            matches!(
+                sim.sides[S].mux.close_reason(),
+                Some(CloseReason::BadOpen(_))
+            ),
+            "{what}: {:?}",
+            sim.sides[S].mux.close_reason()
+        );
+    }
+}
+
+#[test]
+fn skipped_ids_are_allowed_and_count_as_used() {
+    // Ids only need to increase; the ones skipped can never be opened later.
+    let (mut sim, _) = established();
+    sim.sides[S].mute = true; // the client mux did not open 9: keep it out of this
+    let answer = inject_into_server(&mut sim, &open_frame(9));
+    assert!(answer.iter().all(|f| f.goaway().is_none()));
+    assert!(sim.sides[S].apps.contains_key(&9));
+    let answer = inject_into_server(&mut sim, &open_frame(7));
+    assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+}
+
+#[test]
+fn malformed_control_gets_goaway() {
+    let (mut sim, _) = established();
+    let welcome = control_frame(&Control::Welcome {
+        version: 1,
+        session: 1,
+        edge: "e",
+    });
+    let mut trailing = welcome.clone();
+    trailing[3] += 1; // one byte longer than the message
+    trailing.push(0);
+    for (what, bytes) in [
+        (
+            "unknown variant",
+            raw_frame(FrameKind::Control, 0, 0, &[99]),
+        ),
+        ("empty", raw_frame(FrameKind::Control, 0, 0, &[])),
+        (
+            "truncated",
+            raw_frame(
+                FrameKind::Control,
+                0,
+                0,
+                &welcome[HEADER_LEN..welcome.len() - 1],
+            ),
+        ),
+        ("trailing bytes", trailing.clone()),
+        (
+            "bad utf-8",
+            raw_frame(FrameKind::Control, 0, 0, &[7, 2, 0xff, 0xfe]),
+        ),
+    ] {
+        let (mut sim, _) = established();
+        let answer = inject_into_server(&mut sim, &bytes);
+        assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+        assert!(
+            sim.sides[S].controls.is_empty(),
+            "{what}: a bad message was offered"
+        );
+        assert!(
+            matches!(
+                sim.sides[S].mux.close_reason(),
+                Some(CloseReason::BadControl(_))
+            ),
+            "{what}"
+        );
+    }
+    // The well-formed one is accepted.
+    let answer = inject_into_server(&mut sim, &welcome);
+    assert!(answer.is_empty());
+    assert_eq!(sim.sides[S].controls.len(), 1);
+}
+
+#[test]
+fn malformed_stream_meta_gets_reset_protocol() {
+    let (mut sim, _) = established();
+    sim.sides[S].mute = true; // the client mux did not open 3: keep it out of this
+    let answer = inject_into_server(&mut sim, &raw_frame(FrameKind::Open, 0, 3, &[0xff, 0xff]));
+    assert_eq!(
+        answer.iter().filter_map(Frame::reset).collect::<Vec<_>>(),
+        vec![(3, ErrorCode::PROTOCOL)]
+    );
+    assert!(
+        !sim.sides[S].apps.contains_key(&3),
+        "no Opened for undecodable metadata"
+    );
+    assert_eq!(sim.sides[S].closed, None);
+    assert_eq!(sim.mux(S).live_streams(), 1);
+}
+
+// ----------------------------------------------------------- flow control
+
+#[test]
+fn sender_never_exceeds_granted_credit() {
+    // Slow, chunky readers on both sides, latency, and several streams each
+    // way: every DATA the client (and the server) transmits fits the credit it
+    // had been granted by then.
+    let mut sim = Sim::small();
+    sim.latency_ms = 7;
+    sim.delivery = Delivery::Random(3000);
+    let mut ids = Vec::new();
+    for k in 0..3u32 {
+        let id = sim.open(C).unwrap();
+        sim.app_mut(C, id).read_chunk = 777;
+        sim.write(C, id, &pattern(k, 300_000));
+        sim.finish(C, id);
+        ids.push(id);
+    }
+    sim.drive();
+    for (k, id) in ids.iter().enumerate() {
+        assert!(sim.app(S, *id).received == pattern(k as u32, 300_000));
+    }
+    for (k, id) in ids.iter().enumerate() {
+        sim.app_mut(S, *id).read_chunk = 100;
+        sim.write(S, *id, &pattern(10 + k as u32, 150_000));
+        sim.finish(S, *id);
+    }
+    sim.drive();
+    for (k, id) in ids.iter().enumerate() {
+        assert!(sim.app(C, *id).received == pattern(10 + k as u32, 150_000));
+    }
+    assert_eq!(sim.assert_credit_respected(C), 3 * 300_000);
+    assert_eq!(sim.assert_credit_respected(S), 3 * 150_000);
+    let window = sim.sides[S].mux.config().window as usize;
+    for id in &ids {
+        assert!(sim.app(S, *id).max_buffered <= window && sim.app(C, *id).max_buffered <= window);
+    }
+    // Grants came as the data was read, not in one lump: several WINDOWs per stream.
+    let windows = sim
+        .sent_frames(S)
+        .iter()
+        .filter(|f| f.window().is_some_and(|w| w.0 == ids[0].get()))
+        .count();
+    assert!(windows >= 300_000 / window, "only {windows} WINDOW frames");
+}
+
+#[test]
+fn zero_window_gets_goaway_and_overflow_gets_reset() {
+    let (mut sim, id) = established();
+    let answer = inject_into_server(&mut sim, &window_frame(id.get(), 0));
+    assert_session_error(&mut sim, &answer, ErrorCode::PROTOCOL);
+
+    let (mut sim, id) = established();
+    let answer = inject_into_server(&mut sim, &window_frame(id.get(), MAX_WINDOW));
+    assert_eq!(
+        answer.iter().filter_map(Frame::reset).collect::<Vec<_>>(),
+        vec![(id.get(), ErrorCode::FLOW_CONTROL)]
+    );
+    assert_eq!(sim.app(S, id).reset, Some(ErrorCode::FLOW_CONTROL));
+    assert_eq!(sim.sides[S].closed, None);
+}
+
+#[test]
+fn peer_reset_discards_buffered_data_and_ends_both_ways() {
+    let (mut sim, id) = established();
+    sim.sides[S].app_mut(id).reading = false;
+    sim.write(C, id, &pattern(1, 20_000));
+    sim.drive();
+    assert!(sim.mux(S).readable_len(id) > 0);
+    sim.mux(C).reset(id, ErrorCode::CONNECT_FAILED).unwrap();
+    sim.app_mut(C, id).reset = Some(ErrorCode::CONNECT_FAILED);
+    sim.drive();
+    assert_eq!(sim.app(S, id).reset, Some(ErrorCode::CONNECT_FAILED));
+    assert_eq!(sim.mux(S).readable_len(id), 0);
+    assert_eq!(sim.mux(S).live_streams(), 0);
+    assert_eq!(sim.mux(C).live_streams(), 0);
+    assert!(sim.quiet());
+}
+
+#[test]
+fn sender_without_grants_stops_at_initial_window() {
+    // Every WINDOW from the server is lost in flight: the client may send
+    // INITIAL_WINDOW bytes per stream and not one more.
+    let mut sim = Sim::small();
+    sim.tamper = Some(Box::new(|from, bytes: &mut Vec<u8>| {
+        if from == S {
+            let kept: Vec<Frame> = parse_all(bytes)
+                .iter()
+                .filter_map(Parsed::frame)
+                .filter(|f| f.kind != FrameKind::Window)
+                .cloned()
+                .collect();
+            *bytes = rebuild(&kept);
+        }
+    }));
+    let a = sim.open(C).unwrap();
+    let b = sim.open(C).unwrap();
+    sim.write(C, a, &pattern(1, 100_000));
+    sim.write(C, b, &pattern(2, 100_000));
+    sim.drive();
+    for id in [a, b] {
+        assert_eq!(sim.app(C, id).sent, INITIAL_WINDOW as usize);
+        assert!(sim.app(C, id).waiting_writable);
+        assert!(
+            sim.app(S, id).received == pattern_at(id.get() / 2 + 1, 0, INITIAL_WINDOW as usize)
+        );
+    }
+    assert!(
+        sim.sent_frames(S)
+            .iter()
+            .any(|f| f.kind == FrameKind::Window),
+        "the server did grant"
+    );
+    assert_eq!(sim.assert_credit_respected(C), 2 * INITIAL_WINDOW as u64);
+    assert_eq!(sim.sides[S].closed, None);
+}
