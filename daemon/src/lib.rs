@@ -1,6 +1,302 @@
-//! `tetherd`, the device daemon: config, credential file, the TLS dialer with
-//! reconnect, upstream connections and systemd integration.
+//! `tetherd`, the device daemon: it dials the edge over TLS 1.3, presents its
+//! credential, publishes its endpoints and serves every stream the edge opens
+//! by connecting it to the endpoint's local upstream. It reconnects forever,
+//! with exponential backoff and full jitter.
 //!
-//! Skeleton: the tunnel itself arrives with the end-to-end issue; the
-//! multiplexer and its async driver it will use are `tether-proto` and
-//! `tether-driver`.
+//! The pieces:
+//! - [`config`]: `tetherd.toml` into typed structs, and the credential file;
+//! - [`dial`]: DNS (re-resolved on every dial), TCP and the verified TLS 1.3
+//!   handshake;
+//! - `tunnel`: one session (`Hello`, `Welcome`, `Bind`, streams) over the
+//!   one async driver, `tether-driver`;
+//! - [`proxy`]: a stream joined to its upstream, with half-close and fixed
+//!   copy buffers;
+//! - [`backoff`]: the reconnect timing;
+//! - [`run`]: the supervisor that ties them together.
+//!
+//! Everything runs on one single-threaded executor
+//! ([`async_executor::LocalExecutor`] driven by [`async_io::block_on`]); the
+//! only other threads are the `blocking` pool that DNS lookups (of the edge
+//! and of upstreams given by name) go through, which `main` bounds to 2
+//! threads. Memory is fixed by the configuration: per session the
+//! multiplexer's buffers (`max_streams × (window + 512)` plus queues,
+//! allocated once by `tether-driver`) and the driver's two 64 KiB I/O
+//! buffers, plus per live stream two 16 KiB copy buffers. While the edge
+//! drains a session (`GOAWAY(NO_ERROR)`) the old and the new session both
+//! hold their buffers until the old one's streams are done: plan for two.
+//!
+//! Not here (yet): credential rotation, PROXY protocol v2, systemd
+//! notification.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_executor::{LocalExecutor, Task};
+use async_io::Timer;
+use futures_lite::{future, FutureExt};
+use futures_rustls::rustls::pki_types::ServerName;
+use futures_rustls::TlsConnector;
+use log::{info, warn};
+use tether_driver::{Closed, Session};
+use tether_proto::ErrorCode;
+
+pub mod backoff;
+pub mod config;
+pub mod dial;
+pub mod proxy;
+mod tunnel;
+
+pub use config::{Config, ConfigError, Credential, CredentialError};
+pub use dial::TrustError;
+
+use backoff::Backoff;
+use tunnel::{Outcome, Runtime, Stop};
+
+/// `tetherd/<version>`, sent in `Hello`.
+pub const AGENT: &str = concat!("tetherd/", env!("CARGO_PKG_VERSION"));
+
+/// The architecture named in `Hello` and in the build line (`armv7` rather
+/// than Rust's `arm` on ARMv7).
+pub fn arch() -> &'static str {
+    if cfg!(all(target_arch = "arm", target_feature = "v7")) {
+        "armv7"
+    } else {
+        std::env::consts::ARCH
+    }
+}
+
+/// How long a stop waits for open streams to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The exit code for a configuration problem (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// Why [`run`] could not start. Once it runs, it only returns on stop.
+#[derive(Debug)]
+pub enum RunError {
+    /// The credential file is missing, unreadable, too open or empty.
+    Credential(CredentialError),
+    /// The pinned CA could not be used.
+    Trust(TrustError),
+    /// No usable TLS server name (set `server_name`).
+    ServerName(String),
+}
+
+impl RunError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::Credential(_) | RunError::Trust(_) | RunError::ServerName(_) => EXIT_CONFIG,
+        }
+    }
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Credential(e) => write!(f, "{e}"),
+            RunError::Trust(e) => write!(f, "{e}"),
+            RunError::ServerName(e) => write!(f, "server_name: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<CredentialError> for RunError {
+    fn from(e: CredentialError) -> RunError {
+        RunError::Credential(e)
+    }
+}
+
+impl From<TrustError> for RunError {
+    fn from(e: TrustError) -> RunError {
+        RunError::Trust(e)
+    }
+}
+
+thread_local! {
+    /// The executor of the [`run`] in progress on this thread.
+    static EXECUTOR: RefCell<Option<Rc<LocalExecutor<'static>>>> = const { RefCell::new(None) };
+}
+
+/// Spawns a task on the executor of the current [`run`].
+pub(crate) fn spawn<T: 'static>(f: impl Future<Output = T> + 'static) -> Task<T> {
+    EXECUTOR.with(|ex| {
+        let ex = ex.borrow();
+        // Invariant: only code running inside `run` spawns, and `run` sets the executor.
+        let ex = ex.as_ref().expect("spawn called outside tetherd::run");
+        ex.spawn(f)
+    })
+}
+
+/// Runs the daemon on a new single-threaded executor until `shutdown`
+/// resolves, then drains gracefully: `GOAWAY(NO_ERROR)` on every session,
+/// up to [`SHUTDOWN_GRACE`] for open streams to finish. Returns `Ok` after a
+/// graceful stop and an error only when it cannot start. Every task it
+/// spawned is dropped before it returns.
+pub fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let ex = Rc::new(LocalExecutor::new());
+    let previous = EXECUTOR.with(|e| e.borrow_mut().replace(ex.clone()));
+    let result = async_io::block_on(ex.run(run_inner(config, shutdown)));
+    EXECUTOR.with(|e| *e.borrow_mut() = previous);
+    drop(ex); // cancels what is left: streams past the grace period
+    result
+}
+
+async fn run_inner(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let credential = Credential::load(&config.credential)?;
+    let tls = TlsConnector::from(dial::client_config(config.ca_file.as_deref())?);
+    let name = config.tls_name().map_err(RunError::ServerName)?;
+    let trust = config
+        .ca_file
+        .as_ref()
+        .map_or_else(|| "webpki-roots".to_owned(), |p| p.display().to_string());
+    info!(
+        "edge {} (server name {}, trust {trust}), credential {}, {} endpoint(s)",
+        config.edge,
+        name.to_str(),
+        credential.id(),
+        config.endpoints.len()
+    );
+
+    let rc = config.reconnect;
+    let backoff = Backoff::new(
+        Duration::from_millis(rc.initial_backoff_ms),
+        Duration::from_millis(rc.max_backoff_ms),
+        Duration::from_millis(rc.healthy_after_ms),
+    );
+    let rt = Rc::new(Runtime {
+        endpoints: config.endpoints,
+        credential,
+        mux: config.session.mux_config(),
+    });
+    let stop = Rc::new(Stop::default());
+    let watch = async {
+        shutdown.await;
+        info!("stop requested");
+        stop.fire();
+    };
+    // The supervisor returns only once `stop` fired, so the zip ends with it.
+    future::zip(
+        watch,
+        supervise(config.edge, name, tls, rt, backoff, stop.clone()),
+    )
+    .await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Dials, serves, backs off; on stop, drains every session.
+async fn supervise(
+    edge: config::HostPort,
+    name: ServerName<'static>,
+    tls: TlsConnector,
+    rt: Rc<Runtime>,
+    mut backoff: Backoff,
+    stop: Rc<Stop>,
+) {
+    let mut rng = fastrand::Rng::new();
+
+    // Sessions that are draining (the edge's GOAWAY, or our stop).
+    let mut draining: Vec<(Session, Task<Closed>)> = Vec::new();
+    while !stop.is_fired() {
+        draining.retain(|(_, t)| !t.is_finished());
+        let dialed = async { Some(dial::dial(&edge, &name, &tls).await) }
+            .or(async {
+                stop.wait().await;
+                None
+            })
+            .await;
+        let delay = match dialed {
+            None => break,
+            Some(Err(e)) => {
+                warn!("dialing {edge} failed: {e}");
+                backoff.next_delay(&mut rng)
+            }
+            Some(Ok((stream, addr))) => match tunnel::serve(&rt, stream, addr, &stop).await {
+                Outcome::Refused { lived, retry_after } => {
+                    if let Some(lived) = lived {
+                        backoff.session_lived(lived);
+                    }
+                    backoff.after_refusal(retry_after, &mut rng)
+                }
+                Outcome::Draining {
+                    lived,
+                    session,
+                    driver,
+                } => {
+                    backoff.session_lived(lived);
+                    draining.push((session, driver));
+                    // At once, unless the previous session was drained early
+                    // too: an edge that drains every session cannot make us spin.
+                    let first = backoff.attempt() == 0;
+                    let delay = backoff.next_delay(&mut rng);
+                    if first {
+                        Duration::ZERO
+                    } else {
+                        delay
+                    }
+                }
+                Outcome::Ended { lived } => {
+                    if let Some(lived) = lived {
+                        backoff.session_lived(lived);
+                    }
+                    backoff.next_delay(&mut rng)
+                }
+                Outcome::Stopped { session, driver } => {
+                    draining.push((session, driver));
+                    break;
+                }
+            },
+        };
+        if !delay.is_zero() {
+            info!(
+                "next dial in {} ms (attempt {})",
+                delay.as_millis(),
+                backoff.attempt()
+            );
+            let stopped = async {
+                Timer::after(delay).await;
+                false
+            }
+            .or(async {
+                stop.wait().await;
+                true
+            })
+            .await;
+            if stopped {
+                break;
+            }
+        }
+    }
+
+    // Graceful stop: no new streams anywhere, let open ones finish briefly.
+    draining.retain(|(_, t)| !t.is_finished());
+    let streams: usize = draining.iter().map(|(s, _)| s.live_streams()).sum();
+    for (s, _) in &draining {
+        s.goaway(ErrorCode::NO_ERROR);
+    }
+    if !draining.is_empty() {
+        info!(
+            "stopping: {} session(s), {streams} stream(s) open; waiting up to {} s",
+            draining.len(),
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+    let all = async {
+        for (_, driver) in draining {
+            let end = driver.await;
+            info!("session closed: {end}");
+        }
+    };
+    if proxy::with_timeout(SHUTDOWN_GRACE, all).await.is_none() {
+        warn!(
+            "streams still open after {} s; closing anyway",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+}

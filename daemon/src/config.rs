@@ -1,0 +1,576 @@
+//! The daemon's configuration (`tetherd.toml`) and its credential file.
+//!
+//! The TOML is parsed straight into typed structs with
+//! `deny_unknown_fields`; every value is checked while it is deserialized, so
+//! a bad value is reported at its own position. A [`ConfigError`] names the
+//! file, the line, the field (a dotted path such as `endpoint[1].upstream`)
+//! and the reason, which `main` prints as `error: <file>:<line>: <field>: <reason>`.
+//!
+//! This module does not open sockets or read the CA file: that is the
+//! dialer's job, at start-up of [`crate::run`].
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use futures_rustls::rustls::pki_types::ServerName;
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use tether_proto::{EndpointKind, Role, INITIAL_WINDOW, MAX_WINDOW};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// The whole configuration, as typed values.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The edge's agent port, `host:port`; resolved again on every dial.
+    pub edge: HostPort,
+    /// TLS server name to verify; default: the host part of `edge`.
+    #[serde(default)]
+    pub server_name: Option<TlsName>,
+    /// A pinned CA (PEM); absent = the public web PKI (webpki-roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The credential file: the token on its first line, mode 0600.
+    pub credential: PathBuf,
+    /// Reconnect timing.
+    #[serde(default)]
+    pub reconnect: Reconnect,
+    /// Multiplexer limits and heartbeat.
+    #[serde(default)]
+    pub session: SessionSettings,
+    /// The endpoints to publish, at least one.
+    #[serde(rename = "endpoint", default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// `[reconnect]`.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reconnect {
+    /// Base of the exponential backoff.
+    #[serde(deserialize_with = "positive_ms")]
+    pub initial_backoff_ms: u64,
+    /// Cap of the exponential backoff.
+    #[serde(deserialize_with = "positive_ms")]
+    pub max_backoff_ms: u64,
+    /// A session that lived this long resets the backoff.
+    pub healthy_after_ms: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Reconnect {
+        Reconnect {
+            initial_backoff_ms: 500,
+            max_backoff_ms: 60_000,
+            healthy_after_ms: 30_000,
+        }
+    }
+}
+
+/// `[session]`: passed into [`tether_proto::Config`].
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionSettings {
+    /// Most streams held at once.
+    #[serde(deserialize_with = "max_streams")]
+    pub max_streams: usize,
+    /// Receive window per stream, bytes.
+    #[serde(deserialize_with = "window")]
+    pub window: u32,
+    /// Send a PING after this long without input.
+    #[serde(deserialize_with = "positive_ms")]
+    pub ping_interval_ms: u64,
+    /// Declare the edge dead after this long without input.
+    pub dead_after_ms: Spanned<u64>,
+}
+
+impl Default for SessionSettings {
+    fn default() -> SessionSettings {
+        let d = tether_proto::Config::new(Role::Client);
+        SessionSettings {
+            max_streams: d.max_streams,
+            window: d.window,
+            ping_interval_ms: d.ping_interval_ms,
+            dead_after_ms: Spanned::new(0..0, d.dead_after_ms),
+        }
+    }
+}
+
+impl SessionSettings {
+    /// The multiplexer configuration (agent = client role).
+    pub fn mux_config(&self) -> tether_proto::Config {
+        tether_proto::Config {
+            role: Role::Client,
+            max_streams: self.max_streams,
+            window: self.window,
+            ping_interval_ms: self.ping_interval_ms,
+            dead_after_ms: *self.dead_after_ms.get_ref(),
+        }
+    }
+}
+
+/// One `[[endpoint]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// The endpoint's name, unique in this file.
+    pub name: Spanned<Name>,
+    /// How the edge publishes it.
+    #[serde(deserialize_with = "endpoint_kind")]
+    pub kind: EndpointKind,
+    /// The local service, `host:port`.
+    pub upstream: HostPort,
+    /// Timeout for connecting to the upstream.
+    #[serde(default = "default_connect_timeout", deserialize_with = "positive_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Endpoint {
+    /// The endpoint's name.
+    pub fn name(&self) -> &str {
+        &self.name.get_ref().0
+    }
+}
+
+fn default_connect_timeout() -> u64 {
+    5000
+}
+
+/// An endpoint name: 1 to 63 characters of `a-z`, `0-9` and `-`, usable as a
+/// DNS label (the edge publishes tls endpoints as `<name>.<domain>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Name(String);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-');
+        if ok {
+            Ok(Name(s))
+        } else {
+            Err(de::Error::custom(format!(
+                "`{s}` is not a valid endpoint name (1-63 of a-z, 0-9 and '-', not starting or ending with '-')"
+            )))
+        }
+    }
+}
+
+/// A `host:port` pair; an IPv6 host is written in brackets (`[::1]:7443`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPort {
+    /// Host name or IP address, without brackets.
+    pub host: String,
+    /// Port, never 0.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Parses `host:port`.
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port"))?;
+        let host = match host.strip_prefix('[') {
+            Some(h) => h
+                .strip_suffix(']')
+                .ok_or_else(|| format!("`{s}`: unclosed '['"))?,
+            None if host.contains(':') => {
+                return Err(format!(
+                    "`{s}`: write an IPv6 address in brackets, as [addr]:port"
+                ))
+            }
+            None => host,
+        };
+        if host.is_empty()
+            || host
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(format!("`{s}`: empty or invalid host"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p != 0 => Ok(HostPort {
+                host: host.to_owned(),
+                port: p,
+            }),
+            _ => Err(format!("`{s}`: port must be 1..=65535")),
+        }
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostPort {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<HostPort, D::Error> {
+        let s = String::deserialize(d)?;
+        HostPort::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A name the edge's certificate must carry (a DNS name or an IP address).
+#[derive(Clone, Debug)]
+pub struct TlsName(pub ServerName<'static>);
+
+impl TlsName {
+    fn parse(s: &str) -> Result<TlsName, String> {
+        ServerName::try_from(s.to_owned())
+            .map(TlsName)
+            .map_err(|_| format!("`{s}` is not a valid DNS name or IP address"))
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<TlsName, D::Error> {
+        let s = String::deserialize(d)?;
+        TlsName::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+fn endpoint_kind<'de, D: Deserializer<'de>>(d: D) -> Result<EndpointKind, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "tcp" => Ok(EndpointKind::Tcp),
+        "tls" => Ok(EndpointKind::Tls),
+        _ => Err(de::Error::custom(format!(
+            "`{s}` is not an endpoint kind (tcp or tls)"
+        ))),
+    }
+}
+
+fn positive_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    match u64::deserialize(d)? {
+        0 => Err(de::Error::custom("must be at least 1 ms")),
+        v => Ok(v),
+    }
+}
+
+fn max_streams<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match u64::deserialize(d)? {
+        v @ 1..=65535 => Ok(v as usize),
+        v => Err(de::Error::custom(format!("must be 1..=65535, not {v}"))),
+    }
+}
+
+fn window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u64::deserialize(d)?;
+    if (INITIAL_WINDOW as u64..=MAX_WINDOW as u64).contains(&v) {
+        Ok(v as u32)
+    } else {
+        Err(de::Error::custom(format!(
+            "must be {INITIAL_WINDOW}..={MAX_WINDOW} bytes, not {v}"
+        )))
+    }
+}
+
+/// A configuration that could not be loaded: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (1 when the problem has no position, such as a missing field).
+    pub line: usize,
+    /// Dotted path of the field (`session.window`, `endpoint[0].name`), or `-`
+    /// when the file as a whole is at fault.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.field,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: 1,
+            field: "-".into(),
+            reason: format!("cannot read the file: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and checks `text`, reporting errors against `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |line: usize, field: &str, reason: String| ConfigError {
+            file: file.to_owned(),
+            line,
+            field: field.to_owned(),
+            reason,
+        };
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, field) = locate(text, e.span(), e.message());
+            err(line, &field, e.message().trim().to_owned())
+        })?;
+
+        // Checks that span several fields.
+        let s = &cfg.session;
+        if *s.dead_after_ms.get_ref() <= s.ping_interval_ms {
+            let line = line_of(text, s.dead_after_ms.span().start);
+            return Err(err(
+                line,
+                "session.dead_after_ms",
+                format!(
+                    "must exceed session.ping_interval_ms ({} ms), not {} ms",
+                    s.ping_interval_ms,
+                    s.dead_after_ms.get_ref()
+                ),
+            ));
+        }
+        debug_assert!(
+            s.mux_config().validate().is_ok(),
+            "each field was checked above"
+        );
+        let r = &cfg.reconnect;
+        if r.max_backoff_ms < r.initial_backoff_ms {
+            let line = key_line(text, "max_backoff_ms").unwrap_or(1);
+            return Err(err(
+                line,
+                "reconnect.max_backoff_ms",
+                format!(
+                    "must be at least reconnect.initial_backoff_ms ({} ms)",
+                    r.initial_backoff_ms
+                ),
+            ));
+        }
+        if cfg.endpoints.is_empty() {
+            return Err(err(
+                1,
+                "endpoint",
+                "at least one [[endpoint]] is required".into(),
+            ));
+        }
+        for (i, ep) in cfg.endpoints.iter().enumerate() {
+            if let Some(j) = cfg.endpoints[..i]
+                .iter()
+                .position(|o| o.name() == ep.name())
+            {
+                let first = line_of(text, cfg.endpoints[j].name.span().start);
+                return Err(err(
+                    line_of(text, ep.name.span().start),
+                    &format!("endpoint[{i}].name"),
+                    format!(
+                        "`{}` is already used by endpoint[{j}] (line {first})",
+                        ep.name()
+                    ),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The TLS server name to verify: `server_name`, or the host of `edge`.
+    pub fn tls_name(&self) -> Result<ServerName<'static>, String> {
+        match &self.server_name {
+            Some(n) => Ok(n.0.clone()),
+            None => TlsName::parse(&self.edge.host).map(|n| n.0),
+        }
+    }
+}
+
+/// 1-based line of byte offset `pos`.
+fn line_of(text: &str, pos: usize) -> usize {
+    let pos = pos.min(text.len());
+    text.as_bytes()[..pos]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line of the first `key =` in `text` (for checks without a span).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+/// Line and dotted field path of a deserialization error at `span`.
+///
+/// The document is parsed again into toml's spanned tree and walked down to
+/// the innermost key whose key or value contains the error's position. For
+/// "missing field `x`" the field is appended to the enclosing table's path.
+fn locate(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> (usize, String) {
+    let Some(span) = span else {
+        let field = quoted_field(message).unwrap_or("-").to_owned();
+        return (1, field);
+    };
+    let line = line_of(text, span.start);
+    let mut path = String::new();
+    // A missing field is reported at the header of its table (or the whole
+    // document): look for a table header only.
+    let missing = message.starts_with("missing field");
+    if let Ok(doc) = DeTable::parse(text) {
+        walk_table(doc.get_ref(), span.start, missing, &mut path);
+    }
+    if missing {
+        if let Some(f) = quoted_field(message) {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(f);
+        }
+    }
+    if path.is_empty() {
+        path.push('-');
+    }
+    (line, path)
+}
+
+fn quoted_field(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once('`')?;
+    let (f, _) = rest.split_once('`')?;
+    Some(f)
+}
+
+/// Appends to `path` the key path whose key or scalar value contains
+/// `pos`. Table spans cover only their header, so every table is searched.
+fn walk_table(t: &DeTable<'_>, pos: usize, headers: bool, path: &mut String) -> bool {
+    for (k, v) in t.iter() {
+        let len = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(k.get_ref());
+        if (!headers && k.span().contains(&pos)) || walk_value(v, pos, headers, path) {
+            return true;
+        }
+        path.truncate(len);
+    }
+    false
+}
+
+fn walk_value(v: &Spanned<DeValue<'_>>, pos: usize, headers: bool, path: &mut String) -> bool {
+    match v.get_ref() {
+        DeValue::Table(t) => walk_table(t, pos, headers, path) || v.span().contains(&pos),
+        DeValue::Array(a) => {
+            for (i, item) in a.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                if walk_value(item, pos, headers, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            v.span().contains(&pos)
+        }
+        _ if headers => false,
+        _ => v.span().contains(&pos) || (v.span().is_empty() && v.span().start == pos),
+    }
+}
+
+/// The token read from the credential file. Its `Debug` is redacted; logs
+/// name it by its public id (`tk_<id>`).
+#[derive(Clone)]
+pub struct Credential {
+    token: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential({}.<redacted>)", self.id())
+    }
+}
+
+/// Why the credential file was refused.
+#[derive(Debug)]
+pub enum CredentialError {
+    /// The file could not be read.
+    Read(PathBuf, std::io::Error),
+    /// The file is readable or writable by group or others.
+    Mode(PathBuf, u32),
+    /// The first line is empty or not a plausible token.
+    Malformed(PathBuf, &'static str),
+}
+
+impl fmt::Display for CredentialError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CredentialError::Read(p, e) => write!(f, "credential file {}: {e}", p.display()),
+            CredentialError::Mode(p, m) => write!(
+                f,
+                "credential file {} has mode {m:04o}: it must not be readable or writable by group or others (chmod 600 {})",
+                p.display(),
+                p.display()
+            ),
+            CredentialError::Malformed(p, why) => write!(f, "credential file {}: {why}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for CredentialError {}
+
+impl Credential {
+    /// Reads the token from `path`, refusing a file whose mode lets group or
+    /// others in (`mode & 0o077 != 0`).
+    pub fn load(path: &Path) -> Result<Credential, CredentialError> {
+        let meta = fs::metadata(path).map_err(|e| CredentialError::Read(path.to_owned(), e))?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(CredentialError::Mode(path.to_owned(), mode));
+        }
+        let text =
+            fs::read_to_string(path).map_err(|e| CredentialError::Read(path.to_owned(), e))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.is_empty() {
+            return Err(CredentialError::Malformed(
+                path.to_owned(),
+                "the first line is empty",
+            ));
+        }
+        if token.len() > 1024 || token.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(CredentialError::Malformed(
+                path.to_owned(),
+                "the first line is not a token (printable ASCII, at most 1024 bytes)",
+            ));
+        }
+        Ok(Credential {
+            token: token.to_owned(),
+        })
+    }
+
+    /// The whole secret, for `Hello` only.
+    pub fn secret(&self) -> &str {
+        &self.token
+    }
+
+    /// The public part: `tk_<id>` (everything before the first `.`).
+    pub fn id(&self) -> &str {
+        self.token
+            .split_once('.')
+            .map_or("<malformed>", |(id, _)| id)
+    }
+}

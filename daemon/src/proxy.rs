@@ -1,0 +1,184 @@
+//! One tunnel stream joined to one upstream TCP connection.
+//!
+//! For each stream the edge opens, the daemon connects to the endpoint's
+//! upstream (with the endpoint's `connect_timeout_ms`; on failure the stream
+//! is reset with `CONNECT_FAILED`), then copies bytes both ways with
+//! half-close: EOF from the upstream closes the stream's write half (a `FIN`
+//! to the edge), EOF from the stream shuts down the write half of the TCP
+//! connection. When both directions are done, or either side fails, both are
+//! dropped.
+//!
+//! Memory: each stream owns two copy buffers of [`COPY_BUFFER`] bytes (one per
+//! direction), allocated when the stream starts and freed when it ends. The
+//! multiplexer refuses streams past `max_streams`, so the copy buffers add at
+//! most `max_streams × 2 × COPY_BUFFER` to the session's fixed buffers; no
+//! buffer grows with traffic. A slow reader on one side stops only that
+//! direction of that stream (the mux's per-stream credit does the rest).
+
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_io::Timer;
+use async_net::TcpStream;
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use futures_lite::FutureExt;
+use log::{debug, info, warn};
+use tether_driver::Stream;
+use tether_proto::ErrorCode;
+
+use crate::config::HostPort;
+
+/// Bytes of each of the two copy buffers of a stream.
+pub const COPY_BUFFER: usize = 16 * 1024;
+
+/// Serves one stream: connect to `upstream`, then copy until both ways end.
+pub async fn serve(mut stream: Stream, upstream: &HostPort, connect_timeout: Duration) {
+    let meta = stream.meta();
+    let id = stream.id();
+    let peer = meta
+        .as_ref()
+        .and_then(|m| m.peer)
+        .map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+    let endpoint = meta
+        .as_ref()
+        .map_or("?", |m| m.endpoint.as_str())
+        .to_owned();
+
+    let connect = async {
+        TcpStream::connect((upstream.host.as_str(), upstream.port))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let timed_out = async {
+        Timer::after(connect_timeout).await;
+        Err(format!(
+            "timed out after {} ms",
+            connect_timeout.as_millis()
+        ))
+    };
+    let mut tcp = match connect.or(timed_out).await {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("{endpoint} {id} from {peer}: cannot connect to upstream {upstream}: {e}; resetting with CONNECT_FAILED");
+            stream.reset(ErrorCode::CONNECT_FAILED);
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    match meta.as_ref().and_then(|m| m.client_subject.as_deref()) {
+        Some(subject) => info!("{endpoint} {id} from {peer} ({subject}): connected to {upstream}"),
+        None => info!("{endpoint} {id} from {peer}: connected to {upstream}"),
+    }
+
+    let mut down = Pump::new(); // upstream -> stream (towards the public client)
+    let mut up = Pump::new(); // stream -> upstream
+    let result = std::future::poll_fn(|cx| {
+        let d = down.poll(cx, &mut tcp, &mut stream);
+        let u = up.poll(cx, &mut stream, &mut tcp);
+        match (d, u) {
+            (Poll::Ready(Err(e)), _) => Poll::Ready(Err(("upstream", e))),
+            (_, Poll::Ready(Err(e))) => Poll::Ready(Err(("stream", e))),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    match result {
+        Ok(()) => debug!(
+            "{endpoint} {id} from {peer}: done, {} bytes to the client, {} to the upstream",
+            down.total, up.total
+        ),
+        Err((side, e)) => {
+            info!("{endpoint} {id} from {peer}: ended on {side} error: {e}");
+            // Dropping an unfinished stream resets it with CANCEL; say so at once.
+            stream.reset(ErrorCode::CANCEL);
+            let _ = tcp.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// One direction of a copy: a fixed buffer, read until EOF, then close the
+/// writer (half-close).
+struct Pump {
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+    eof: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            buf: vec![0u8; COPY_BUFFER].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            eof: false,
+            done: false,
+            total: 0,
+        }
+    }
+
+    /// Moves what it can from `r` to `w`; `Ready(Ok)` once `r` ended and `w`
+    /// was closed.
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.pos < self.end {
+                match Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.end]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.pos += n;
+                        self.total += n as u64;
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.eof {
+                return match Pin::new(&mut *w).poll_close(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.done = true;
+                        Poll::Ready(Ok(()))
+                    }
+                    other => other,
+                };
+            }
+            match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(n)) => {
+                    self.pos = 0;
+                    self.end = n;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Flush what was written so far (a no-op for both kinds here).
+                    let _ = Pin::new(&mut *w).poll_flush(cx);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` with a deadline; `None` when it passed.
+pub async fn with_timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
+    async { Some(f.await) }
+        .or(async {
+            Timer::after(d).await;
+            None
+        })
+        .await
+}

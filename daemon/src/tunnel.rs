@@ -1,0 +1,426 @@
+//! One session with the edge, from `Hello` to its end.
+//!
+//! Over a dialed TLS stream, [`serve`] starts a [`tether_driver::Session`]
+//! (its driver runs as a task of the daemon's one executor), sends `Hello`,
+//! waits for `Welcome` (printing `CONNECTED <addr> session=<n>`) or `Error`,
+//! sends one `Bind` per endpoint, then runs two small tasks beside the
+//! driver: one reads control messages (`BindOk` prints `BOUND <name> <url>`,
+//! `BindErr` and `Error` are logged), one accepts the streams the edge opens
+//! and hands each to [`crate::proxy::serve`]. It returns an [`Outcome`] that
+//! tells the supervisor in `lib.rs` how long to wait before the next dial.
+//!
+//! It does not dial, sleep or decide on backoff.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use async_executor::Task;
+use async_io::Timer;
+use futures_lite::FutureExt;
+use log::{debug, error, info, warn};
+use tether_driver::{Closed, Session};
+use tether_proto::control::Secret;
+use tether_proto::{Control, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+use crate::config::{Credential, Endpoint};
+use crate::dial::EdgeStream;
+
+/// What every session of this run shares.
+pub(crate) struct Runtime {
+    pub endpoints: Vec<Endpoint>,
+    pub credential: Credential,
+    pub mux: tether_proto::Config,
+}
+
+/// A one-shot stop signal that many tasks can wait on.
+#[derive(Default)]
+pub(crate) struct Stop {
+    fired: Cell<bool>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Stop {
+    pub fn fire(&self) {
+        self.fired.set(true);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    pub fn is_fired(&self) -> bool {
+        self.fired.get()
+    }
+
+    pub async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut wakers = self.wakers.borrow_mut();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                wakers.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// How a session ended, for the supervisor.
+pub(crate) enum Outcome {
+    /// The edge sent `Error` (before or after `Welcome`): wait at least `retry_after`.
+    Refused {
+        /// How long the session lived after `Welcome`, if it got there.
+        lived: Option<Duration>,
+        /// The edge's hint (zero = none).
+        retry_after: Duration,
+    },
+    /// The edge sent `GOAWAY(NO_ERROR)` after `Welcome`: dial again now while
+    /// this session drains (its driver is still running).
+    Draining {
+        lived: Duration,
+        session: Session,
+        driver: Task<Closed>,
+    },
+    /// The session ended otherwise (transport, heartbeat, protocol error).
+    Ended { lived: Option<Duration> },
+    /// Stop was requested: the session was told `GOAWAY(NO_ERROR)`.
+    Stopped {
+        session: Session,
+        driver: Task<Closed>,
+    },
+}
+
+/// Prints one machine-readable line on stdout and flushes it. A closed
+/// stdout is not the daemon's problem.
+pub(crate) fn stdout_line(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line);
+    let _ = out.write_all(b"\n");
+    let _ = out.flush();
+}
+
+/// The log wording for an `Error` from the edge.
+fn refusal_subject(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::AUTH_FAILED | ErrorCode::TOKEN_REVOKED => "edge refused the credential",
+        ErrorCode::VERSION_UNSUPPORTED => "edge refused the protocol version",
+        ErrorCode::SERVER_BUSY => "edge is busy",
+        _ => "edge ended the session",
+    }
+}
+
+enum First {
+    Control(Option<Vec<u8>>),
+    Stop,
+    Timeout,
+}
+
+enum Event {
+    Driver(Closed),
+    PeerDrains,
+    Stop,
+}
+
+/// Runs one session over `tls` (connected to `addr`) until it ends, the edge
+/// drains it, or `stop` fires.
+pub(crate) async fn serve(
+    rt: &Rc<Runtime>,
+    tls: EdgeStream,
+    addr: SocketAddr,
+    stop: &Rc<Stop>,
+) -> Outcome {
+    let (sess, driver) = match Session::new(tls, rt.mux) {
+        Ok(x) => x,
+        Err(e) => {
+            // The config was validated at load time; this cannot happen.
+            error!("session configuration refused: {e}");
+            return Outcome::Ended { lived: None };
+        }
+    };
+    let mut driver = crate::spawn(driver);
+
+    let hello = Control::Hello {
+        version: PROTOCOL_VERSION,
+        min_version: MIN_PROTOCOL_VERSION,
+        token: Secret(rt.credential.secret()),
+        agent: crate::AGENT,
+        arch: crate::arch(),
+    };
+    if let Err(e) = sess.send_control(&hello).await {
+        warn!("session with {addr} ended before Hello was sent: {e}");
+        return ended_early(&sess, driver).await;
+    }
+    debug!(
+        "Hello sent to {addr} with credential {}",
+        rt.credential.id()
+    );
+
+    // Wait for Welcome or Error. A silent edge is caught by the heartbeat;
+    // one that answers pings but never Welcome, by this deadline.
+    let welcome_deadline = Duration::from_millis(rt.mux.dead_after_ms);
+    let first = async { First::Control(sess.recv_control().await) }
+        .or(async {
+            stop.wait().await;
+            First::Stop
+        })
+        .or(async {
+            Timer::after(welcome_deadline).await;
+            First::Timeout
+        })
+        .await;
+    let bytes = match first {
+        First::Control(Some(b)) => b,
+        First::Control(None) => return ended_early(&sess, driver).await,
+        First::Stop => {
+            sess.goaway(ErrorCode::NO_ERROR);
+            return Outcome::Stopped {
+                session: sess,
+                driver,
+            };
+        }
+        First::Timeout => {
+            warn!(
+                "{addr} sent no Welcome within {} ms; closing",
+                welcome_deadline.as_millis()
+            );
+            sess.goaway(ErrorCode::TIMEOUT);
+            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            return Outcome::Ended { lived: None };
+        }
+    };
+    let session_no = match Control::decode(&bytes) {
+        Ok(Control::Welcome {
+            version,
+            session,
+            edge,
+        }) if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) => {
+            info!("connected to {addr}: {edge}, session {session}, protocol v{version}");
+            stdout_line(format_args!("CONNECTED {addr} session={session}"));
+            session
+        }
+        Ok(Control::Error {
+            code,
+            retry_after_ms,
+            message,
+        }) => {
+            let code = ErrorCode(code);
+            error!(
+                "{}: {code} ({message}); credential {}, retry after {} ms",
+                refusal_subject(code),
+                rt.credential.id(),
+                retry_after_ms
+            );
+            // The edge follows with GOAWAY and closes; give it a moment.
+            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            return Outcome::Refused {
+                lived: None,
+                retry_after: Duration::from_millis(retry_after_ms.into()),
+            };
+        }
+        other => {
+            error!("{addr} broke the protocol: expected Welcome or Error, got {other:?}");
+            sess.goaway(ErrorCode::PROTOCOL);
+            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            return Outcome::Ended { lived: None };
+        }
+    };
+    let welcomed = Instant::now();
+
+    for ep in &rt.endpoints {
+        let upstream = ep.upstream.to_string();
+        let bind = Control::Bind {
+            endpoint: ep.name(),
+            kind: ep.kind,
+            url: "",
+            upstream: &upstream,
+            policy: "",
+        };
+        if let Err(e) = sess.send_control(&bind).await {
+            warn!(
+                "session {session_no}: cannot send Bind for {}: {e}",
+                ep.name()
+            );
+            break;
+        }
+    }
+
+    let refused: Rc<Cell<Option<Duration>>> = Rc::new(Cell::new(None));
+    let control = crate::spawn(control_loop(sess.clone(), session_no, refused.clone()));
+    crate::spawn(accept_loop(sess.clone(), rt.clone(), session_no)).detach();
+
+    let event = async { Event::Driver((&mut driver).await) }
+        .or(async {
+            peer_drains(&sess).await;
+            Event::PeerDrains
+        })
+        .or(async {
+            stop.wait().await;
+            Event::Stop
+        })
+        .await;
+    let lived = welcomed.elapsed();
+    match event {
+        Event::Stop | Event::PeerDrains => control.detach(),
+        Event::Driver(_) => {
+            // An `Error` may still sit unread in the control slot: the mux
+            // acts on the GOAWAY that follows it without waiting. The control
+            // loop reads what is left, then ends with the session.
+            let _ = crate::proxy::with_timeout(Duration::from_secs(1), control).await;
+        }
+    }
+    match event {
+        Event::Stop => {
+            sess.goaway(ErrorCode::NO_ERROR);
+            Outcome::Stopped {
+                session: sess,
+                driver,
+            }
+        }
+        Event::PeerDrains => {
+            info!(
+                "edge is draining session {session_no} (GOAWAY NO_ERROR, {} stream(s) left): dialing a new session",
+                sess.live_streams()
+            );
+            Outcome::Draining {
+                lived,
+                session: sess,
+                driver,
+            }
+        }
+        Event::Driver(closed) => {
+            if let Some(retry_after) = refused.get() {
+                return Outcome::Refused {
+                    lived: Some(lived),
+                    retry_after,
+                };
+            }
+            if matches!(sess.peer_goaway(), Some((ErrorCode::NO_ERROR, _))) {
+                info!("edge drained session {session_no}: dialing a new session");
+                let done = crate::spawn(async move { closed });
+                return Outcome::Draining {
+                    lived,
+                    session: sess,
+                    driver: done,
+                };
+            }
+            warn!(
+                "session {session_no} with {addr} ended after {} s: {closed}",
+                lived.as_secs()
+            );
+            Outcome::Ended { lived: Some(lived) }
+        }
+    }
+}
+
+/// The session ended before `Welcome`: log how.
+async fn ended_early(sess: &Session, driver: Task<Closed>) -> Outcome {
+    let closed = crate::proxy::with_timeout(Duration::from_secs(1), driver).await;
+    match closed {
+        Some(c) => warn!("session ended before Welcome: {c}"),
+        None => warn!(
+            "session ended before Welcome ({} streams)",
+            sess.live_streams()
+        ),
+    }
+    Outcome::Ended { lived: None }
+}
+
+/// Resolves once the edge has sent `GOAWAY(NO_ERROR)`.
+async fn peer_drains(sess: &Session) {
+    let mut closed = Box::pin(sess.closed());
+    let mut closed_done = false;
+    std::future::poll_fn(|cx| {
+        if matches!(sess.peer_goaway(), Some((ErrorCode::NO_ERROR, _))) {
+            return Poll::Ready(());
+        }
+        // `closed` registers for the driver's wake-ups, GOAWAY among them.
+        if !closed_done && closed.as_mut().poll(cx).is_ready() {
+            closed_done = true;
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Reads control messages until the session ends.
+async fn control_loop(sess: Session, session_no: u64, refused: Rc<Cell<Option<Duration>>>) {
+    while let Some(bytes) = sess.recv_control().await {
+        match Control::decode(&bytes) {
+            Ok(Control::BindOk { endpoint, url }) => {
+                info!("session {session_no}: endpoint {endpoint} is published at {url}");
+                stdout_line(format_args!("BOUND {endpoint} {url}"));
+            }
+            Ok(Control::BindErr {
+                endpoint,
+                code,
+                rule,
+                message,
+            }) => {
+                error!(
+                    "session {session_no}: edge refused endpoint {endpoint}: {} by rule `{rule}`: {message}",
+                    ErrorCode(code)
+                );
+            }
+            Ok(Control::Error {
+                code,
+                retry_after_ms,
+                message,
+            }) => {
+                let code = ErrorCode(code);
+                error!(
+                    "session {session_no}: {}: {code} ({message}); retry after {retry_after_ms} ms",
+                    refusal_subject(code)
+                );
+                refused.set(Some(Duration::from_millis(retry_after_ms.into())));
+            }
+            Ok(Control::RotateOffer { token_id, .. }) => {
+                warn!("session {session_no}: credential rotation to {token_id} offered; not supported yet, ignored");
+            }
+            Ok(Control::RotateConfirmed { token_id }) => {
+                warn!("session {session_no}: unexpected RotateConfirmed for {token_id}, ignored");
+            }
+            Ok(other) => {
+                error!("session {session_no}: edge broke the protocol: unexpected {other:?}");
+                sess.goaway(ErrorCode::PROTOCOL);
+            }
+            Err(e) => {
+                // The driver checked that it decodes; a mismatch is a bug.
+                error!("session {session_no}: undecodable control message: {e}");
+                sess.goaway(ErrorCode::PROTOCOL);
+            }
+        }
+    }
+}
+
+/// Accepts the streams the edge opens and serves each in its own task.
+async fn accept_loop(sess: Session, rt: Rc<Runtime>, session_no: u64) {
+    while let Some(stream) = sess.accept().await {
+        let meta = stream.meta();
+        let name = meta.as_ref().map_or("", |m| m.endpoint.as_str());
+        let Some(index) = rt.endpoints.iter().position(|e| e.name() == name) else {
+            warn!(
+                "session {session_no}: {} for unknown endpoint `{name}`; resetting with CONNECT_FAILED",
+                stream.id()
+            );
+            stream.reset(ErrorCode::CONNECT_FAILED);
+            continue;
+        };
+        let rt = rt.clone();
+        crate::spawn(async move {
+            let ep = &rt.endpoints[index];
+            crate::proxy::serve(
+                stream,
+                &ep.upstream,
+                Duration::from_millis(ep.connect_timeout_ms),
+            )
+            .await;
+        })
+        .detach();
+    }
+    debug!("session {session_no}: no more streams");
+}

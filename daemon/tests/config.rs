@@ -1,0 +1,187 @@
+//! `tetherd.toml` and the credential file, through the library.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tether_proto::EndpointKind;
+use tetherd::{Config, Credential, CredentialError};
+
+const CONTRACT_EXAMPLE: &str = r#"
+edge = "edge.example.com:7443"              # host:port, DNS re-resolved on every dial
+server_name = "edge.example.com"            # optional, default: host part of `edge`
+ca_file = "/etc/tether/edge-ca.pem"         # optional pinned CA; absent = public web PKI (webpki-roots)
+credential = "/etc/tether/credential"       # the token file, mode 0600
+
+[reconnect]                                 # optional, defaults shown
+initial_backoff_ms = 500
+max_backoff_ms = 60000
+healthy_after_ms = 30000
+
+[session]                                   # optional, defaults shown
+max_streams = 64
+window = 131072
+ping_interval_ms = 15000
+dead_after_ms = 45000
+
+[[endpoint]]
+name = "web"
+kind = "tls"                                # tcp | tls
+upstream = "127.0.0.1:8080"
+connect_timeout_ms = 5000
+"#;
+
+#[test]
+fn the_contract_example_parses() {
+    let c = Config::parse(Path::new("tetherd.toml"), CONTRACT_EXAMPLE).expect("parses");
+    assert_eq!(c.edge.host, "edge.example.com");
+    assert_eq!(c.edge.port, 7443);
+    assert_eq!(c.tls_name().expect("name").to_str(), "edge.example.com");
+    assert_eq!(c.endpoints.len(), 1);
+    assert_eq!(c.endpoints[0].name(), "web");
+    assert_eq!(c.endpoints[0].kind, EndpointKind::Tls);
+    assert_eq!(c.endpoints[0].upstream.to_string(), "127.0.0.1:8080");
+    let m = c.session.mux_config();
+    assert_eq!(
+        (m.max_streams, m.window, m.ping_interval_ms, m.dead_after_ms),
+        (64, 131072, 15000, 45000)
+    );
+    assert!(m.validate().is_ok());
+}
+
+#[test]
+fn optional_tables_take_the_documented_defaults() {
+    let text = "edge = \"[::1]:7443\"\ncredential = \"/c\"\n[[endpoint]]\nname = \"ssh\"\nkind = \"tcp\"\nupstream = \"localhost:22\"\n";
+    let c = Config::parse(Path::new("t.toml"), text).expect("parses");
+    assert_eq!(c.edge.host, "::1");
+    assert_eq!(c.edge.to_string(), "[::1]:7443");
+    assert_eq!(c.tls_name().expect("an IP is a valid name").to_str(), "::1");
+    assert_eq!(c.ca_file, None);
+    assert_eq!(
+        (
+            c.reconnect.initial_backoff_ms,
+            c.reconnect.max_backoff_ms,
+            c.reconnect.healthy_after_ms
+        ),
+        (500, 60000, 30000)
+    );
+    assert_eq!(c.endpoints[0].connect_timeout_ms, 5000);
+    let m = c.session.mux_config();
+    assert_eq!(
+        (m.max_streams, m.window, m.ping_interval_ms, m.dead_after_ms),
+        (64, 131072, 15000, 45000)
+    );
+}
+
+#[test]
+fn errors_carry_line_field_and_reason() {
+    let base = "edge = \"e:1\"\ncredential = \"/c\"\n";
+    let ep = "[[endpoint]]\nname = \"web\"\nkind = \"tcp\"\nupstream = \"127.0.0.1:80\"\n";
+    let check = |text: String, line: usize, field: &str, reason: &str| {
+        let e = Config::parse(Path::new("/etc/tether/tetherd.toml"), &text).expect_err("refused");
+        assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
+        assert!(e.reason.contains(reason), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("/etc/tether/tetherd.toml:{line}: {field}: ")),
+            "{e}"
+        );
+    };
+    check(
+        format!("{base}[reconnect]\nmax_backoff_ms = \"soon\"\n{ep}"),
+        4,
+        "reconnect.max_backoff_ms",
+        "expected u64",
+    );
+    check(
+        format!("{base}[reconnect]\nmax_backoff_ms = 10\n{ep}"),
+        4,
+        "reconnect.max_backoff_ms",
+        "initial_backoff_ms",
+    );
+    check(
+        format!("{base}[session]\nmax_streams = 0\n{ep}"),
+        4,
+        "session.max_streams",
+        "1..=65535",
+    );
+    check(
+        format!("{base}[session]\nspeed = 3\n{ep}"),
+        4,
+        "session.speed",
+        "unknown field",
+    );
+    check(
+        format!("{base}{ep}name2 = 1\n"),
+        7,
+        "endpoint[0].name2",
+        "unknown field",
+    );
+    check(
+        format!("{base}{}", ep.replace("\"web\"", "\"-web\"")),
+        4,
+        "endpoint[0].name",
+        "not a valid endpoint name",
+    );
+    check(
+        format!("{base}{}", ep.replace("127.0.0.1:80", "::1:80")),
+        6,
+        "endpoint[0].upstream",
+        "brackets",
+    );
+    check(
+        format!("{base}server_name = \"bad name!\"\n{ep}"),
+        3,
+        "server_name",
+        "not a valid DNS name",
+    );
+    check(
+        format!("edge = \"e:0\"\ncredential = \"/c\"\n{ep}"),
+        1,
+        "edge",
+        "port",
+    );
+    check(base.to_owned(), 1, "endpoint", "at least one");
+}
+
+fn write(dir: &Path, name: &str, text: &str, mode: u32) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    p
+}
+
+#[test]
+fn the_credential_is_the_trimmed_first_line_of_a_private_file() {
+    let dir = std::env::temp_dir().join(format!("tetherd-cred-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let p = write(&dir, "ok", "tk_00112233aabb.c2VjcmV0  \nignored\n", 0o600);
+    let c = Credential::load(&p).expect("loads");
+    assert_eq!(c.secret(), "tk_00112233aabb.c2VjcmV0");
+    assert_eq!(c.id(), "tk_00112233aabb");
+    assert!(
+        !format!("{c:?}").contains("c2VjcmV0"),
+        "Debug is redacted: {c:?}"
+    );
+
+    let p = write(&dir, "open", "tk_00112233aabb.c2VjcmV0\n", 0o644);
+    match Credential::load(&p) {
+        Err(e @ CredentialError::Mode(_, 0o644)) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&p.display().to_string()) && msg.contains("0644"),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a mode error, got {other:?}"),
+    }
+    let p = write(&dir, "empty", "\n", 0o400);
+    assert!(matches!(
+        Credential::load(&p),
+        Err(CredentialError::Malformed(..))
+    ));
+    assert!(matches!(
+        Credential::load(&dir.join("missing")),
+        Err(CredentialError::Read(..))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}

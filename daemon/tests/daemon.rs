@@ -1,0 +1,648 @@
+//! The real `tetherd` binary against a fake edge written here (a rustls
+//! server with `tether_driver::Session`) on 127.0.0.1:0, with a test PKI made
+//! at test time. Each test is named after what it proves.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{
+    daemon_config, echo_upstream, half_close_upstream, tetherd, Answer, Daemon, FakeEdge, Pki,
+    TempDir, TOKEN,
+};
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use tether_driver::Meta;
+use tether_proto::{Control, ErrorCode};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn closed_port() -> std::net::SocketAddr {
+    // Bind then drop: nothing listens there afterwards.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+#[test]
+fn config_errors_exit_64_naming_file_line_and_field() {
+    let dir = TempDir::new("config");
+    let cred = dir.write("credential", &format!("{TOKEN}\n"), 0o600);
+    let head = format!(
+        "edge = \"127.0.0.1:7443\"\ncredential = \"{}\"\n",
+        cred.display()
+    );
+    let ep = "[[endpoint]]\nname = \"web\"\nkind = \"tcp\"\nupstream = \"127.0.0.1:8080\"\n";
+    let cases = [
+        // (file text, expected "<line>: <field>: " and a word of the reason)
+        (
+            format!("{head}colour = \"red\"\n{ep}"),
+            "3: colour: ",
+            "unknown field",
+        ),
+        (
+            format!("{head}[session]\nwindow = 100\n{ep}"),
+            "4: session.window: ",
+            "16384",
+        ),
+        (
+            format!("{head}{ep}connect_timeout_ms = 0\n"),
+            "7: endpoint[0].connect_timeout_ms: ",
+            "at least 1 ms",
+        ),
+        (
+            format!("{head}{ep}{}", ep.replace("tcp", "udp")),
+            "9: endpoint[1].kind: ",
+            "udp",
+        ),
+        (
+            format!("{head}{ep}{ep}"),
+            "8: endpoint[1].name: ",
+            "already used by endpoint[0] (line 4)",
+        ),
+        (
+            format!("{head}[session]\nping_interval_ms = 100\ndead_after_ms = 50\n{ep}"),
+            "5: session.dead_after_ms: ",
+            "exceed",
+        ),
+        (
+            format!(
+                "{head}{}",
+                ep.replace("upstream = \"127.0.0.1:8080\"\n", "")
+            ),
+            "3: endpoint[0].upstream: ",
+            "missing field",
+        ),
+        (
+            format!("credential = \"x\"\n{ep}"),
+            "1: edge: ",
+            "missing field",
+        ),
+        (format!("{head}[[endpoint]\n"), "3: ", "expected"),
+    ];
+    for (i, (text, want, reason)) in cases.iter().enumerate() {
+        let path = dir.write(&format!("bad{i}.toml"), text, 0o644);
+        let out = tetherd(&["--config", path.to_str().expect("utf-8"), "--allow-root"])
+            .output()
+            .expect("run tetherd");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "case {i}: exit code; stderr:\n{stderr}"
+        );
+        let prefix = format!("error: {}:{want}", path.display());
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_default();
+        assert!(
+            line.starts_with(&prefix),
+            "case {i}: want `{prefix}...{reason}`, got:\n{stderr}"
+        );
+        assert!(
+            line.contains(reason),
+            "case {i}: want reason `{reason}`, got:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_config_file_and_bad_arguments_exit_64() {
+    let out = tetherd(&["--config", "/nonexistent/tetherd.toml"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("error: /nonexistent/tetherd.toml:1: -: cannot read"));
+    let out = tetherd(&["--frobnicate"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    let out = tetherd(&[]).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}
+
+#[test]
+fn credential_readable_by_group_or_others_is_refused() {
+    let pki = Pki::new("tether test CA");
+    for mode in [0o644, 0o640, 0o604, 0o660] {
+        let dir = TempDir::new("mode");
+        let config = daemon_config(&dir, closed_port(), &pki.ca_pem, closed_port(), "");
+        let cred = dir.path("credential");
+        std::fs::set_permissions(&cred, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+        let out = tetherd(&["--config", config.to_str().expect("utf-8"), "--allow-root"])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "mode {mode:o}: {stderr}");
+        assert!(
+            stderr.contains(&cred.display().to_string()),
+            "names the file: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("mode {mode:04o}")),
+            "names the mode: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn running_as_root_without_allow_root_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("not root: the refusal cannot be observed here (CI runs as root)");
+        return;
+    }
+    let pki = Pki::new("tether test CA");
+    let dir = TempDir::new("root");
+    let config = daemon_config(&dir, closed_port(), &pki.ca_pem, closed_port(), "");
+    let out = tetherd(&["--config", config.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("refusing to run as root"), "{stderr}");
+    assert!(
+        stderr.contains("--allow-root"),
+        "says how to override: {stderr}"
+    );
+}
+
+#[test]
+fn a_stream_reaches_the_upstream_and_comes_back_with_half_close() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = half_close_upstream();
+    let dir = TempDir::new("tunnel");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
+    let mut daemon = Daemon::start(&config);
+
+    let connected = daemon.line("CONNECTED ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    assert_eq!(
+        connected,
+        format!("CONNECTED {} session={}", edge.addr, es.number)
+    );
+    assert_eq!(es.hello_token, TOKEN, "Hello carries the credential");
+    assert_eq!(
+        es.hello_agent,
+        concat!("tetherd/", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(es.hello_version, tether_proto::PROTOCOL_VERSION);
+    let bound = daemon.line("BOUND ", 5 * SECOND);
+    assert_eq!(
+        bound,
+        format!("BOUND web tcp://127.0.0.1:{}", 20000 + es.number)
+    );
+
+    // Edge -> upstream, then FIN: the upstream only answers after it saw EOF,
+    // and the edge only finishes reading after the daemon passed the
+    // upstream's EOF back as a FIN.
+    let request: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let reply = async_io::block_on(async {
+        let meta = Meta {
+            peer: Some("203.0.113.9:40000".parse().expect("addr")),
+            ..Meta::endpoint("web")
+        };
+        let mut st = es.session.open(&meta).await.expect("open stream");
+        st.write_all(&request).await.expect("write request");
+        st.close().await.expect("half-close towards the upstream");
+        let mut reply = Vec::new();
+        st.read_to_end(&mut reply)
+            .await
+            .expect("read until the upstream's EOF");
+        reply
+    });
+    let got = seen
+        .recv_timeout(5 * SECOND)
+        .expect("upstream saw the request");
+    assert_eq!(got, request, "the upstream got every byte, then EOF");
+    let mut want = b"reply:".to_vec();
+    want.extend_from_slice(&request);
+    assert_eq!(reply.len(), want.len());
+    assert!(reply == want, "the reply came back intact");
+
+    // SIGTERM: GOAWAY(NO_ERROR) to the edge, exit 0.
+    let status = daemon.terminate(7 * SECOND);
+    assert!(
+        status.success(),
+        "graceful exit: {status:?}; stderr:\n{}",
+        daemon.stderr()
+    );
+    let t0 = Instant::now();
+    while es.session.peer_goaway().is_none() && t0.elapsed() < SECOND {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        es.session.peer_goaway().map(|g| g.0),
+        Some(ErrorCode::NO_ERROR),
+        "the daemon said GOAWAY(NO_ERROR)"
+    );
+}
+
+#[test]
+fn sigterm_lets_open_streams_finish_then_exits_0() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = echo_upstream();
+    let dir = TempDir::new("sigterm");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let signalled = async_io::block_on(async {
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        st.write_all(b"one").await.expect("write");
+        let mut echo = [0u8; 3];
+        st.read_exact(&mut echo).await.expect("echo");
+        daemon.sigterm();
+        let signalled = Instant::now();
+        while es.session.peer_goaway().is_none() {
+            assert!(signalled.elapsed() < 2 * SECOND, "no GOAWAY after SIGTERM");
+            async_io::Timer::after(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            es.session.peer_goaway().map(|g| g.0),
+            Some(ErrorCode::NO_ERROR)
+        );
+        // Draining: the open stream still works both ways.
+        async_io::Timer::after(Duration::from_millis(300)).await;
+        st.write_all(b" two").await.expect("write while draining");
+        let mut echo = [0u8; 4];
+        st.read_exact(&mut echo).await.expect("echo while draining");
+        assert_eq!(&echo, b" two");
+        st.close().await.expect("close");
+        let mut rest = Vec::new();
+        // EOF, or INTERNAL if the transport closes first (see the drain test).
+        if let Err(e) = st.read_to_end(&mut rest).await {
+            assert!(e.to_string().contains("INTERNAL"), "{e}");
+        }
+        signalled
+    });
+    let status = daemon.wait_exit(7 * SECOND);
+    assert!(status.success(), "{status:?}\n{}", daemon.stderr());
+    assert!(
+        signalled.elapsed() < Duration::from_millis(4500),
+        "exited once the stream ended, not at the grace deadline"
+    );
+    assert_eq!(seen.recv_timeout(SECOND).expect("upstream"), b"one two");
+}
+
+#[test]
+fn a_stream_that_does_not_finish_is_cut_at_the_grace_deadline_and_the_exit_is_still_0() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, _seen) = echo_upstream();
+    let dir = TempDir::new("grace");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let _st = async_io::block_on(async {
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        st.write_all(b"x").await.expect("write");
+        let mut echo = [0u8; 1];
+        st.read_exact(&mut echo).await.expect("echo");
+        st // held open, never finished
+    });
+    let t0 = Instant::now();
+    daemon.sigterm();
+    let status = daemon.wait_exit(9 * SECOND);
+    assert!(status.success(), "{status:?}\n{}", daemon.stderr());
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(4500),
+        "waited for the stream: {took:?}"
+    );
+    assert!(
+        daemon.stderr().contains("closing anyway"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_refused_bind_is_logged_with_its_rule_and_the_other_endpoints_still_bind() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new("binderr");
+    let extra = "[[endpoint]]\nname = \"denied\"\nkind = \"tls\"\nupstream = \"127.0.0.1:1\"\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), extra);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    assert!(
+        daemon.wait_stderr(
+            "edge refused endpoint denied: BIND_REFUSED by rule `token tk_0123456789ab allow=web`: \
+             not in the token's allow list",
+            5 * SECOND
+        ),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn session_settings_bound_the_streams_the_daemon_holds() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, _seen) = echo_upstream();
+    let dir = TempDir::new("maxstreams");
+    let extra = "[session]\nmax_streams = 2\nwindow = 16384\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    async_io::block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+            st.write_all(b"hi").await.expect("write");
+            let mut echo = [0u8; 2];
+            st.read_exact(&mut echo).await.expect("echo");
+            held.push(st);
+        }
+        // A third stream is past the configured bound: refused, not buffered.
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        let _ = st.write_all(b"hi").await;
+        let mut buf = [0u8; 2];
+        let err = st.read(&mut buf).await.expect_err("refused");
+        assert!(err.to_string().contains("REFUSED_STREAM"), "{err}");
+        // Releasing one makes room again.
+        drop(held.pop());
+        async_io::Timer::after(Duration::from_millis(200)).await;
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        st.write_all(b"ok").await.expect("write");
+        let mut echo = [0u8; 2];
+        st.read_exact(&mut echo)
+            .await
+            .expect("echo once a slot is free");
+        assert_eq!(&echo, b"ok");
+    });
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn an_unreachable_upstream_resets_the_stream_with_connect_failed() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new("connfail");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), "");
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let err = async_io::block_on(async {
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        let mut buf = [0u8; 16];
+        st.read(&mut buf).await.expect_err("the stream is reset")
+    });
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("CONNECT_FAILED"), "{err}");
+    assert!(
+        daemon.wait_stderr("cannot connect to upstream", SECOND),
+        "logged:\n{}",
+        daemon.stderr()
+    );
+    // A stream for an endpoint the daemon never bound is refused the same way.
+    let err = async_io::block_on(async {
+        let mut st = es
+            .session
+            .open(&Meta::endpoint("nope"))
+            .await
+            .expect("open");
+        let mut buf = [0u8; 16];
+        st.read(&mut buf).await.expect_err("reset")
+    });
+    assert!(err.to_string().contains("CONNECT_FAILED"), "{err}");
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn an_edge_error_with_retry_after_holds_off_the_next_dial() {
+    const RETRY_MS: u64 = 1500;
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(
+        &pki,
+        Answer::Refuse(ErrorCode::AUTH_FAILED, RETRY_MS as u32),
+    );
+    let dir = TempDir::new("refused");
+    // A tiny own backoff: any wait of the order of RETRY_MS comes from the hint.
+    let extra = "[reconnect]\ninitial_backoff_ms = 10\nmax_backoff_ms = 20\n";
+    // By name: every dial resolves `localhost` again (through the bounded
+    // blocking pool) and tries its addresses in turn.
+    let edge_name = format!("localhost:{}", edge.addr.port());
+    let config = daemon_config(&dir, edge_name, &pki.ca_pem, closed_port(), extra);
+    let mut daemon = Daemon::start(&config);
+
+    assert!(
+        daemon.wait_stderr(
+            "edge refused the credential: AUTH_FAILED (fake edge says no)",
+            10 * SECOND
+        ),
+        "the refusal is logged with its code and message:\n{}",
+        daemon.stderr()
+    );
+    // Count handshakes over a window: one, then nothing for RETRY_MS, then one more.
+    let t0 = Instant::now();
+    while edge.handshake_count() < 2 && t0.elapsed() < Duration::from_millis(RETRY_MS * 3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let times = edge.handshakes.lock().expect("lock").clone();
+    assert!(
+        times.len() >= 2,
+        "the daemon dials again after the hint: {} handshake(s)",
+        times.len()
+    );
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(RETRY_MS),
+        "second dial after {gap:?}, before retry_after_ms"
+    );
+    assert!(
+        gap < Duration::from_millis(RETRY_MS * 2),
+        "second dial too late: {gap:?}"
+    );
+    // No storm: within the whole window, at most one dial per RETRY_MS.
+    let span = times.last().copied().unwrap_or(times[0]) - times[0];
+    assert!(
+        times.len() as u64 <= 1 + span.as_millis() as u64 / RETRY_MS,
+        "{} dials in {span:?}",
+        times.len()
+    );
+    assert_eq!(
+        edge.accept_count(),
+        times.len(),
+        "no dial stopped before its handshake"
+    );
+    assert!(
+        daemon.terminate(7 * SECOND).success(),
+        "stops while waiting"
+    );
+}
+
+#[test]
+fn a_revocation_after_welcome_also_holds_off_the_next_dial() {
+    const RETRY_MS: u64 = 1500;
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new("revoked");
+    let extra = "[reconnect]\ninitial_backoff_ms = 10\nmax_backoff_ms = 20\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), extra);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let revoke = Control::Error {
+        code: ErrorCode::TOKEN_REVOKED.0,
+        retry_after_ms: RETRY_MS as u32,
+        message: "revoked by the test",
+    };
+    async_io::block_on(es.session.send_control(&revoke)).expect("send Error");
+    es.session.goaway(ErrorCode::TOKEN_REVOKED);
+    let revoked_at = Instant::now();
+    assert!(
+        daemon.wait_stderr(
+            "edge refused the credential: TOKEN_REVOKED (revoked by the test)",
+            5 * SECOND
+        ),
+        "{}",
+        daemon.stderr()
+    );
+    while edge.handshake_count() < 2 && revoked_at.elapsed() < Duration::from_millis(RETRY_MS * 3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let times = edge.handshakes.lock().expect("lock").clone();
+    assert_eq!(times.len(), 2, "one more dial after the hint");
+    let gap = times[1] - revoked_at;
+    assert!(
+        gap >= Duration::from_millis(RETRY_MS),
+        "redialed after {gap:?}, before retry_after_ms"
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn a_silent_edge_is_dropped_at_the_heartbeat_deadline_and_redialed() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Silent);
+    let dir = TempDir::new("silent");
+    // The [session] heartbeat reaches the mux: 100 ms pings, dead after 300 ms.
+    let extra = "[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\
+                 [session]\nping_interval_ms = 100\ndead_after_ms = 300\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), extra);
+    let mut daemon = Daemon::start(&config);
+    let t0 = Instant::now();
+    while edge.handshake_count() < 3 && t0.elapsed() < 5 * SECOND {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let times = edge.handshakes.lock().expect("lock").clone();
+    assert!(
+        times.len() >= 3,
+        "redials after each dead session: {} handshake(s)",
+        times.len()
+    );
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(300),
+        "not before the deadline: {gap:?}"
+    );
+    assert!(gap < Duration::from_millis(1500), "detected late: {gap:?}");
+    assert!(
+        daemon.wait_stderr("no input within the dead-peer deadline", SECOND),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn a_wrong_ca_is_refused_with_a_clear_message_and_the_daemon_retries() {
+    let pki = Pki::new("tether test CA");
+    let other = Pki::new("another CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new("wrongca");
+    let extra = "[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n";
+    let config = daemon_config(&dir, edge.addr, &other.ca_pem, closed_port(), extra);
+    let mut daemon = Daemon::start(&config);
+    assert!(
+        daemon.wait_stderr(
+            "the edge's certificate was rejected: invalid peer certificate: UnknownIssuer",
+            10 * SECOND
+        ),
+        "names the certificate error:\n{}",
+        daemon.stderr()
+    );
+    let t0 = Instant::now();
+    while edge.accept_count() < 3 && t0.elapsed() < 5 * SECOND {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        edge.accept_count() >= 3,
+        "reconnects with backoff: {} dial(s)",
+        edge.accept_count()
+    );
+    assert_eq!(edge.handshake_count(), 0, "no handshake ever completed");
+    assert!(
+        edge.sessions.try_recv().is_err(),
+        "no session with an unverified edge"
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn goaway_from_the_edge_dials_a_new_session_at_once_while_the_old_one_drains() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = echo_upstream();
+    let dir = TempDir::new("drain");
+    // A long own backoff: only the "at once" rule can explain a fast redial.
+    let extra = "[reconnect]\ninitial_backoff_ms = 20000\nmax_backoff_ms = 60000\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let first = edge.next_session(SECOND);
+
+    async_io::block_on(async {
+        let mut st = first
+            .session
+            .open(&Meta::endpoint("web"))
+            .await
+            .expect("open");
+        st.write_all(b"before").await.expect("write");
+        let mut echo = [0u8; 6];
+        st.read_exact(&mut echo).await.expect("echo before GOAWAY");
+        first.session.goaway(ErrorCode::NO_ERROR);
+        let t0 = Instant::now();
+        let line = daemon.line("CONNECTED ", 3 * SECOND);
+        assert!(
+            t0.elapsed() < 2 * SECOND,
+            "redialed at once: {:?}",
+            t0.elapsed()
+        );
+        let second = edge.next_session(SECOND);
+        assert!(
+            line.ends_with(&format!("session={}", second.number)),
+            "{line}"
+        );
+        daemon.line("BOUND web ", 3 * SECOND);
+        // The old session's stream still carries bytes both ways.
+        st.write_all(b" and after")
+            .await
+            .expect("write after GOAWAY");
+        let mut echo = [0u8; 10];
+        st.read_exact(&mut echo).await.expect("echo after GOAWAY");
+        assert_eq!(&echo, b" and after");
+        st.close().await.expect("close");
+        // The end of the stream is EOF, or INTERNAL when the drained session's
+        // transport closes before this read (tether-driver resets streams on
+        // transport EOF, even after a clean drain).
+        let mut rest = Vec::new();
+        match st.read_to_end(&mut rest).await {
+            Ok(_) => assert!(rest.is_empty()),
+            Err(e) => assert!(e.to_string().contains("INTERNAL"), "{e}"),
+        }
+    });
+    assert_eq!(
+        seen.recv_timeout(SECOND).expect("upstream"),
+        b"before and after"
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}

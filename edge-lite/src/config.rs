@@ -1,0 +1,421 @@
+//! The edge's configuration file (`edge.toml`, see the contract): typed
+//! structs with `deny_unknown_fields`, and [`Config::load`], which parses,
+//! checks every value and the TLS files it names, and reports the first
+//! problem as a [`ConfigError`] with file, line, field and reason.
+//!
+//! This module reads files but opens no socket and touches no store.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+
+use crate::tls;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where `tokens.db` lives.
+    pub state_dir: PathBuf,
+    /// The port devices dial.
+    pub agent: AgentConfig,
+    /// Public TCP endpoints, one port each; absent = no tcp endpoints.
+    #[serde(default)]
+    pub tcp: Option<TcpConfig>,
+    /// The shared SNI-routed TLS port; absent = no tls endpoints.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Multiplexer settings for every agent session.
+    #[serde(default)]
+    pub session: SessionConfig,
+}
+
+/// `[agent]`: where devices dial in.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Listen address (port 0 = the OS picks; printed as `LISTEN agent`).
+    pub listen: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or RSA).
+    pub key: PathBuf,
+}
+
+/// `[tcp]`: one public port per tcp endpoint.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    /// Address the endpoint ports listen on.
+    pub listen_ip: IpAddr,
+    /// Host named in the public URL (default: `listen_ip`).
+    #[serde(default)]
+    pub public_host: Option<String>,
+    /// Inclusive port range for endpoints without a fixed port; `[0, 0]`
+    /// lets the OS pick.
+    #[serde(default)]
+    pub port_range: PortRange,
+    /// Endpoint name -> fixed port.
+    #[serde(default)]
+    pub fixed: BTreeMap<String, u16>,
+}
+
+/// An inclusive port range; `[0, 0]` means "the OS picks".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(from = "[u16; 2]")]
+pub struct PortRange {
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive).
+    pub last: u16,
+}
+
+impl From<[u16; 2]> for PortRange {
+    fn from([first, last]: [u16; 2]) -> PortRange {
+        PortRange { first, last }
+    }
+}
+
+impl PortRange {
+    /// Whether the OS picks the ports.
+    pub fn is_os_chosen(&self) -> bool {
+        self.first == 0 && self.last == 0
+    }
+}
+
+/// `[tls]`: one shared port, routed by SNI `<endpoint>.<domain>`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Listen address (printed as `LISTEN tls`).
+    pub listen: SocketAddr,
+    /// Endpoint `web` is served as `web.<domain>`.
+    pub domain: String,
+    /// PEM certificate chain for `*.<domain>`.
+    pub cert: PathBuf,
+    /// Its PEM private key.
+    pub key: PathBuf,
+}
+
+/// `[session]`: the multiplexer settings of every agent session.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Most streams per session.
+    pub max_streams: usize,
+    /// Receive window per stream, bytes.
+    pub window: u32,
+    /// Ping after this long without input.
+    pub ping_interval_ms: u64,
+    /// Close a session after this long without input.
+    pub dead_after_ms: u64,
+    /// How long a graceful shutdown waits for open streams.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> SessionConfig {
+        let d = tether_proto::Config::new(tether_proto::Role::Server);
+        SessionConfig {
+            max_streams: d.max_streams,
+            window: d.window,
+            ping_interval_ms: d.ping_interval_ms,
+            dead_after_ms: d.dead_after_ms,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The multiplexer configuration of an edge (server role) session.
+    pub fn mux(&self) -> tether_proto::Config {
+        tether_proto::Config {
+            role: tether_proto::Role::Server,
+            max_streams: self.max_streams,
+            window: self.window,
+            ping_interval_ms: self.ping_interval_ms,
+            dead_after_ms: self.dead_after_ms,
+        }
+    }
+}
+
+/// A configuration problem: `<file>:<line>: <field>: <reason>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a place in the file.
+    pub line: Option<usize>,
+    /// Dotted field path (`session.window`), or `toml` for a syntax error.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file.display(),
+                l,
+                self.field,
+                self.reason
+            ),
+            None => write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.reason
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Whether `name` can be an endpoint name: a DNS label of lowercase letters,
+/// digits and inner hyphens, 1 to 63 characters (it becomes `<name>.<domain>`).
+pub fn valid_endpoint_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn valid_domain(domain: &str) -> bool {
+    domain.len() <= 253 && domain.split('.').all(valid_endpoint_name)
+}
+
+impl Config {
+    /// Reads, parses and checks `path`, including the certificates and keys
+    /// it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: "file".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Config::parse(path, &src)
+    }
+
+    /// Parses and checks `src`, the contents of `path` (relative paths in it
+    /// are taken as they are, relative to the working directory).
+    pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
+        let doc = Doc { file: path, src };
+        let cfg: Config = toml::from_str(src).map_err(|e| doc.de_error(&e))?;
+        cfg.check(&doc)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, doc: &Doc<'_>) -> Result<(), ConfigError> {
+        if let Some(tcp) = &self.tcp {
+            let r = tcp.port_range;
+            if !r.is_os_chosen() && (r.first == 0 || r.first > r.last) {
+                return Err(doc.at(
+                    &["tcp", "port_range"],
+                    format!("[{}, {}] is not a range: need 1 <= first <= last, or [0, 0] to let the OS pick", r.first, r.last),
+                ));
+            }
+            if let Some(h) = &tcp.public_host {
+                if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
+                    return Err(doc.at(
+                        &["tcp", "public_host"],
+                        format!("{h:?} is not a host name or address"),
+                    ));
+                }
+            }
+            let mut seen = BTreeMap::new();
+            for (name, port) in &tcp.fixed {
+                let here = ["tcp", "fixed", name.as_str()];
+                if !valid_endpoint_name(name) {
+                    return Err(doc.at(
+                        &here,
+                        "not an endpoint name (lowercase letters, digits, inner '-', at most 63)"
+                            .into(),
+                    ));
+                }
+                if *port == 0 {
+                    return Err(doc.at(&here, "a fixed port cannot be 0".into()));
+                }
+                if let Some(other) = seen.insert(*port, name) {
+                    return Err(doc.at(&here, format!("port {port} is already fixed for {other}")));
+                }
+            }
+        }
+        if let Some(t) = &self.tls {
+            if !valid_domain(&t.domain) {
+                return Err(doc.at(
+                    &["tls", "domain"],
+                    format!("{:?} is not a lowercase DNS name", t.domain),
+                ));
+            }
+        }
+        let s = &self.session;
+        if let Err(e) = s.mux().validate() {
+            use tether_proto::mux::ConfigError as E;
+            let field = match e {
+                E::MaxStreams(_) => "max_streams",
+                E::Window(_) => "window",
+                E::Heartbeat { .. } => "dead_after_ms",
+                E::Slots { .. } | E::Buffer { .. } => "max_streams",
+            };
+            return Err(doc.at(&["session", field], e.to_string()));
+        }
+        // Last, the files: every value above is checked first.
+        tls::load_identity(&self.agent.cert, &self.agent.key).map_err(|e| match e {
+            tls::IdentityError::Cert(r) => doc.at(&["agent", "cert"], r),
+            tls::IdentityError::Key(r) => doc.at(&["agent", "key"], r),
+        })?;
+        if let Some(t) = &self.tls {
+            tls::load_identity(&t.cert, &t.key).map_err(|e| match e {
+                tls::IdentityError::Cert(r) => doc.at(&["tls", "cert"], r),
+                tls::IdentityError::Key(r) => doc.at(&["tls", "key"], r),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The source being parsed, to turn byte offsets and paths into places.
+struct Doc<'a> {
+    file: &'a Path,
+    src: &'a str,
+}
+
+impl Doc<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let offset = offset.min(self.src.len());
+        self.src.as_bytes()[..offset]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn table(&self) -> Option<toml::Spanned<DeTable<'_>>> {
+        DeTable::parse(self.src).ok()
+    }
+
+    /// An error for the value at `path` (or the nearest table above it that
+    /// is in the file).
+    fn at(&self, path: &[&str], reason: String) -> ConfigError {
+        let line = self.table().and_then(|t| {
+            let mut table: &DeTable<'_> = t.get_ref();
+            let mut span = None;
+            for key in path {
+                let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *key)?;
+                span = Some(k.span());
+                match v.get_ref() {
+                    DeValue::Table(t) => table = t,
+                    _ => break,
+                }
+            }
+            span.map(|s| self.line_of(s.start))
+        });
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            field: path.join("."),
+            reason,
+        }
+    }
+
+    /// Turns a toml/serde error into file, line, field and reason.
+    fn de_error(&self, e: &toml::de::Error) -> ConfigError {
+        let msg = e.message().trim().to_owned();
+        let span = e.span();
+        let mut path = match (&span, self.table()) {
+            (Some(s), Some(t)) => path_at(t.get_ref(), s),
+            _ => Vec::new(),
+        };
+        // serde names the culprit in the message for these two.
+        for prefix in ["unknown field `", "missing field `"] {
+            if let Some(rest) = msg.strip_prefix(prefix) {
+                if let Some(name) = rest.split('`').next() {
+                    if path.last().map(String::as_str) != Some(name) {
+                        path.push(name.to_owned());
+                    }
+                }
+            }
+        }
+        let field = if path.is_empty() {
+            "toml".to_owned()
+        } else {
+            path.join(".")
+        };
+        let reason = msg.lines().next().unwrap_or("invalid").to_owned();
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: span.map(|s| self.line_of(s.start)),
+            field,
+            reason,
+        }
+    }
+}
+
+/// The path of keys whose key or value contains `span` (deepest match).
+fn path_at(table: &DeTable<'_>, span: &Range<usize>) -> Vec<String> {
+    fn inside(outer: &Range<usize>, inner: &Range<usize>) -> bool {
+        outer.start <= inner.start && inner.end <= outer.end && outer.start < outer.end
+    }
+    fn walk(table: &DeTable<'_>, span: &Range<usize>, path: &mut Vec<String>) -> bool {
+        for (k, v) in table.iter() {
+            let name = k.get_ref().to_string();
+            if inside(&k.span(), span) {
+                path.push(name);
+                return true;
+            }
+            let nested = match v.get_ref() {
+                DeValue::Table(t) => {
+                    path.push(name.clone());
+                    if walk(t, span, path) {
+                        return true;
+                    }
+                    path.pop();
+                    false
+                }
+                DeValue::Array(a) => {
+                    let mut found = false;
+                    for item in a.iter() {
+                        if let DeValue::Table(t) = item.get_ref() {
+                            path.push(name.clone());
+                            if walk(t, span, path) {
+                                found = true;
+                                break;
+                            }
+                            path.pop();
+                        }
+                    }
+                    found
+                }
+                _ => false,
+            };
+            if nested {
+                return true;
+            }
+            if inside(&v.span(), span) {
+                path.push(name);
+                return true;
+            }
+        }
+        false
+    }
+    let mut path = Vec::new();
+    // An empty span is the root table's (a missing top-level field).
+    if span.start < span.end {
+        walk(table, span, &mut path);
+    }
+    path
+}

@@ -1,0 +1,205 @@
+//! `tether-edge`: parse the arguments, start logging, load the config (exit
+//! 64 with file, line and field on error), then either run the server with
+//! SIGTERM/SIGINT wired to a graceful shutdown, or run a `token` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use futures_lite::StreamExt;
+use tether_edge::admin::token_table;
+use tether_edge::store::{Allow, Revoked, Store};
+use tether_edge::Config;
+
+const USAGE: &str = "usage: tether-edge --config FILE [serve]
+       tether-edge --config FILE token create [--description TEXT] [--allow NAME]...
+       tether-edge --config FILE token list
+       tether-edge --config FILE token revoke ID
+
+  serve           run the edge (the default)
+  token create    create a token; prints it once on stdout (its id on stderr).
+                  --allow NAME may repeat; '*' allows every endpoint, and so
+                  does giving no --allow at all
+  token list      list tokens (never secrets)
+  token revoke    revoke a token; running servers close its sessions within 1 s";
+
+/// EX_USAGE / EX_CONFIG-style exit code for bad arguments or config.
+const EXIT_USAGE: u8 = 64;
+
+enum Command {
+    Serve,
+    Create {
+        description: String,
+        allow: Vec<String>,
+    },
+    List,
+    Revoke(String),
+}
+
+struct Args {
+    config: PathBuf,
+    command: Command,
+}
+
+fn parse_args() -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_env();
+    let mut config = None;
+    let mut description = None;
+    let mut allow = Vec::new();
+    let mut words = Vec::new();
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('c') | Long("config") => {
+                config = Some(PathBuf::from(p.value().map_err(|e| e.to_string())?))
+            }
+            Long("description") => {
+                description = Some(
+                    p.value()
+                        .map_err(|e| e.to_string())?
+                        .string()
+                        .map_err(|e| e.to_string())?,
+                )
+            }
+            Long("allow") => allow.push(
+                p.value()
+                    .map_err(|e| e.to_string())?
+                    .string()
+                    .map_err(|e| e.to_string())?,
+            ),
+            Short('h') | Long("help") => return Ok(None),
+            Value(v) => words.push(v.string().map_err(|e| e.to_string())?),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let command = match words.as_slice() {
+        [] | ["serve"] => Command::Serve,
+        ["token", "create"] => {
+            if let Some(bad) = allow
+                .iter()
+                .find(|a| *a != "*" && !tether_edge::config::valid_endpoint_name(a))
+            {
+                return Err(format!(
+                    "--allow {bad:?}: not an endpoint name (lowercase letters, digits, inner '-') or '*'"
+                ));
+            }
+            Command::Create {
+                description: description.take().unwrap_or_default(),
+                allow: std::mem::take(&mut allow),
+            }
+        }
+        ["token", "list"] => Command::List,
+        ["token", "revoke", id] => Command::Revoke((*id).to_owned()),
+        _ => return Err(format!("unknown command: {}", words.join(" "))),
+    };
+    if description.is_some() || !allow.is_empty() {
+        return Err("--description and --allow go with `token create`".into());
+    }
+    let config = config.ok_or("--config FILE is required")?;
+    Ok(Some(Args { config, command }))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e}\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+    if let Command::Serve = args.command {
+        eprintln!(
+            "tether-edge {} ({})",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::ARCH
+        );
+    }
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match args.command {
+        Command::Serve => serve(cfg),
+        Command::Create { description, allow } => with_store(&cfg, |s| {
+            let allow = if allow.is_empty() {
+                Allow::Any
+            } else {
+                Allow::from_names(allow)
+            };
+            let t = s.create(&description, &allow)?;
+            println!("{}", t.token.expose());
+            eprintln!("created token {} (allow={allow})", t.id);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::List => with_store(&cfg, |s| {
+            print!("{}", token_table(&s.list()?));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Revoke(id) => with_store(&cfg, |s| {
+            Ok(match s.revoke(&id)? {
+                Revoked::Now => {
+                    eprintln!("revoked token {id}");
+                    ExitCode::SUCCESS
+                }
+                Revoked::Already => {
+                    eprintln!("token {id} was already revoked");
+                    ExitCode::SUCCESS
+                }
+                Revoked::Unknown => {
+                    eprintln!("error: no token with id {id:?}");
+                    ExitCode::FAILURE
+                }
+            })
+        }),
+    }
+}
+
+fn with_store(
+    cfg: &Config,
+    f: impl FnOnce(&Store) -> Result<ExitCode, tether_edge::store::StoreError>,
+) -> ExitCode {
+    match Store::open(&cfg.state_dir).and_then(|s| f(&s)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(cfg: Config) -> ExitCode {
+    let result = smol::block_on(async {
+        let mut signals = match async_signal::Signals::new([
+            async_signal::Signal::Term,
+            async_signal::Signal::Int,
+        ]) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return Err(());
+            }
+        };
+        let shutdown = async move {
+            if let Some(Ok(sig)) = signals.next().await {
+                log::info!("{sig:?}: shutting down");
+            }
+        };
+        tether_edge::run(cfg, shutdown)
+            .await
+            .map_err(|e| eprintln!("error: {e}"))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(()) => ExitCode::FAILURE,
+    }
+}

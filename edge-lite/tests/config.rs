@@ -1,0 +1,197 @@
+//! Config errors name file, line, field and reason; the binary prints them
+//! as `error: <file>:<line>: <field>: <reason>` and exits 64.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{edge_toml, Pki, TempDir};
+use tether_edge::{Config, ConfigError};
+
+fn load(dir: &Path, body: &str) -> Result<Config, ConfigError> {
+    let p = dir.join("edge.toml");
+    std::fs::write(&p, body).unwrap();
+    Config::load(&p)
+}
+
+fn setup(tag: &str) -> (TempDir, Pki, String) {
+    let dir = TempDir::new(tag);
+    let pki = Pki::generate(dir.path());
+    let good = edge_toml(dir.path(), &pki, "");
+    (dir, pki, good)
+}
+
+/// The 1-based line of the first line of `body` that starts with `prefix`.
+fn line_of(body: &str, prefix: &str) -> usize {
+    body.lines().position(|l| l.starts_with(prefix)).unwrap() + 1
+}
+
+#[test]
+fn the_test_config_loads() {
+    let (dir, _pki, good) = setup("cfg-ok");
+    let c = load(dir.path(), &good).expect("loads");
+    assert_eq!(c.session.max_streams, 64);
+    assert_eq!(c.session.shutdown_grace_ms, 10_000);
+    assert!(c.tcp.unwrap().port_range.is_os_chosen());
+}
+
+#[test]
+fn an_unknown_field_is_named_with_its_line() {
+    let (dir, _pki, good) = setup("cfg-unknown");
+    let body = good.replace("[tls]\n", "[tls]\nsni_strict = true\n");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "tls.sni_strict");
+    assert_eq!(e.line, Some(line_of(&body, "sni_strict")));
+    assert!(e.reason.contains("unknown field"), "{e}");
+    assert!(e.to_string().starts_with(&format!(
+        "{}:{}: tls.sni_strict: ",
+        e.file.display(),
+        line_of(&body, "sni_strict")
+    )));
+}
+
+#[test]
+fn a_missing_field_names_its_table() {
+    let (dir, _pki, good) = setup("cfg-missing");
+    let body: String = good
+        .lines()
+        .filter(|l| !l.starts_with("domain"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "tls.domain");
+    assert_eq!(e.line, Some(line_of(&body, "[tls]")));
+    assert!(e.reason.contains("missing field"), "{e}");
+    let body: String = good
+        .lines()
+        .filter(|l| !l.starts_with("state_dir"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "state_dir");
+    assert_eq!(e.line, Some(1));
+}
+
+#[test]
+fn a_value_of_the_wrong_type_or_form_is_named_with_its_line() {
+    let (dir, _pki, good) = setup("cfg-type");
+    let body = good.replace("dead_after_ms = 45000", "dead_after_ms = \"45s\"");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        (
+            "session.dead_after_ms",
+            Some(line_of(&body, "dead_after_ms"))
+        )
+    );
+    let body = good.replace(
+        "listen = \"127.0.0.1:0\"\ncert",
+        "listen = \"127.0.0.1\"\ncert",
+    );
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        ("agent.listen", Some(line_of(&body, "listen")))
+    );
+    assert!(e.reason.contains("socket address"), "{e}");
+}
+
+#[test]
+fn values_that_parse_but_are_wrong_are_named_with_their_line() {
+    let (dir, _pki, good) = setup("cfg-check");
+    let body = good.replace("[session]\n", "[session]\nwindow = 1024\n");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        ("session.window", Some(line_of(&body, "window")))
+    );
+    assert!(e.reason.contains("16384"), "{e}");
+
+    let body = good.replace("dead_after_ms = 45000", "dead_after_ms = 1000");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        (
+            "session.dead_after_ms",
+            Some(line_of(&body, "dead_after_ms"))
+        )
+    );
+
+    let body = good.replace("port_range = [0, 0]", "port_range = [21000, 20000]");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        ("tcp.port_range", Some(line_of(&body, "port_range")))
+    );
+
+    let body = good.replace(
+        "port_range = [0, 0]",
+        "port_range = [0, 0]\nfixed = { ssh = 2222, git = 2222 }",
+    );
+    let e = load(dir.path(), &body).unwrap_err();
+    assert!(
+        e.field == "tcp.fixed.ssh" || e.field == "tcp.fixed.git",
+        "{e}"
+    );
+    assert_eq!(e.line, Some(line_of(&body, "fixed")));
+
+    let body = good.replace("domain = \"tether.test\"", "domain = \"Tether Test\"");
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.line),
+        ("tls.domain", Some(line_of(&body, "domain")))
+    );
+}
+
+#[test]
+fn unreadable_or_mismatched_tls_files_are_named_with_their_line() {
+    let (dir, pki, good) = setup("cfg-files");
+    let body = good.replace(
+        &pki.agent_cert.display().to_string(),
+        "/nonexistent/agent.crt",
+    );
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "agent.cert");
+    assert_eq!(e.line, Some(line_of(&body, "cert")));
+    assert!(e.reason.contains("/nonexistent/agent.crt"), "{e}");
+    // The wildcard certificate with the agent's key.
+    let body = good.replace(
+        &pki.wild_key.display().to_string(),
+        &pki.agent_key.display().to_string(),
+    );
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "tls.cert");
+    assert!(e.reason.contains("does not match"), "{e}");
+}
+
+#[test]
+fn the_binary_prints_file_line_field_and_exits_64() {
+    let (dir, _pki, good) = setup("cfg-bin");
+    let body = good.replace("[session]\n", "[session]\nmax_streams = 0\n");
+    let p = dir.path().join("edge.toml");
+    std::fs::write(&p, &body).unwrap();
+    for args in [vec!["serve"], vec!["token", "list"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
+            .arg("--config")
+            .arg(&p)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let want = format!(
+            "error: {}:{}: session.max_streams: ",
+            p.display(),
+            line_of(&body, "max_streams")
+        );
+        assert!(err.lines().any(|l| l.starts_with(&want)), "{args:?}: {err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
+        .arg("frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "usage errors exit 64 too");
+}
