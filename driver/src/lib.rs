@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use async_io::Timer;
 use futures_io::{AsyncRead, AsyncWrite};
 use tether_proto::mux::{CloseReason, ControlError, OpenError, Recv, StreamError};
-use tether_proto::{Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId, StreamMeta};
+use tether_proto::{
+    Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId, StreamMeta,
+};
 
 /// Size of the driver's read and write buffers towards the pipe.
 pub const IO_BUFFER: usize = 64 * 1024;
@@ -56,7 +58,12 @@ pub struct Meta {
 impl Meta {
     /// Metadata for a stream of `endpoint` with nothing else known.
     pub fn endpoint(endpoint: &str) -> Meta {
-        Meta { endpoint: endpoint.to_owned(), peer: None, sni: None, client_subject: None }
+        Meta {
+            endpoint: endpoint.to_owned(),
+            peer: None,
+            sni: None,
+            client_subject: None,
+        }
     }
 
     fn from_wire(m: &StreamMeta<'_>) -> Meta {
@@ -262,12 +269,20 @@ fn closed_error(inner: &Inner) -> io::Error {
 impl Session {
     /// A new session over `io`, with all its buffers allocated now. Spawn the
     /// returned [`Driver`]; the session ends when it returns.
-    pub fn new<T>(io: T, cfg: Config) -> Result<(Session, Driver<T>), tether_proto::mux::ConfigError>
+    pub fn new<T>(
+        io: T,
+        cfg: Config,
+    ) -> Result<(Session, Driver<T>), tether_proto::mux::ConfigError>
     where
         T: AsyncRead + AsyncWrite + Unpin,
     {
         let origin = Instant::now();
-        let mux = Mux::new(cfg, vec![Slot::EMPTY; cfg.max_streams], vec![0u8; cfg.buffer_len()], Millis(0))?;
+        let mux = Mux::new(
+            cfg,
+            vec![Slot::EMPTY; cfg.max_streams],
+            vec![0u8; cfg.buffer_len()],
+            Millis(0),
+        )?;
         let inner = Inner {
             mux,
             origin,
@@ -281,7 +296,9 @@ impl Session {
             ended: false,
             transport_error: None,
         };
-        let shared = Arc::new(Shared { inner: Mutex::new(inner) });
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+        });
         let driver = Driver {
             shared: shared.clone(),
             io,
@@ -311,7 +328,10 @@ impl Session {
                 Ok(id) => {
                     inner.streams.insert(id.get(), Wakers::default());
                     inner.wake_driver();
-                    Poll::Ready(Ok(Stream { shared: self.shared.clone(), id }))
+                    Poll::Ready(Ok(Stream {
+                        shared: self.shared.clone(),
+                        id,
+                    }))
                 }
                 Err(OpenError::TooManyStreams | OpenError::Blocked) => {
                     inner.blocked.push(cx.waker().clone());
@@ -325,9 +345,10 @@ impl Session {
                     io::ErrorKind::NotConnected,
                     "stream ids exhausted; reconnect",
                 ))),
-                Err(OpenError::Meta(e)) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, format!("stream metadata: {e}"))))
-                }
+                Err(OpenError::Meta(e)) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("stream metadata: {e}"),
+                ))),
             }
         })
         .await
@@ -338,7 +359,10 @@ impl Session {
         std::future::poll_fn(|cx| {
             let mut inner = self.shared.lock();
             if let Some(id) = inner.accept_queue.pop_front() {
-                return Poll::Ready(Some(Stream { shared: self.shared.clone(), id }));
+                return Poll::Ready(Some(Stream {
+                    shared: self.shared.clone(),
+                    id,
+                }));
             }
             if inner.dead() {
                 return Poll::Ready(None);
@@ -366,9 +390,10 @@ impl Session {
                     Poll::Pending
                 }
                 Err(ControlError::Closed) => Poll::Ready(Err(closed_error(&inner))),
-                Err(ControlError::Codec(e)) => {
-                    Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, format!("control message: {e}"))))
-                }
+                Err(ControlError::Codec(e)) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("control message: {e}"),
+                ))),
             }
         })
         .await
@@ -448,9 +473,16 @@ impl std::fmt::Debug for Stream {
 
 fn stream_error(e: StreamError) -> io::Error {
     match e {
-        StreamError::Reset(code) => io::Error::new(io::ErrorKind::ConnectionReset, format!("stream reset: {code}")),
-        StreamError::Finished => io::Error::new(io::ErrorKind::BrokenPipe, "stream already finished"),
-        StreamError::Unknown(id) => io::Error::new(io::ErrorKind::NotConnected, format!("{id} is gone")),
+        StreamError::Reset(code) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("stream reset: {code}"),
+        ),
+        StreamError::Finished => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "stream already finished")
+        }
+        StreamError::Unknown(id) => {
+            io::Error::new(io::ErrorKind::NotConnected, format!("{id} is gone"))
+        }
         StreamError::Blocked => io::Error::new(io::ErrorKind::WouldBlock, "blocked"),
     }
 }
@@ -463,7 +495,11 @@ impl Stream {
 
     /// The metadata its opener sent.
     pub fn meta(&self) -> Option<Meta> {
-        self.shared.lock().mux.meta(self.id).map(|m| Meta::from_wire(&m))
+        self.shared
+            .lock()
+            .mux
+            .meta(self.id)
+            .map(|m| Meta::from_wire(&m))
     }
 
     /// Resets the stream with `code`: both directions end now.
@@ -475,7 +511,11 @@ impl Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         let mut inner = self.shared.lock();
         match inner.mux.recv(self.id, buf) {
             Ok(Recv::Data(n)) => {
@@ -498,7 +538,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -600,7 +644,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
 
             // 1. Input: leftovers first, then the pipe.
             if this.rpos < this.rend {
-                let n = inner.mux.handle_input(now, &this.rbuf[this.rpos..this.rend]);
+                let n = inner
+                    .mux
+                    .handle_input(now, &this.rbuf[this.rpos..this.rend]);
                 this.rpos += n;
                 progress |= n > 0;
             } else if !inner.mux.is_closed() {
@@ -613,10 +659,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 match Pin::new(&mut this.io).poll_read(cx, &mut this.rbuf) {
                     Poll::Ready(Ok(0)) => {
                         this.read_done = true;
-                        inner.transport_error = Some(io::ErrorKind::UnexpectedEof);
-                        inner.mux.goaway(ErrorCode::INTERNAL);
+                        inner.mux.handle_eof();
                         inner.dispatch_events();
-                        let e = io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed the connection");
+                        inner.transport_error = Some(io::ErrorKind::UnexpectedEof);
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed the connection",
+                        );
                         return this.finish(&mut inner, Closed::Transport(e));
                     }
                     Poll::Ready(Ok(n)) => {
@@ -654,7 +703,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             while this.wpos < this.wend {
                 match Pin::new(&mut this.io).poll_write(cx, &this.wbuf[this.wpos..this.wend]) {
                     Poll::Ready(Ok(0)) => {
-                        let e = io::Error::new(io::ErrorKind::WriteZero, "pipe accepts no more bytes");
+                        let e =
+                            io::Error::new(io::ErrorKind::WriteZero, "pipe accepts no more bytes");
                         inner.transport_error = Some(e.kind());
                         inner.mux.goaway(ErrorCode::INTERNAL);
                         inner.dispatch_events();

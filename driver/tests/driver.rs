@@ -98,9 +98,15 @@ fn sixty_four_concurrent_streams_echo_over_tcp() {
         assert_eq!(client.live_streams(), 0, "every stream released");
         client.goaway(ErrorCode::NO_ERROR);
         let end = cdrv.await;
-        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "client ended with {end}");
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Drained)),
+            "client ended with {end}"
+        );
         let end = sdrv.await;
-        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "server ended with {end}");
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Drained)),
+            "server ended with {end}"
+        );
     });
 }
 
@@ -119,12 +125,18 @@ fn half_close_works_in_both_directions() {
         st.close().await.expect("client half-close");
         let mut peer = server.accept().await.expect("accept");
         let mut got = Vec::new();
-        peer.read_to_end(&mut got).await.expect("server reads to EOF");
+        peer.read_to_end(&mut got)
+            .await
+            .expect("server reads to EOF");
         assert_eq!(got, b"request");
-        peer.write_all(b"answer after the client's FIN").await.expect("server writes after FIN");
+        peer.write_all(b"answer after the client's FIN")
+            .await
+            .expect("server writes after FIN");
         peer.close().await.expect("server half-close");
         let mut back = Vec::new();
-        st.read_to_end(&mut back).await.expect("client reads to EOF");
+        st.read_to_end(&mut back)
+            .await
+            .expect("client reads to EOF");
         assert_eq!(back, b"answer after the client's FIN");
 
         // Server -> client finishes first; the client still sends afterwards.
@@ -138,10 +150,14 @@ fn half_close_works_in_both_directions() {
         let mut back = Vec::new();
         st.read_to_end(&mut back).await.expect("client sees EOF");
         assert_eq!(back, b"bye");
-        st.write_all(b"still open").await.expect("client writes after server FIN");
+        st.write_all(b"still open")
+            .await
+            .expect("client writes after server FIN");
         st.close().await.expect("client close");
         let mut rest = Vec::new();
-        peer.read_to_end(&mut rest).await.expect("server reads the rest");
+        peer.read_to_end(&mut rest)
+            .await
+            .expect("server reads the rest");
         assert_eq!(rest, b"still open");
     });
 }
@@ -164,7 +180,11 @@ fn stream_metadata_reaches_the_acceptor() {
         let peer = server.accept().await.expect("accept");
         assert_eq!(peer.meta(), Some(meta));
         assert_eq!(peer.id(), st.id());
-        assert_eq!(st.id().get() % 2, 0, "the edge (server role) opens even ids");
+        assert_eq!(
+            st.id().get() % 2,
+            0,
+            "the edge (server role) opens even ids"
+        );
     });
 }
 
@@ -179,9 +199,18 @@ fn silent_peer_ends_the_session_at_the_heartbeat_deadline() {
         let t0 = Instant::now();
         let end = drv.await;
         let took = t0.elapsed();
-        assert!(matches!(end, Closed::Mux(CloseReason::Timeout)), "ended with {end}");
-        assert!(took >= Duration::from_millis(300), "not before the deadline: {took:?}");
-        assert!(took < Duration::from_millis(1500), "detected late: {took:?}");
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Timeout)),
+            "ended with {end}"
+        );
+        assert!(
+            took >= Duration::from_millis(300),
+            "not before the deadline: {took:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "detected late: {took:?}"
+        );
         assert!(client.accept().await.is_none());
     });
 }
@@ -220,11 +249,17 @@ fn goaway_lets_open_streams_finish_and_refuses_new_ones() {
         while client.peer_goaway().is_none() {
             smol::Timer::after(Duration::from_millis(5)).await;
         }
-        assert!(client.open(&Meta::endpoint("late")).await.is_err(), "no new streams while draining");
+        assert!(
+            client.open(&Meta::endpoint("late")).await.is_err(),
+            "no new streams while draining"
+        );
         drop(st);
         drop(peer);
         let end = cdrv.await;
-        assert!(matches!(end, Closed::Mux(CloseReason::Drained)), "ended with {end}");
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Drained)),
+            "ended with {end}"
+        );
     });
 }
 
@@ -262,7 +297,10 @@ fn hundred_mib_over_tls_arrive_intact_both_ways() {
         )
         .await;
         let (c, s) = (c.expect("client handshake"), s.expect("server handshake"));
-        assert_eq!(c.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        assert_eq!(
+            c.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
         let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
         smol::spawn(cdrv).detach();

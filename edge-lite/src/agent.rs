@@ -8,13 +8,12 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_rustls::TlsAcceptor;
 use smol::net::TcpStream;
-use smol::Timer;
 use tether_driver::Session;
 use tether_proto::{Control, EndpointKind, ErrorCode};
 
@@ -22,14 +21,11 @@ use crate::public;
 use crate::registry::{Admission, Binding, TcpPort};
 use crate::server::{emit, timeout, State};
 use crate::store::{token_id_of, AuthError, VerifiedToken};
-use crate::tap::Tap;
 
 /// How long an agent has to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent has to send `Hello` after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the edge waits for its `Error` to leave before the `GOAWAY`.
-const ERROR_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// `retry_after_ms` for refused credentials (the contract's "back off long").
 const RETRY_CREDENTIAL_MS: u32 = 300_000;
 /// `retry_after_ms` for a version mismatch.
@@ -39,16 +35,11 @@ const RETRY_BUSY_MS: u32 = 5_000;
 /// The edge's name and version, in `Welcome`.
 const EDGE_NAME: &str = concat!("tether-edge/", env!("CARGO_PKG_VERSION"));
 
-/// One agent session: the driver's handle plus what the edge needs to send
-/// control messages in a known order.
+/// One agent session: the driver's handle and who is on the other end.
 pub(crate) struct AgentConn {
     no: u64,
     peer: SocketAddr,
     session: Session,
-    /// Serialises "queue a control frame, count it".
-    send_lock: smol::lock::Mutex<u64>,
-    /// Control frames that reached the TLS stream (counted by [`Tap`]).
-    written: Arc<AtomicU64>,
 }
 
 impl AgentConn {
@@ -62,34 +53,22 @@ impl AgentConn {
         &self.session
     }
 
-    /// Queues a control message; returns its position among every control
-    /// frame this edge sent on the session.
-    async fn send(&self, msg: &Control<'_>) -> io::Result<u64> {
-        let mut queued = self.send_lock.lock().await;
-        self.session.send_control(msg).await?;
-        *queued += 1;
-        Ok(*queued)
+    /// Queues a control message.
+    async fn send(&self, msg: &Control<'_>) -> io::Result<()> {
+        self.session.send_control(msg).await
     }
 
-    /// Sends `Error{code}`, waits (briefly) until it has been written, then
-    /// closes the session with `GOAWAY(code)`.
+    /// Sends `Error{code}` and closes the session with `GOAWAY(code)`. The
+    /// mux writes control messages queued before a local close ahead of the
+    /// `GOAWAY` (PROTOCOL.md section 7), so the agent always learns why.
     pub(crate) async fn close_with(&self, code: ErrorCode, retry_after_ms: u32, message: &str) {
-        if let Ok(n) = self
+        let _ = self
             .send(&Control::Error {
                 code: code.0,
                 retry_after_ms,
                 message,
             })
-            .await
-        {
-            let deadline = Instant::now() + ERROR_FLUSH_TIMEOUT;
-            let written = async {
-                while self.written.load(Ordering::SeqCst) < n && Instant::now() < deadline {
-                    Timer::after(Duration::from_millis(2)).await;
-                }
-            };
-            futures_lite::future::or(written, self.session.closed()).await;
-        }
+            .await;
         self.session.goaway(code);
     }
 }
@@ -119,24 +98,16 @@ pub(crate) async fn serve(
         log::info!("agent refused: peer={peer} did not negotiate ALPN tether/1");
         return;
     }
-    let written = Arc::new(AtomicU64::new(0));
-    let (session, driver) =
-        match Session::new(Tap::new(tls, written.clone()), state.cfg.session.mux()) {
-            Ok(s) => s,
-            Err(e) => {
-                // Config::load validated these settings; only a hand-built Config gets here.
-                log::error!("agent session settings refused: {e}");
-                return;
-            }
-        };
+    let (session, driver) = match Session::new(tls, state.cfg.session.mux()) {
+        Ok(s) => s,
+        Err(e) => {
+            // Config::load validated these settings; only a hand-built Config gets here.
+            log::error!("agent session settings refused: {e}");
+            return;
+        }
+    };
     let no = state.next_session.fetch_add(1, Ordering::SeqCst);
-    let conn = Arc::new(AgentConn {
-        no,
-        peer,
-        session,
-        send_lock: smol::lock::Mutex::new(0),
-        written,
-    });
+    let conn = Arc::new(AgentConn { no, peer, session });
     let driver = smol::spawn(driver);
     smol::spawn(refuse_streams(conn.session.clone())).detach();
 

@@ -22,7 +22,6 @@ mod public;
 mod registry;
 mod server;
 pub mod store;
-mod tap;
 mod tls;
 
 use std::future::Future;

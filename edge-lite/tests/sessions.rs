@@ -468,7 +468,6 @@ fn shutdown_sends_goaway_and_lets_an_open_stream_finish() {
 /// resets its streams with INTERNAL and discards bytes it had received but
 /// the proxy had not yet copied to the public client.
 #[test]
-#[ignore = "tether-driver: transport EOF discards received-but-unread stream data"]
 fn a_draining_agent_that_closes_right_after_its_last_fin_loses_no_bytes() {
     smol::block_on(async {
         let mut env = Env::start("tail", "shutdown_grace_ms = 5000").await;

@@ -213,6 +213,8 @@ pub enum CloseReason {
     BadOpen(StreamId),
     /// A `WINDOW` of 0.
     ZeroWindow(StreamId),
+    /// The transport ended (EOF) before the session closed.
+    TransportEnded,
 }
 
 impl CloseReason {
@@ -227,6 +229,7 @@ impl CloseReason {
             CloseReason::NotOpened(_) | CloseReason::BadOpen(_) | CloseReason::ZeroWindow(_) => {
                 ErrorCode::PROTOCOL
             }
+            CloseReason::TransportEnded => ErrorCode::INTERNAL,
         }
     }
 }
@@ -243,6 +246,9 @@ impl fmt::Display for CloseReason {
             CloseReason::NotOpened(id) => write!(f, "frame for {id}, which the peer never opened"),
             CloseReason::BadOpen(id) => write!(f, "OPEN of {id} reuses or skips back an id"),
             CloseReason::ZeroWindow(id) => write!(f, "WINDOW of 0 on {id}"),
+            CloseReason::TransportEnded => {
+                f.write_str("the connection ended before the session closed")
+            }
         }
     }
 }
@@ -1025,7 +1031,13 @@ where
             if s.id != 0 {
                 s.reset_out = None;
                 s.grant_out = 0;
-                if s.reset.is_none() {
+                if reason == CloseReason::TransportEnded && s.reset.is_none() && s.recv_fin {
+                    // The peer finished sending before the connection ended:
+                    // every byte it sent is here, so the reader keeps them
+                    // (and then sees EOF). Only the local direction is cut.
+                    s.send_fin = true;
+                    self.mark(idx, EV_READABLE | EV_WRITABLE);
+                } else if s.reset.is_none() {
                     s.reset = Some(code);
                     s.recv.clear();
                     self.mark(idx, EV_RESET);
@@ -1033,6 +1045,13 @@ where
             }
         }
         self.rx = Rx::Dead;
+    }
+
+    /// The transport ended (EOF): no more input will come. Streams whose
+    /// peer had already finished sending keep their unread bytes and end
+    /// with EOF; every other stream is reset. Nothing more is transmitted.
+    pub fn handle_eof(&mut self) {
+        self.close_now(CloseReason::TransportEnded, false);
     }
 
     fn check_drained(&mut self) {

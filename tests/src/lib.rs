@@ -20,7 +20,11 @@ use std::time::{Duration, Instant};
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/debug/deps/<test>-<hash> -> target/debug
-    let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
     for b in ["tetherd", "tether-edge"] {
         assert!(
             dir.join(b).exists(),
@@ -57,7 +61,9 @@ impl Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(DnType::CommonName, "tether test CA");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tether test CA");
         let ca_key = KeyPair::generate().expect("ca key");
         let ca = ca_params.self_signed(&ca_key).expect("ca cert");
         let leaf = |names: Vec<String>| {
@@ -100,7 +106,11 @@ impl Lines {
 
     /// Every line so far.
     pub fn all(&self) -> Vec<String> {
-        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.inner
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// How many lines contain `needle`.
@@ -121,7 +131,10 @@ impl Lines {
             if now >= deadline {
                 return None;
             }
-            g = c.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            g = c
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -143,7 +156,10 @@ impl Lines {
             if now >= deadline {
                 return None;
             }
-            g = c.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            g = c
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -178,7 +194,10 @@ impl Proc {
     pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
         let mut child = Command::new(bin_dir().join(name))
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -186,14 +205,30 @@ impl Proc {
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let out = Lines::default();
         let err = Lines::default();
-        pump(child.stdout.take().expect("stdout"), out.clone(), Some(name));
-        pump(child.stderr.take().expect("stderr"), err.clone(), Some(name));
-        Proc { child, out, err, name }
+        pump(
+            child.stdout.take().expect("stdout"),
+            out.clone(),
+            Some(name),
+        );
+        pump(
+            child.stderr.take().expect("stderr"),
+            err.clone(),
+            Some(name),
+        );
+        Proc {
+            child,
+            out,
+            err,
+            name,
+        }
     }
 
     /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.wait_exit(timeout)
     }
 
@@ -207,7 +242,11 @@ impl Proc {
                 return st.code();
             }
             if Instant::now() >= deadline {
-                panic!("{} did not exit within {timeout:?}; stderr: {:#?}", self.name, self.err.all());
+                panic!(
+                    "{} did not exit within {timeout:?}; stderr: {:#?}",
+                    self.name,
+                    self.err.all()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -248,7 +287,11 @@ pub struct EdgeOpts {
 
 impl Default for EdgeOpts {
     fn default() -> Self {
-        EdgeOpts { ping_interval_ms: 15_000, dead_after_ms: 45_000, agent_listen: None }
+        EdgeOpts {
+            ping_interval_ms: 15_000,
+            dead_after_ms: 45_000,
+            agent_listen: None,
+        }
     }
 }
 
@@ -256,7 +299,9 @@ impl Default for EdgeOpts {
 pub fn write_edge_config(dir: &Path, pki: &Pki, opts: &EdgeOpts) -> PathBuf {
     let state = dir.join("edge-state");
     std::fs::create_dir_all(&state).expect("state dir");
-    let agent = opts.agent_listen.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+    let agent = opts
+        .agent_listen
+        .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
     let body = format!(
         r#"state_dir = "{state}"
 
@@ -306,7 +351,10 @@ pub struct Edge {
 }
 
 fn parse_addr(line: &str) -> SocketAddr {
-    line.split_whitespace().last().and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("no address in {line:?}"))
+    line.split_whitespace()
+        .last()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
 impl Edge {
@@ -315,14 +363,29 @@ impl Edge {
         let cfg = config.to_str().expect("utf-8 path");
         let proc = Proc::spawn("tether-edge", &["--config", cfg, "serve"]);
         let t = Duration::from_secs(20);
-        let agent = proc.out.wait("LISTEN agent", t).unwrap_or_else(|| panic!("edge did not listen: {:#?}", proc.err.all()));
+        let agent = proc
+            .out
+            .wait("LISTEN agent", t)
+            .unwrap_or_else(|| panic!("edge did not listen: {:#?}", proc.err.all()));
         let tls = proc.out.wait("LISTEN tls", t).expect("edge tls listener");
-        Edge { agent: parse_addr(&agent), tls: parse_addr(&tls), proc, config: config.to_path_buf() }
+        Edge {
+            agent: parse_addr(&agent),
+            tls: parse_addr(&tls),
+            proc,
+            config: config.to_path_buf(),
+        }
     }
 
     /// `token create` against this edge's store; returns (token, id).
     pub fn create_token(config: &Path, allow: &[&str]) -> (String, String) {
-        let mut args = vec!["--config", config.to_str().expect("utf-8"), "token", "create", "--description", "e2e"];
+        let mut args = vec![
+            "--config",
+            config.to_str().expect("utf-8"),
+            "token",
+            "create",
+            "--description",
+            "e2e",
+        ];
         for a in allow {
             args.push("--allow");
             args.push(a);
@@ -390,12 +453,19 @@ pub fn start_daemon(config: &Path) -> Proc {
 
 /// Whether the tests run as root.
 pub fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 /// The port in a `BOUND <name> <scheme>://<host>:<port>` line.
 pub fn bound_port(line: &str) -> u16 {
-    line.rsplit(':').next().and_then(|p| p.trim().parse().ok()).unwrap_or_else(|| panic!("no port in {line:?}"))
+    line.rsplit(':')
+        .next()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
 }
 
 /// An upstream that echoes every connection until EOF, then closes its write half.
@@ -442,7 +512,9 @@ impl Proxy {
         thread::spawn(move || {
             for c in l.incoming() {
                 let Ok(c) = c else { continue };
-                let Ok(t) = TcpStream::connect(target) else { continue };
+                let Ok(t) = TcpStream::connect(target) else {
+                    continue;
+                };
                 for (mut from, mut to) in [
                     (c.try_clone().expect("clone"), t.try_clone().expect("clone")),
                     (t, c),
@@ -479,7 +551,10 @@ impl Proxy {
 
 /// A fresh temporary directory for one test.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("tether-e2e-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("tether-e2e-")
+        .tempdir()
+        .expect("tempdir")
 }
 
 /// A tiny HTTP/1.1 upstream that answers every request with `body`, then closes.
