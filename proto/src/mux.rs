@@ -457,6 +457,19 @@ pub struct Mux<S, B> {
     /// before [`Mux::goaway`] goes first).
     goaway_after: u64,
     ctl_out: (usize, usize),
+    /// The rest of the frame at the front of `tx` once part of it has been
+    /// handed out (0 at a frame boundary): it goes before any other frame.
+    tx_left: usize,
+    /// The same for the front of the control queue.
+    ctl_left: usize,
+    /// A small frame (`PING`, `RESET`, `WINDOW`, `GOAWAY`) being handed out:
+    /// `stage[stage_pos..stage_len]` is still to go, before any other frame.
+    stage: [u8; HEADER_LEN + 8],
+    stage_len: usize,
+    stage_pos: usize,
+    /// Some slot may owe a `RESET` or a `WINDOW` (false: none does, and
+    /// transmitting skips the scan of the slots).
+    owed: bool,
     tx_blocked: bool,
     open_blocked: bool,
     ctl_blocked: bool,
@@ -475,6 +488,8 @@ pub struct Mux<S, B> {
 
     next_local: u32,
     last_remote: u32,
+    /// The slot a partly received `OPEN` will take.
+    opening: Option<usize>,
     live: usize,
     ev_slots: usize,
     ev_cursor: usize,
@@ -534,6 +549,12 @@ where
             tx_sent: 0,
             goaway_after: 0,
             ctl_out: (0, 0),
+            tx_left: 0,
+            ctl_left: 0,
+            stage: [0; HEADER_LEN + 8],
+            stage_len: 0,
+            stage_pos: 0,
+            owed: false,
             tx_blocked: false,
             open_blocked: false,
             ctl_blocked: false,
@@ -553,6 +574,7 @@ where
                 Role::Server => 2,
             },
             last_remote: 0,
+            opening: None,
             live: 0,
             ev_slots: 0,
             ev_cursor: 0,
@@ -618,6 +640,16 @@ where
         let idx = slots.iter().position(|s| s.id == id.get())?;
         self.find_hint = idx;
         Some(idx)
+    }
+
+    /// A free slot that no half-received `OPEN` has reserved.
+    fn free_slot(&self) -> Option<usize> {
+        let reserved = self.opening;
+        self.slots
+            .as_ref()
+            .iter()
+            .enumerate()
+            .position(|(i, s)| s.id == 0 && Some(i) != reserved)
     }
 
     fn slot(&mut self, id: StreamId) -> Result<usize, StreamError> {
@@ -811,7 +843,7 @@ where
             }
             return;
         };
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         self.rx = discard;
         if s.reset.is_some() {
             return; // in flight when we reset it: drop quietly
@@ -847,11 +879,7 @@ where
         }
         self.last_remote = id.get();
         let refuse = self.state != SessionState::Open;
-        let free = if refuse {
-            None
-        } else {
-            self.slots.as_ref().iter().position(|s| s.id == 0)
-        };
+        let free = if refuse { None } else { self.free_slot() };
         let Some(idx) = free else {
             self.queue_orphan(id, ErrorCode::REFUSED_STREAM);
             self.rx = Rx::Open {
@@ -862,6 +890,9 @@ where
             };
             return;
         };
+        // The slot is the OPEN's until its payload is complete: a local
+        // open() in between must not take it.
+        self.opening = Some(idx);
         self.rx = Rx::Open {
             slot: Some(idx),
             id,
@@ -875,6 +906,7 @@ where
     }
 
     fn on_open_complete(&mut self, idx: usize, id: StreamId, len: usize) {
+        self.opening = None;
         let r = self.region(idx);
         let meta_ok = StreamMeta::decode(&self.buf.as_ref()[r.start..r.start + len]).is_ok();
         if !meta_ok {
@@ -889,6 +921,7 @@ where
         s.recv_credit = INITIAL_WINDOW;
         s.send_credit = INITIAL_WINDOW;
         s.grant_out = window - INITIAL_WINDOW;
+        self.owed |= window > INITIAL_WINDOW;
         self.live += 1;
         self.mark(idx, EV_OPENED);
     }
@@ -908,16 +941,16 @@ where
                     }
                     return;
                 };
-                let s = self.slots.as_ref()[idx];
+                let s = &self.slots.as_ref()[idx];
                 if s.reset.is_some() {
                     return;
                 }
                 if s.send_credit as u64 + inc as u64 > MAX_WINDOW as u64 {
                     return self.reset_stream(idx, ErrorCode::FLOW_CONTROL);
                 }
-                self.slots.as_mut()[idx].send_credit += inc;
+                let s = &mut self.slots.as_mut()[idx];
+                s.send_credit += inc;
                 if s.blocked {
-                    let s = &mut self.slots.as_mut()[idx];
                     s.blocked = false;
                     s.fin_blocked = false;
                     self.mark(idx, EV_WRITABLE);
@@ -939,10 +972,10 @@ where
                     self.maybe_free(idx);
                 }
             }
-            (FrameKind::Ping, None) => {
-                if hdr.flags & FLAG_ACK == 0 {
-                    self.ping_ack_out = Some(p);
-                }
+            // A PING is answered; a PING ACK only proves liveness, which
+            // any input already did.
+            (FrameKind::Ping, None) if hdr.flags & FLAG_ACK == 0 => {
+                self.ping_ack_out = Some(p);
             }
             (FrameKind::GoAway, None) => {
                 let (last, code) = (word(0), ErrorCode(word(4)));
@@ -957,7 +990,7 @@ where
                 }
                 // Streams we opened above `last` were not processed.
                 for idx in 0..self.cfg.max_streams {
-                    let s = self.slots.as_ref()[idx];
+                    let s = &self.slots.as_ref()[idx];
                     if s.id != 0 && s.id > last && self.is_local(s.sid()) && s.reset.is_none() {
                         let s = &mut self.slots.as_mut()[idx];
                         s.reset = Some(ErrorCode::REFUSED_STREAM);
@@ -998,6 +1031,7 @@ where
         s.reset_out = Some(code);
         s.recv.clear();
         s.grant_out = 0;
+        self.owed = true;
         self.mark(idx, EV_RESET);
     }
 
@@ -1011,17 +1045,29 @@ where
         if self.is_closed() {
             return;
         }
+        self.opening = None;
         let code = reason.code();
         self.reason = Some(reason);
         self.state = SessionState::Closed(code);
         self.close_event = true;
-        self.tx.clear();
-        self.tx_sent = self.tx_pushed;
+        // Nothing queued goes out any more, except the rest of a frame that
+        // is partly written (the wire must stay parseable up to the GOAWAY).
+        self.tx.truncate(self.tx_left);
+        self.tx_sent = self.tx_pushed - self.tx_left as u64;
         if !matches!(reason, CloseReason::Local(_)) {
             // A local close keeps the control messages queued before it (an
             // `Error` that explains the `GOAWAY`, PROTOCOL.md 1.4).
-            self.ctl_out = (0, 0);
+            let start = self.ctl_out.0;
+            self.ctl_out = match self.ctl_left {
+                0 => (0, 0),
+                n => (start, start + n),
+            };
         }
+        if self.stage_pos == 0 {
+            // Staged but not started: dropped like the rest.
+            self.stage_len = 0;
+        }
+        self.owed = false;
         self.orphan_len = 0;
         self.ping_out = false;
         self.ping_ack_out = None;
@@ -1064,7 +1110,7 @@ where
 
     /// Frees a slot whose stream is over, released, and owes the peer nothing.
     fn maybe_free(&mut self, idx: usize) {
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         if s.id != 0 && s.released && s.done() && s.reset_out.is_none() {
             if s.ev != 0 {
                 self.ev_slots -= 1;
@@ -1110,8 +1156,13 @@ where
 
     // ---------------------------------------------------------------- output
 
+    /// Whether a frame has been handed out in part: its rest goes first.
+    fn mid_frame(&self) -> bool {
+        self.stage_len > 0 || self.tx_left > 0 || self.ctl_left > 0
+    }
+
     fn wants_transmit(&self) -> bool {
-        if self.goaway_out.is_some() {
+        if self.mid_frame() || self.goaway_out.is_some() {
             return true;
         }
         if self.is_closed() && self.reason != Some(CloseReason::Drained) {
@@ -1122,94 +1173,53 @@ where
             || self.orphan_len > 0
             || self.ctl_out.1 > self.ctl_out.0
             || self.tx.len() > 0
-            || self
-                .slots
-                .as_ref()
-                .iter()
-                .any(|s| s.reset_out.is_some() || s.grant_out > 0)
+            || (self.owed
+                && self
+                    .slots
+                    .as_ref()
+                    .iter()
+                    .any(|s| s.id != 0 && (s.reset_out.is_some() || s.grant_out > 0)))
     }
 
     /// Writes whole frames to send into `out` (give it at least [`MAX_FRAME`]
     /// bytes to always make progress) and returns how many bytes it wrote; 0
     /// when there is nothing to send.
+    ///
+    /// If [`Mux::transmit_with`] left a frame half taken, its rest comes
+    /// first (when it fits): that is the only time `out` does not start at a
+    /// frame boundary.
     pub fn poll_transmit(&mut self, out: &mut [u8]) -> usize {
-        let mut w = 0;
-        if self.is_closed() && self.reason != Some(CloseReason::Drained) {
-            // Control messages queued before a local close (an `Error`) go
-            // out before the `GOAWAY`; nothing else does.
-            if !self.drain_control(out, &mut w) {
-                return w;
-            }
-            self.put_goaway(out, &mut w);
-            return w;
-        }
-        if let Some(p) = self.ping_ack_out {
-            if !put(
-                out,
-                &mut w,
-                FrameHeader::session(FrameKind::Ping, FLAG_ACK, 8),
-                &p,
-            ) {
-                return w;
-            }
-            self.ping_ack_out = None;
-        }
-        if self.ping_out {
-            self.ping_seq += 1;
-            let p = self.ping_seq.to_be_bytes();
-            if !put(out, &mut w, FrameHeader::session(FrameKind::Ping, 0, 8), &p) {
-                self.ping_seq -= 1;
-                return w;
-            }
-            self.ping_out = false;
-        }
-        while self.orphan_len > 0 {
-            let (id, code) = self.orphans[0];
-            let Some(sid) = StreamId::new(id) else { break };
-            let h = FrameHeader::stream(FrameKind::Reset, 0, 4, sid);
-            if !put(out, &mut w, h, &code.0.to_be_bytes()) {
-                return w;
-            }
-            self.orphans.copy_within(1..self.orphan_len, 0);
-            self.orphan_len -= 1;
-        }
-        for idx in 0..self.cfg.max_streams {
-            let s = self.slots.as_ref()[idx];
-            if s.id == 0 {
-                continue;
-            }
-            if let Some(code) = s.reset_out {
-                if s.open_end > self.tx_sent {
-                    // Its OPEN is still queued: a RESET must not overtake it.
-                    continue;
-                }
-                let h = FrameHeader::stream(FrameKind::Reset, 0, 4, s.sid());
-                if !put(out, &mut w, h, &code.0.to_be_bytes()) {
-                    return w;
-                }
-                self.slots.as_mut()[idx].reset_out = None;
-                self.maybe_free(idx);
-            } else if s.grant_out > 0 && s.reset.is_none() {
-                let h = FrameHeader::stream(FrameKind::Window, 0, 4, s.sid());
-                if !put(out, &mut w, h, &s.grant_out.to_be_bytes()) {
-                    return w;
-                }
-                let s = &mut self.slots.as_mut()[idx];
-                s.recv_credit += s.grant_out;
-                s.grant_out = 0;
-            }
-        }
-        if !self.drain_control(out, &mut w) {
-            return w;
-        }
-        let r = self.tx_range();
+        let mut sink = BufSink { out, w: 0 };
+        self.emit(&mut sink);
+        sink.w
+    }
+
+    /// Hands the bytes to send, in wire order, to `sink` without copying them
+    /// first: `sink` is called with consecutive non-empty pieces (a piece may
+    /// span several frames and may end inside one) and returns how many bytes
+    /// of the piece it took. Taking fewer than offered (0 included) stops the
+    /// call; the rest is offered again, before any other frame, on the next
+    /// call of this method or of [`Mux::poll_transmit`]. Returns the bytes
+    /// taken in all, 0 when there is nothing to send (or `sink` took nothing).
+    ///
+    /// The order and the guarantees are those of [`Mux::poll_transmit`]; a
+    /// caller that writes to a byte pipe can pass its write call here instead
+    /// of copying frames into a buffer of its own.
+    pub fn transmit_with<F: FnMut(&[u8]) -> usize>(&mut self, sink: F) -> usize {
+        let mut sink = FnSink { f: sink, taken: 0 };
+        self.emit(&mut sink);
+        sink.taken
+    }
+
+    /// The one transmit path of [`Mux::poll_transmit`] and [`Mux::transmit_with`].
+    fn emit<K: Sink>(&mut self, sink: &mut K) {
         let before = self.tx.len();
-        w += drain_frames(&mut self.tx, &self.buf.as_ref()[r], &mut out[w..]);
-        self.tx_sent += (before - self.tx.len()) as u64;
+        self.emit_frames(sink);
         if self.tx.len() < before && self.tx_blocked {
+            // Queue space was freed: wake what waited for it.
             self.tx_blocked = false;
             for idx in 0..self.cfg.max_streams {
-                let s = self.slots.as_ref()[idx];
+                let s = &self.slots.as_ref()[idx];
                 if s.id != 0
                     && s.blocked
                     && s.reset.is_none()
@@ -1226,40 +1236,267 @@ where
                 self.unblocked = true;
             }
         }
+    }
+
+    /// Emits frames in wire order until `sink` is full or nothing is left.
+    fn emit_frames<K: Sink>(&mut self, sink: &mut K) {
+        // A frame handed out in part is finished before any other.
+        if !self.emit_stage(sink) || !self.emit_tx(sink, true) || !self.emit_control(sink, true) {
+            return;
+        }
+        if self.is_closed() && self.reason != Some(CloseReason::Drained) {
+            // Control messages queued before a local close (an `Error`) go
+            // out before the `GOAWAY`; nothing else does.
+            if self.emit_control(sink, false) {
+                self.emit_goaway(sink);
+            }
+            return;
+        }
+        if let Some(p) = self.ping_ack_out {
+            let h = FrameHeader::session(FrameKind::Ping, FLAG_ACK, 8);
+            match self.emit_small(sink, h, &p) {
+                None => return,
+                Some(done) => {
+                    self.ping_ack_out = None;
+                    if !done {
+                        return;
+                    }
+                }
+            }
+        }
+        if self.ping_out {
+            let p = (self.ping_seq + 1).to_be_bytes();
+            match self.emit_small(sink, FrameHeader::session(FrameKind::Ping, 0, 8), &p) {
+                None => return,
+                Some(done) => {
+                    self.ping_seq += 1;
+                    self.ping_out = false;
+                    if !done {
+                        return;
+                    }
+                }
+            }
+        }
+        while self.orphan_len > 0 {
+            let (id, code) = self.orphans[0];
+            let Some(sid) = StreamId::new(id) else { break };
+            let h = FrameHeader::stream(FrameKind::Reset, 0, 4, sid);
+            let Some(done) = self.emit_small(sink, h, &code.0.to_be_bytes()) else {
+                return;
+            };
+            self.orphans.copy_within(1..self.orphan_len, 0);
+            self.orphan_len -= 1;
+            if !done {
+                return;
+            }
+        }
+        if self.owed && !self.emit_owed(sink) {
+            return;
+        }
+        if !self.emit_control(sink, false) || !self.emit_tx(sink, false) {
+            return;
+        }
         if self.tx_sent >= self.goaway_after {
             // A draining GOAWAY follows every OPEN queued before it.
-            self.put_goaway(out, &mut w);
+            self.emit_goaway(sink);
         }
-        w
     }
 
-    /// Moves whole queued control frames to `out`; false if some remain.
-    fn drain_control(&mut self, out: &mut [u8], w: &mut usize) -> bool {
-        let r = self.ctl_out_range();
-        let (start, end) = self.ctl_out;
-        let n = drain_linear(&self.buf.as_ref()[r][start..end], &mut out[*w..]);
-        *w += n;
-        self.ctl_out = if start + n == end {
-            (0, 0)
-        } else {
-            (start + n, end)
-        };
-        if n > 0 && self.ctl_blocked {
-            self.ctl_blocked = false;
-            self.unblocked = true;
+    /// Emits the `RESET`s and `WINDOW`s that slots owe; false if `sink` filled.
+    fn emit_owed<K: Sink>(&mut self, sink: &mut K) -> bool {
+        let mut left = false;
+        for idx in 0..self.cfg.max_streams {
+            let s = &self.slots.as_ref()[idx];
+            if s.id == 0 {
+                continue;
+            }
+            if let Some(code) = s.reset_out {
+                if s.open_end > self.tx_sent {
+                    // Its OPEN is still queued: a RESET must not overtake it.
+                    left = true;
+                    continue;
+                }
+                let h = FrameHeader::stream(FrameKind::Reset, 0, 4, s.sid());
+                let Some(done) = self.emit_small(sink, h, &code.0.to_be_bytes()) else {
+                    return false;
+                };
+                self.slots.as_mut()[idx].reset_out = None;
+                self.maybe_free(idx);
+                if !done {
+                    return false;
+                }
+            } else if s.grant_out > 0 && s.reset.is_none() {
+                let grant = s.grant_out;
+                let h = FrameHeader::stream(FrameKind::Window, 0, 4, s.sid());
+                let Some(done) = self.emit_small(sink, h, &grant.to_be_bytes()) else {
+                    return false;
+                };
+                let s = &mut self.slots.as_mut()[idx];
+                s.recv_credit += grant;
+                s.grant_out = 0;
+                if !done {
+                    return false;
+                }
+            }
         }
-        start + n == end
+        self.owed = left;
+        true
     }
 
-    /// Writes the pending `GOAWAY`, if any and if it fits.
-    fn put_goaway(&mut self, out: &mut [u8], w: &mut usize) {
+    /// Starts a frame of at most 8 payload bytes: `None` (and nothing changes)
+    /// if `sink` has no room for it; otherwise the frame is staged, offered,
+    /// and the caller must record it as sent: `Some(true)` if `sink` took all
+    /// of it, `Some(false)` if the rest waits in the stage.
+    fn emit_small<K: Sink>(
+        &mut self,
+        sink: &mut K,
+        h: FrameHeader,
+        payload: &[u8],
+    ) -> Option<bool> {
+        let len = HEADER_LEN + payload.len();
+        if !sink.room(len) {
+            return None;
+        }
+        self.stage[..HEADER_LEN].copy_from_slice(&h.encode());
+        self.stage[HEADER_LEN..len].copy_from_slice(payload);
+        self.stage_len = len;
+        self.stage_pos = 0;
+        Some(self.emit_stage(sink))
+    }
+
+    /// Offers the rest of the staged frame; true when none is left.
+    fn emit_stage<K: Sink>(&mut self, sink: &mut K) -> bool {
+        if self.stage_len == 0 {
+            return true;
+        }
+        let rest = &self.stage[self.stage_pos..self.stage_len];
+        if !sink.room(rest.len()) {
+            return false;
+        }
+        let n = sink.take(rest);
+        self.stage_pos += n;
+        if self.stage_pos < self.stage_len {
+            return false;
+        }
+        self.stage_len = 0;
+        self.stage_pos = 0;
+        true
+    }
+
+    /// Emits the pending `GOAWAY`, if any and if there is room.
+    fn emit_goaway<K: Sink>(&mut self, sink: &mut K) {
         if let Some((last, code)) = self.goaway_out {
             let mut p = [0u8; 8];
             p[..4].copy_from_slice(&last.to_be_bytes());
             p[4..].copy_from_slice(&code.0.to_be_bytes());
-            if put(out, w, FrameHeader::session(FrameKind::GoAway, 0, 8), &p) {
+            if self
+                .emit_small(sink, FrameHeader::session(FrameKind::GoAway, 0, 8), &p)
+                .is_some()
+            {
                 self.goaway_out = None;
             }
+        }
+    }
+
+    /// Emits queued control frames (only the rest of a started one with
+    /// `started_only`); true when that much is done.
+    fn emit_control<K: Sink>(&mut self, sink: &mut K, started_only: bool) -> bool {
+        let r = self.ctl_out_range();
+        loop {
+            let (start, end) = self.ctl_out;
+            if start == end || (started_only && self.ctl_left == 0) {
+                return true;
+            }
+            let q = &self.buf.as_ref()[r.start + start..r.start + end];
+            let left = match self.ctl_left {
+                0 => HEADER_LEN + u16::from_be_bytes([q[2], q[3]]) as usize,
+                n => n,
+            };
+            if !sink.room(left) {
+                return false;
+            }
+            let offer = if K::SPANS && !started_only {
+                q.len()
+            } else {
+                left
+            };
+            let n = sink.take(&q[..offer]);
+            // Follow the frame boundaries over what was taken.
+            let (mut pos, mut rest) = (start, n);
+            while rest > 0 {
+                if self.ctl_left == 0 {
+                    let q = &self.buf.as_ref()[r.start + pos..];
+                    self.ctl_left = HEADER_LEN + u16::from_be_bytes([q[2], q[3]]) as usize;
+                }
+                let k = rest.min(self.ctl_left);
+                self.ctl_left -= k;
+                pos += k;
+                rest -= k;
+            }
+            self.ctl_out = if pos == end { (0, 0) } else { (pos, end) };
+            if n > 0 && self.ctl_blocked {
+                self.ctl_blocked = false;
+                self.unblocked = true;
+            }
+            if n < offer {
+                return false;
+            }
+        }
+    }
+
+    /// Emits the transmit queue (only the rest of a started frame with
+    /// `started_only`); true when that much is done.
+    fn emit_tx<K: Sink>(&mut self, sink: &mut K, started_only: bool) -> bool {
+        let r = self.tx_range();
+        loop {
+            if self.tx.len() == 0 || (started_only && self.tx_left == 0) {
+                return true;
+            }
+            let left = match self.tx_left {
+                0 => self.tx_head_frame_len(),
+                n => n,
+            };
+            if !sink.room(left) {
+                return false;
+            }
+            let (a, b) = self.tx.slices(&self.buf.as_ref()[r.clone()]);
+            let offer = if K::SPANS && !started_only {
+                a.len() + b.len()
+            } else {
+                left
+            };
+            let first = offer.min(a.len());
+            let mut n = sink.take(&a[..first]);
+            if n == first && offer > first {
+                n += sink.take(&b[..offer - first]);
+            }
+            self.tx_advance(n);
+            if n < offer {
+                return false;
+            }
+        }
+    }
+
+    /// Length of the frame at the front of the transmit queue, which starts
+    /// at a frame boundary.
+    fn tx_head_frame_len(&self) -> usize {
+        let mut h = [0u8; HEADER_LEN];
+        self.tx.peek(&self.buf.as_ref()[self.tx_range()], &mut h);
+        HEADER_LEN + u16::from_be_bytes([h[2], h[3]]) as usize
+    }
+
+    /// Drops `n` sent bytes from the transmit queue, following frame
+    /// boundaries so that `tx_left` says how much of a started frame is left.
+    fn tx_advance(&mut self, mut n: usize) {
+        self.tx_sent += n as u64;
+        while n > 0 {
+            if self.tx_left == 0 {
+                self.tx_left = self.tx_head_frame_len();
+            }
+            let k = n.min(self.tx_left);
+            self.tx.consume(TX_CAPACITY, k);
+            self.tx_left -= k;
+            n -= k;
         }
     }
 
@@ -1279,36 +1516,39 @@ where
             self.unblocked = false;
             return Some(Event::Unblocked);
         }
-        let n = self.cfg.max_streams;
-        let mut i = 0;
-        while self.ev_slots > 0 && i < n {
-            let idx = (self.ev_cursor + i) % n;
-            i += 1;
-            let s = self.slots.as_ref()[idx];
-            if s.ev == 0 {
-                continue;
+        if self.ev_slots > 0 {
+            // Round robin from the cursor, wrapping once.
+            let n = self.cfg.max_streams;
+            let start = self.ev_cursor.min(n);
+            let slots = self.slots.as_ref();
+            let found = slots[start..]
+                .iter()
+                .position(|s| s.ev != 0)
+                .map(|i| start + i)
+                .or_else(|| slots[..start].iter().position(|s| s.ev != 0));
+            if let Some(idx) = found {
+                let s = &mut self.slots.as_mut()[idx];
+                let id = s.sid();
+                let (bit, ev) = if s.ev & EV_OPENED != 0 {
+                    (EV_OPENED, Event::Opened(id))
+                } else if s.ev & EV_RESET != 0 {
+                    // A reset supersedes pending readable/writable events.
+                    (
+                        EV_RESET | EV_READABLE | EV_WRITABLE,
+                        Event::Reset(id, s.reset.unwrap_or(ErrorCode::INTERNAL)),
+                    )
+                } else if s.ev & EV_READABLE != 0 {
+                    (EV_READABLE, Event::Readable(id))
+                } else {
+                    (EV_WRITABLE, Event::Writable(id))
+                };
+                s.ev &= !bit;
+                if s.ev == 0 {
+                    self.ev_slots -= 1;
+                    self.ev_cursor = if idx + 1 == n { 0 } else { idx + 1 };
+                }
+                return Some(ev);
             }
-            let id = s.sid();
-            let (bit, ev) = if s.ev & EV_OPENED != 0 {
-                (EV_OPENED, Event::Opened(id))
-            } else if s.ev & EV_RESET != 0 {
-                // A reset supersedes pending readable/writable events.
-                (
-                    EV_RESET | EV_READABLE | EV_WRITABLE,
-                    Event::Reset(id, s.reset.unwrap_or(ErrorCode::INTERNAL)),
-                )
-            } else if s.ev & EV_READABLE != 0 {
-                (EV_READABLE, Event::Readable(id))
-            } else {
-                (EV_WRITABLE, Event::Writable(id))
-            };
-            let s = &mut self.slots.as_mut()[idx];
-            s.ev &= !bit;
-            if s.ev == 0 {
-                self.ev_slots -= 1;
-                self.ev_cursor = (idx + 1) % n;
-            }
-            return Some(ev);
         }
         if self.close_event {
             self.close_event = false;
@@ -1318,7 +1558,6 @@ where
         }
         None
     }
-
     // ---------------------------------------------------------------- control
 
     /// The control message that waits, if any (see [`Event::Control`]). It has
@@ -1375,7 +1614,7 @@ where
             return Err(OpenError::Closing);
         }
         let id = StreamId::new(self.next_local).ok_or(OpenError::IdsExhausted)?;
-        let Some(idx) = self.slots.as_ref().iter().position(|s| s.id == 0) else {
+        let Some(idx) = self.free_slot() else {
             self.open_blocked = true;
             return Err(OpenError::TooManyStreams);
         };
@@ -1436,7 +1675,7 @@ where
     /// taken, at least 1 for non-empty data, or [`StreamError::Blocked`].
     pub fn send(&mut self, id: StreamId, data: &[u8]) -> Result<usize, StreamError> {
         let idx = self.slot(id)?;
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         if let Some(code) = s.reset {
             return Err(StreamError::Reset(code));
         }
@@ -1472,7 +1711,7 @@ where
     /// Ends this side's direction of the stream (half-close).
     pub fn finish(&mut self, id: StreamId) -> Result<(), StreamError> {
         let idx = self.slot(id)?;
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         if let Some(code) = s.reset {
             return Err(StreamError::Reset(code));
         }
@@ -1494,7 +1733,7 @@ where
     /// Copies received bytes of a stream into `out`.
     pub fn recv(&mut self, id: StreamId, out: &mut [u8]) -> Result<Recv, StreamError> {
         let idx = self.slot(id)?;
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         if let Some(code) = s.reset {
             return Err(StreamError::Reset(code));
         }
@@ -1510,6 +1749,7 @@ where
         if s.unacked >= threshold && !s.recv_fin {
             s.grant_out += s.unacked;
             s.unacked = 0;
+            self.owed = true;
         }
         Ok(Recv::Data(n))
     }
@@ -1545,7 +1785,7 @@ where
     /// ways is reset with `CANCEL`. The slot is reused once nothing is owed.
     pub fn release(&mut self, id: StreamId) {
         let Some(idx) = self.find(id) else { return };
-        let s = self.slots.as_ref()[idx];
+        let s = &self.slots.as_ref()[idx];
         if !s.done() && !self.is_closed() {
             self.reset_stream(idx, ErrorCode::CANCEL);
         }
@@ -1582,45 +1822,54 @@ where
     }
 }
 
-/// Writes one frame at `out[*w..]`; false (and nothing written) if it does not fit.
-fn put(out: &mut [u8], w: &mut usize, h: FrameHeader, payload: &[u8]) -> bool {
-    match crate::frame::write_frame(&mut out[*w..], h, payload) {
-        Some(n) => {
-            *w += n;
-            true
-        }
-        None => false,
+/// Where [`Mux::emit`] puts frames.
+trait Sink {
+    /// Whether one piece may be offered several frames at once (else exactly
+    /// one frame, or the rest of a started one).
+    const SPANS: bool;
+    /// Whether a frame (or the rest of one) of `len` bytes may start now.
+    fn room(&self, len: usize) -> bool;
+    /// Takes a prefix of the non-empty `bytes`; returns its length.
+    fn take(&mut self, bytes: &[u8]) -> usize;
+}
+
+/// [`Mux::poll_transmit`]: whole frames into a buffer.
+struct BufSink<'a> {
+    out: &'a mut [u8],
+    w: usize,
+}
+
+impl Sink for BufSink<'_> {
+    const SPANS: bool = false;
+    fn room(&self, len: usize) -> bool {
+        self.out.len() - self.w >= len
+    }
+    fn take(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.out.len() - self.w);
+        self.out[self.w..self.w + n].copy_from_slice(&bytes[..n]);
+        self.w += n;
+        n
     }
 }
 
-/// Copies whole frames from the front of `queued` to `out` while they fit;
-/// returns the bytes copied.
-fn drain_linear(queued: &[u8], out: &mut [u8]) -> usize {
-    let mut w = 0;
-    while queued.len() - w >= HEADER_LEN {
-        let total = HEADER_LEN + u16::from_be_bytes([queued[w + 2], queued[w + 3]]) as usize;
-        if out.len() - w < total {
-            break;
-        }
-        out[w..w + total].copy_from_slice(&queued[w..w + total]);
-        w += total;
-    }
-    w
+/// [`Mux::transmit_with`]: any prefix of any piece, to a caller's function.
+struct FnSink<F> {
+    f: F,
+    taken: usize,
 }
 
-/// Moves whole frames from `ring` to `out` while they fit.
-fn drain_frames(ring: &mut Ring, mem: &[u8], out: &mut [u8]) -> usize {
-    let mut w = 0;
-    while ring.len() >= HEADER_LEN {
-        let mut h = [0u8; HEADER_LEN];
-        ring.peek(mem, &mut h);
-        let total = HEADER_LEN + u16::from_be_bytes([h[2], h[3]]) as usize;
-        if out.len() - w < total {
-            break;
-        }
-        let n = ring.pop(mem, &mut out[w..w + total]);
-        debug_assert_eq!(n, total, "queued frames are whole");
-        w += n;
+impl<F: FnMut(&[u8]) -> usize> Sink for FnSink<F> {
+    const SPANS: bool = true;
+    fn room(&self, _len: usize) -> bool {
+        true
     }
-    w
+    fn take(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() {
+            return 0;
+        }
+        // A sink that claims more than it was offered took all of it.
+        let n = (self.f)(bytes).min(bytes.len());
+        self.taken += n;
+        n
+    }
 }

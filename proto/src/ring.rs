@@ -45,6 +45,23 @@ impl Ring {
         n
     }
 
+    /// The queued bytes in order, as up to two slices of `mem` (the second is
+    /// non-empty only when the bytes wrap around the end of `mem`).
+    pub(crate) fn slices<'m>(&self, mem: &'m [u8]) -> (&'m [u8], &'m [u8]) {
+        let first = self.len.min(mem.len() - self.head);
+        (&mem[self.head..self.head + first], &mem[..self.len - first])
+    }
+
+    /// Keeps only the first `n` queued bytes.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        if n < self.len {
+            self.len = n;
+            if n == 0 {
+                self.head = 0;
+            }
+        }
+    }
+
     /// Drops `n` bytes from the front.
     pub(crate) fn consume(&mut self, cap: usize, n: usize) {
         debug_assert!(n <= self.len);
@@ -82,5 +99,19 @@ mod tests {
         assert_eq!(r.pop(&mem, &mut out), 5);
         assert_eq!(&out[..5], b"cdefg");
         assert_eq!(r.len(), 0);
+    }
+
+    #[test]
+    fn slices_follow_the_wrap() {
+        let mut mem = [0u8; 5];
+        let mut r = Ring::EMPTY;
+        r.push(&mut mem, b"abcd");
+        r.consume(5, 3);
+        r.push(&mut mem, b"efg");
+        assert_eq!(r.slices(&mem), (&b"de"[..], &b"fg"[..]));
+        r.truncate(3);
+        assert_eq!(r.slices(&mem), (&b"de"[..], &b"f"[..]));
+        r.truncate(0);
+        assert_eq!(r.slices(&mem), (&b""[..], &b""[..]));
     }
 }

@@ -617,3 +617,75 @@ fn sender_without_grants_stops_at_initial_window() {
     assert_eq!(sim.assert_credit_respected(C), 2 * INITIAL_WINDOW as u64);
     assert_eq!(sim.sides[S].closed, None);
 }
+
+/// A peer's OPEN whose payload arrives in two pieces reserves its slot: a
+/// local `open()` in between takes another one (or none), never the same.
+#[test]
+fn half_received_open_keeps_its_slot_from_a_local_open() {
+    use tether_proto::frame::write_frame;
+    use tether_proto::mux::OpenError;
+    use tether_proto::{
+        Config, FrameHeader, FrameKind, Millis, Mux, PeerAddr, Role, Slot, StreamId, StreamMeta,
+    };
+
+    let meta = StreamMeta {
+        endpoint: "web",
+        peer: PeerAddr::Unknown,
+        sni: None,
+        client_subject: None,
+    };
+    let mut mb = [0u8; 64];
+    let m = meta.encode(&mut mb).expect("encode").to_vec();
+    let mut f = vec![0u8; 8 + m.len()];
+    let h = FrameHeader::stream(
+        FrameKind::Open,
+        0,
+        m.len() as u16,
+        StreamId::new(1).expect("id"),
+    );
+    write_frame(&mut f, h, &m).expect("frame");
+
+    // One slot: the local open must wait, and the peer's stream opens intact.
+    let cfg = Config {
+        max_streams: 1,
+        window: 16384,
+        ..Config::new(Role::Server)
+    };
+    let mut s = Mux::new(
+        cfg,
+        vec![Slot::EMPTY; 1],
+        vec![0u8; cfg.buffer_len()],
+        Millis(0),
+    )
+    .expect("mux");
+    assert_eq!(s.handle_input(Millis(1), &f[..9]), 9);
+    assert_eq!(s.open(&meta), Err(OpenError::TooManyStreams));
+    assert_eq!(s.handle_input(Millis(2), &f[9..]), f.len() - 9);
+    assert_eq!(s.live_streams(), 1);
+    let peer = StreamId::new(1).expect("id");
+    assert_eq!(s.meta(peer), Some(meta.clone()));
+
+    // Two slots: both streams live, each with its own metadata.
+    let cfg = Config {
+        max_streams: 2,
+        window: 16384,
+        ..Config::new(Role::Server)
+    };
+    let mut s = Mux::new(
+        cfg,
+        vec![Slot::EMPTY; 2],
+        vec![0u8; cfg.buffer_len()],
+        Millis(0),
+    )
+    .expect("mux");
+    s.handle_input(Millis(1), &f[..9]);
+    let other = StreamMeta {
+        endpoint: "local",
+        ..meta.clone()
+    };
+    let local = s.open(&other).expect("a free slot");
+    s.handle_input(Millis(2), &f[9..]);
+    assert_eq!(s.live_streams(), 2);
+    assert_eq!(s.meta(local), Some(other));
+    assert_eq!(s.meta(peer), Some(meta));
+}

@@ -1,0 +1,1163 @@
+//! `tether-bench tunnel`: the whole tunnel on loopback, next to a direct TCP
+//! baseline. Run it through `scripts/bench tunnel`, which builds the release
+//! binaries and passes their paths.
+//!
+//! What it starts (127.0.0.1 only, every port chosen by the OS and read back
+//! from the programs' stdout lines, as `scripts/demo` does):
+//! - two upstreams in this process: a *sink* (reads until EOF, counting, then
+//!   replies with the count as 8 bytes little-endian and closes) and an *echo*;
+//! - `tether-edge serve` with a tcp and a tls (SNI-routed) public listener, a
+//!   PKI generated here with rcgen (CA, agent-port and wildcard certificates);
+//! - `tetherd` with four endpoints: `sink` and `echo` (kind tcp), `sink-tls`
+//!   and `echo-tls` (kind tls), all on the upstreams above.
+//!
+//! Every case runs on three paths, interleaved within each repetition:
+//! `direct` (a TCP connection straight to the upstream: the baseline),
+//! `tcp` (the edge's tcp endpoint port) and `tls` (the edge's shared TLS port,
+//! client-side TLS 1.3 with rustls verifying the dev CA; the edge terminates
+//! TLS and carries the plaintext as a stream).
+//!
+//! Cases (medians over `TETHER_BENCH_REPS` repetitions):
+//! - upload throughput, 1 and 8 concurrent streams: each stream writes
+//!   `TETHER_BENCH_MB / streams` MiB in 64 KiB writes to the sink, half-closes
+//!   and waits for the sink's count (which must match). Timed from when every
+//!   stream is connected to when the last count arrives. Direction: public
+//!   client -> device upstream. CPU seconds per GB (10^9 bytes) of tetherd and
+//!   the edge from `/proc/PID/stat` utime+stime around each tunnel case;
+//! - round-trip latency: 64-byte messages to the echo, one in flight,
+//!   `TETHER_BENCH_RTT` round trips on one connection (after 200 untimed);
+//! - new connections per second: connect (plus the TLS handshake on `tls`),
+//!   64-byte echo, half-close, read to EOF, close; repeated for
+//!   `TETHER_BENCH_CONN_SECS` seconds, one at a time;
+//! - tetherd memory: VmRSS after connect + bind (idle, before any traffic) and
+//!   VmHWM after 64 concurrent busy echo streams through the tcp endpoint
+//!   (each writes and reads `TETHER_BENCH_PEAK_MB` MiB at once), checked
+//!   against idle + `tether_proto::Config::new(Role::Client).buffer_len()`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use tether_proto::{Config, Role};
+
+/// The domain of the TLS endpoints.
+const DOMAIN: &str = "tether.bench";
+/// The client's write size in the throughput cases.
+const WRITE: usize = 64 * 1024;
+/// The message of the latency and connection cases.
+const MSG: usize = 64;
+/// Concurrent streams of the peak-memory case (the default `max_streams`).
+const PEAK_STREAMS: usize = 64;
+
+type Res<T> = Result<T, String>;
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("tether-bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+struct Args {
+    edge: PathBuf,
+    tetherd: PathBuf,
+    out: PathBuf,
+    pidfile: Option<PathBuf>,
+}
+
+fn parse_args() -> Res<Args> {
+    let mut it = std::env::args().skip(1);
+    let usage = "usage: tether-bench tunnel --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
+    match it.next().as_deref() {
+        Some("tunnel") => {}
+        Some("buffer-len") => {
+            println!("{}", Config::new(Role::Client).buffer_len());
+            std::process::exit(0);
+        }
+        _ => return Err(usage.into()),
+    }
+    let (mut edge, mut tetherd, mut out, mut pidfile) = (None, None, None, None);
+    while let Some(a) = it.next() {
+        let v = it
+            .next()
+            .ok_or_else(|| format!("{a} needs a value\n{usage}"))?;
+        match a.as_str() {
+            "--edge" => edge = Some(PathBuf::from(v)),
+            "--tetherd" => tetherd = Some(PathBuf::from(v)),
+            "--out" => out = Some(PathBuf::from(v)),
+            "--pidfile" => pidfile = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown argument {a}\n{usage}")),
+        }
+    }
+    Ok(Args {
+        edge: edge.ok_or(usage)?,
+        tetherd: tetherd.ok_or(usage)?,
+        out: out.ok_or(usage)?,
+        pidfile,
+    })
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------- processes
+
+/// Lines a child printed on stdout.
+#[derive(Clone, Default)]
+struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
+
+impl Lines {
+    fn wait(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let (m, c) = &*self.0;
+        let deadline = Instant::now() + timeout;
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(l) = g.iter().find(|l| l.starts_with(prefix)) {
+                return Some(l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = c
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// A running program, killed (and reaped) when dropped.
+struct Proc {
+    child: Child,
+    out: Lines,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[&str], log: PathBuf, pidfile: Option<&Path>) -> Res<Proc> {
+        let err = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let mut child = Command::new(bin)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        if let Some(p) = pidfile {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+            {
+                let _ = writeln!(f, "{}", child.id());
+            }
+        }
+        let out = Lines::default();
+        let lines = out.clone();
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (m, c) = &*lines.0;
+                m.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                c.notify_all();
+            }
+        });
+        Ok(Proc { child, out, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_line(&self, prefix: &str) -> Res<String> {
+        self.out
+            .wait(prefix, Duration::from_secs(30))
+            .ok_or_else(|| {
+                format!(
+                    "timed out waiting for '{prefix}'; log {}:\n{}",
+                    self.log.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                )
+            })
+    }
+
+    /// SIGTERM (graceful), then SIGKILL after a grace period.
+    fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn last_addr(line: &str) -> Res<SocketAddr> {
+    let a = line.split_whitespace().last().unwrap_or("");
+    let a = a.rsplit("://").next().unwrap_or(a);
+    a.parse()
+        .map_err(|e| format!("no address in {line:?}: {e}"))
+}
+
+// ---------------------------------------------------------------- /proc
+
+/// Clock ticks per second (`getconf CLK_TCK`, 100 if that fails).
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// utime + stime of `pid` ("self" for this process), in seconds.
+fn cpu_secs(pid: &str, tck: f64) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start at field 3.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime is field 14, stime 15 (1-based); `rest` starts at field 3.
+    (get(11) + get(12)) / tck
+}
+
+/// A `Vm*` line of /proc/PID/status, in bytes.
+fn vm(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+// ---------------------------------------------------------------- upstreams
+
+fn upstream(handle: fn(TcpStream)) -> Res<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind upstream: {e}"))?;
+    let addr = l.local_addr().map_err(|e| e.to_string())?;
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let _ = c.set_nodelay(true);
+            thread::spawn(move || handle(c));
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads until EOF, then replies with the byte count (u64 LE) and closes.
+fn sink(mut c: TcpStream) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = c.write_all(&n.to_le_bytes());
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+/// Echoes until EOF, then closes its write half.
+fn echo(mut c: TcpStream) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if c.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = c.shutdown(Shutdown::Write);
+}
+
+// ---------------------------------------------------------------- clients
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Route {
+    Direct,
+    Tcp,
+    Tls,
+}
+
+const ROUTES: [Route; 3] = [Route::Direct, Route::Tcp, Route::Tls];
+
+impl Route {
+    fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Tcp => "tcp",
+            Route::Tls => "tls",
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Up {
+    Sink,
+    Echo,
+}
+
+struct Targets {
+    sink: SocketAddr,
+    echo: SocketAddr,
+    sink_tcp: SocketAddr,
+    echo_tcp: SocketAddr,
+    tls: SocketAddr,
+    client: Arc<ClientConfig>,
+    resumed: AtomicU64,
+    full: AtomicU64,
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn open(t: &Targets, route: Route, up: Up) -> io::Result<Conn> {
+        let addr = match (route, up) {
+            (Route::Direct, Up::Sink) => t.sink,
+            (Route::Direct, Up::Echo) => t.echo,
+            (Route::Tcp, Up::Sink) => t.sink_tcp,
+            (Route::Tcp, Up::Echo) => t.echo_tcp,
+            (Route::Tls, _) => t.tls,
+        };
+        let sock = TcpStream::connect(addr)?;
+        sock.set_nodelay(true)?;
+        if route != Route::Tls {
+            return Ok(Conn::Plain(sock));
+        }
+        let name = match up {
+            Up::Sink => format!("sink-tls.{DOMAIN}"),
+            Up::Echo => format!("echo-tls.{DOMAIN}"),
+        };
+        let sn = ServerName::try_from(name).map_err(io::Error::other)?;
+        let conn = ClientConnection::new(t.client.clone(), sn).map_err(io::Error::other)?;
+        let mut s = StreamOwned::new(conn, sock);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock)?;
+        }
+        match s.conn.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => t.resumed.fetch_add(1, Ordering::Relaxed),
+            _ => t.full.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok(Conn::Tls(Box::new(s)))
+    }
+
+    /// Half-close: TCP shutdown(Write), or a TLS close_notify.
+    fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown(Shutdown::Write),
+            Conn::Tls(s) => {
+                s.flush()?;
+                s.conn.send_close_notify();
+                while s.conn.wants_write() {
+                    s.conn.write_tls(&mut s.sock)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads until EOF; returns the bytes read.
+    fn drain(&mut self) -> io::Result<u64> {
+        let mut buf = [0u8; 4096];
+        let mut n = 0u64;
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return Ok(n),
+                Ok(k) => n += k as u64,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(b),
+            Conn::Tls(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(b),
+            Conn::Tls(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9E37_79B9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+/// Upload `total` bytes split over `streams` sink connections; returns the
+/// time from "all connected" to "all counts received".
+fn upload(t: &Arc<Targets>, route: Route, streams: usize, total: u64) -> Res<Duration> {
+    let per = total / streams as u64;
+    let barrier = Arc::new(Barrier::new(streams + 1));
+    let data = Arc::new(pattern(WRITE));
+    let mut hs = Vec::new();
+    for _ in 0..streams {
+        let (t, b, data) = (t.clone(), barrier.clone(), data.clone());
+        hs.push(thread::spawn(move || -> Res<()> {
+            let c = Conn::open(&t, route, Up::Sink);
+            b.wait();
+            let mut c = c.map_err(|e| format!("connect: {e}"))?;
+            let mut left = per;
+            while left > 0 {
+                let k = left.min(WRITE as u64) as usize;
+                c.write_all(&data[..k]).map_err(|e| format!("write: {e}"))?;
+                left -= k as u64;
+            }
+            c.finish().map_err(|e| format!("half-close: {e}"))?;
+            let mut cnt = [0u8; 8];
+            c.read_exact(&mut cnt)
+                .map_err(|e| format!("read count: {e}"))?;
+            let got = u64::from_le_bytes(cnt);
+            if got != per {
+                return Err(format!("sink counted {got} bytes, {per} sent"));
+            }
+            Ok(())
+        }));
+    }
+    barrier.wait();
+    let start = Instant::now();
+    for h in hs {
+        h.join().map_err(|_| "upload thread panicked")??;
+    }
+    Ok(start.elapsed())
+}
+
+/// Round-trip times (µs) of `n` 64-byte echoes on one connection.
+fn latency(t: &Targets, route: Route, n: usize) -> Res<Vec<f64>> {
+    let mut c = Conn::open(t, route, Up::Echo).map_err(|e| format!("connect: {e}"))?;
+    let msg = pattern(MSG);
+    let mut back = [0u8; MSG];
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n + 200 {
+        let t0 = Instant::now();
+        c.write_all(&msg).map_err(|e| format!("write: {e}"))?;
+        c.flush().map_err(|e| format!("flush: {e}"))?;
+        c.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+        let dt = t0.elapsed();
+        if back[..] != msg[..] {
+            return Err("echo returned other bytes".into());
+        }
+        if i >= 200 {
+            out.push(dt.as_secs_f64() * 1e6);
+        }
+    }
+    c.finish().map_err(|e| format!("half-close: {e}"))?;
+    let _ = c.drain();
+    Ok(out)
+}
+
+/// Sequential connect / 64-byte echo / close for `secs`; connections per second.
+fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<f64> {
+    let msg = pattern(MSG);
+    let mut back = [0u8; MSG];
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let mut c = Conn::open(t, route, Up::Echo).map_err(|e| format!("connect #{n}: {e}"))?;
+        c.write_all(&msg).map_err(|e| format!("write: {e}"))?;
+        c.flush().map_err(|e| format!("flush: {e}"))?;
+        c.read_exact(&mut back)
+            .map_err(|e| format!("read #{n}: {e}"))?;
+        c.finish().map_err(|e| format!("half-close: {e}"))?;
+        c.drain().map_err(|e| format!("drain #{n}: {e}"))?;
+        drop(c);
+        n += 1;
+        let el = start.elapsed().as_secs_f64();
+        if el >= secs {
+            return Ok(n as f64 / el);
+        }
+    }
+}
+
+/// 64 concurrent echo streams through the tcp endpoint, each writing and
+/// reading `per` bytes at once. Returns the highest VmRSS of `pid` sampled
+/// meanwhile and the seconds it took.
+fn busy(t: &Arc<Targets>, streams: usize, per: u64, pid: u32) -> Res<(u64, f64)> {
+    let barrier = Arc::new(Barrier::new(streams + 1));
+    let data = Arc::new(pattern(WRITE));
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_rss = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, max_rss) = (stop.clone(), max_rss.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                max_rss.fetch_max(vm(pid, "VmRSS"), Ordering::Relaxed);
+                thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let mut hs = Vec::new();
+    for _ in 0..streams {
+        let (t, b, data) = (t.clone(), barrier.clone(), data.clone());
+        hs.push(thread::spawn(move || -> Res<()> {
+            let c = TcpStream::connect(t.echo_tcp);
+            b.wait();
+            let mut w = c.map_err(|e| format!("connect: {e}"))?;
+            let mut r = w.try_clone().map_err(|e| e.to_string())?;
+            let reader = thread::spawn(move || -> io::Result<u64> {
+                let mut buf = vec![0u8; WRITE];
+                let mut n = 0u64;
+                loop {
+                    match r.read(&mut buf)? {
+                        0 => return Ok(n),
+                        k => n += k as u64,
+                    }
+                }
+            });
+            let mut left = per;
+            while left > 0 {
+                let k = left.min(WRITE as u64) as usize;
+                w.write_all(&data[..k]).map_err(|e| format!("write: {e}"))?;
+                left -= k as u64;
+            }
+            w.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            let got = reader
+                .join()
+                .map_err(|_| "reader panicked")?
+                .map_err(|e| format!("read: {e}"))?;
+            if got != per {
+                return Err(format!("echoed {got} of {per} bytes"));
+            }
+            Ok(())
+        }));
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let mut err = None;
+    for h in hs {
+        match h.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => err = Some(e),
+            Err(_) => err = Some("busy thread panicked".into()),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    match err {
+        Some(e) => Err(e),
+        None => Ok((max_rss.load(Ordering::Relaxed), secs)),
+    }
+}
+
+// ---------------------------------------------------------------- setup
+
+struct Pki {
+    ca: PathBuf,
+    agent_cert: PathBuf,
+    agent_key: PathBuf,
+    wild_cert: PathBuf,
+    wild_key: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Res<Pki> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "tether bench CA");
+    let ca_key = KeyPair::generate().map_err(e)?;
+    let ca = ca_params.self_signed(&ca_key).map_err(e)?;
+    let leaf = |names: Vec<String>| -> Res<(String, String)> {
+        let mut p = CertificateParams::new(names).map_err(e)?;
+        p.distinguished_name
+            .push(DnType::CommonName, "tether bench");
+        let k = KeyPair::generate().map_err(e)?;
+        let c = p.signed_by(&k, &ca, &ca_key).map_err(e)?;
+        Ok((c.pem(), k.serialize_pem()))
+    };
+    let (ac, ak) = leaf(vec!["localhost".into(), "127.0.0.1".into()])?;
+    let (wc, wk) = leaf(vec![format!("*.{DOMAIN}")])?;
+    let w = |name: &str, body: &str| -> Res<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, body).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(p)
+    };
+    Ok(Pki {
+        ca: w("ca.pem", &ca.pem())?,
+        agent_cert: w("agent.crt", &ac)?,
+        agent_key: w("agent.key", &ak)?,
+        wild_cert: w("wild.crt", &wc)?,
+        wild_key: w("wild.key", &wk)?,
+    })
+}
+
+fn client_config(ca: &Path) -> Res<Arc<ClientConfig>> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
+}
+
+// ---------------------------------------------------------------- stats
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn jnum(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "null".into()
+    }
+}
+
+fn jlist(v: &[f64]) -> String {
+    let items: Vec<String> = v.iter().map(|x| jnum(*x)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+// ---------------------------------------------------------------- main
+
+/// Per-route samples of one metric, one per repetition.
+type Samples = BTreeMap<Route, Vec<f64>>;
+
+fn push(s: &mut Samples, r: Route, v: f64) {
+    s.entry(r).or_default().push(v);
+}
+
+fn med(s: &Samples, r: Route) -> f64 {
+    s.get(&r).map_or(f64::NAN, |v| median(v))
+}
+
+fn real_main() -> Res<()> {
+    let args = parse_args()?;
+    let mb = env_num("TETHER_BENCH_MB", 512);
+    let reps = env_num("TETHER_BENCH_REPS", 5) as usize;
+    let rtts = env_num("TETHER_BENCH_RTT", 5000) as usize;
+    let conn_secs = env_num("TETHER_BENCH_CONN_SECS", 3) as f64;
+    let peak_mb = env_num("TETHER_BENCH_PEAK_MB", 8);
+    let total = mb * 1024 * 1024;
+    let tck = clk_tck();
+    let bound = Config::new(Role::Client).buffer_len() as u64;
+
+    let tmp = tempfile::Builder::new()
+        .prefix("tether-bench-")
+        .tempdir()
+        .map_err(|e| format!("tempdir: {e}"))?;
+    let dir = tmp.path();
+    eprintln!("work dir {}", dir.display());
+    let pki = make_pki(dir)?;
+
+    // The edge: config, a token for the four endpoints, serve.
+    let state = dir.join("edge-state");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    let edge_toml = dir.join("edge.toml");
+    std::fs::write(
+        &edge_toml,
+        format!(
+            "state_dir = \"{}\"\n\n[agent]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [tcp]\nlisten_ip = \"127.0.0.1\"\nport_range = [0, 0]\n\n\
+             [tls]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            state.display(),
+            pki.agent_cert.display(),
+            pki.agent_key.display(),
+            pki.wild_cert.display(),
+            pki.wild_key.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let edge_cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
+    let endpoints = [
+        ("sink", "tcp"),
+        ("echo", "tcp"),
+        ("sink-tls", "tls"),
+        ("echo-tls", "tls"),
+    ];
+    let mut targs = vec![
+        "--config",
+        edge_cfg,
+        "token",
+        "create",
+        "--description",
+        "bench",
+    ];
+    for (n, _) in &endpoints {
+        targs.push("--allow");
+        targs.push(n);
+    }
+    let out = Command::new(&args.edge)
+        .args(&targs)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("token create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let pidfile = args.pidfile.as_deref();
+    let mut edge = Proc::spawn(
+        &args.edge,
+        &["--config", edge_cfg, "serve"],
+        dir.join("edge.log"),
+        pidfile,
+    )?;
+    let agent = last_addr(&edge.wait_line("LISTEN agent")?)?;
+    let tls = last_addr(&edge.wait_line("LISTEN tls")?)?;
+
+    // The upstreams and tetherd.
+    let sink_addr = upstream(sink)?;
+    let echo_addr = upstream(echo)?;
+    let cred = dir.join("credential");
+    std::fs::write(&cred, format!("{token}\n")).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut body = format!(
+        "edge = \"{agent}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{}\"\n",
+        pki.ca.display(),
+        cred.display()
+    );
+    for (name, kind) in &endpoints {
+        let up = if name.starts_with("sink") {
+            sink_addr
+        } else {
+            echo_addr
+        };
+        let _ = write!(
+            body,
+            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{up}\"\n"
+        );
+    }
+    let d_toml = dir.join("tetherd.toml");
+    std::fs::write(&d_toml, body).map_err(|e| e.to_string())?;
+    let mut dargs = vec!["--config", d_toml.to_str().ok_or("non-UTF-8 path")?];
+    if is_root() {
+        dargs.push("--allow-root");
+    }
+    let mut daemon = Proc::spawn(&args.tetherd, &dargs, dir.join("tetherd.log"), pidfile)?;
+    daemon.wait_line("CONNECTED")?;
+    let sink_tcp = last_addr(&daemon.wait_line("BOUND sink ")?)?;
+    let echo_tcp = last_addr(&daemon.wait_line("BOUND echo ")?)?;
+    daemon.wait_line("BOUND sink-tls")?;
+    daemon.wait_line("BOUND echo-tls")?;
+    let dpid = daemon.pid();
+    let epid = edge.pid();
+
+    // Idle: connected and bound, no traffic yet.
+    thread::sleep(Duration::from_secs(1));
+    let idle_rss = vm(dpid, "VmRSS");
+    let idle_hwm = vm(dpid, "VmHWM");
+    let edge_idle_rss = vm(epid, "VmRSS");
+    eprintln!(
+        "tetherd pid {dpid}, edge pid {epid}; tetherd idle VmRSS {} KiB",
+        idle_rss / 1024
+    );
+
+    let t = Arc::new(Targets {
+        sink: sink_addr,
+        echo: echo_addr,
+        sink_tcp,
+        echo_tcp,
+        tls,
+        client: client_config(&pki.ca)?,
+        resumed: AtomicU64::new(0),
+        full: AtomicU64::new(0),
+    });
+
+    // Warm-up: every route, both upstreams.
+    for r in ROUTES {
+        upload(&t, r, 1, 8 << 20)?;
+        latency(&t, r, 200)?;
+    }
+
+    // Throughput (upload) and CPU per GB.
+    let stream_counts = [1usize, 8];
+    let mut mbps: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut cpu_d: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut cpu_e: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut cpu_b: BTreeMap<usize, Samples> = BTreeMap::new();
+    let gb = total as f64 / 1e9;
+    for rep in 0..reps {
+        for &s in &stream_counts {
+            for r in ROUTES {
+                let (d0, e0, b0) = (
+                    cpu_secs(&dpid.to_string(), tck),
+                    cpu_secs(&epid.to_string(), tck),
+                    cpu_secs("self", tck),
+                );
+                let el = upload(&t, r, s, total)
+                    .map_err(|e| format!("upload {} x{s}: {e}", r.name()))?;
+                let (d1, e1, b1) = (
+                    cpu_secs(&dpid.to_string(), tck),
+                    cpu_secs(&epid.to_string(), tck),
+                    cpu_secs("self", tck),
+                );
+                let v = total as f64 / 1e6 / el.as_secs_f64();
+                push(mbps.entry(s).or_default(), r, v);
+                push(cpu_b.entry(s).or_default(), r, (b1 - b0) / gb);
+                if r != Route::Direct {
+                    push(cpu_d.entry(s).or_default(), r, (d1 - d0) / gb);
+                    push(cpu_e.entry(s).or_default(), r, (e1 - e0) / gb);
+                }
+                eprintln!(
+                    "rep {}/{reps} upload {:>6} x{s}: {v:8.1} MB/s in {:.2} s (tetherd {:.2} s, edge {:.2} s, bench {:.2} s CPU)",
+                    rep + 1,
+                    r.name(),
+                    el.as_secs_f64(),
+                    d1 - d0,
+                    e1 - e0,
+                    b1 - b0
+                );
+            }
+        }
+    }
+
+    // Latency.
+    let mut p50: Samples = BTreeMap::new();
+    let mut p99: Samples = BTreeMap::new();
+    for rep in 0..reps {
+        for r in ROUTES {
+            let v = latency(&t, r, rtts).map_err(|e| format!("latency {}: {e}", r.name()))?;
+            let (a, b) = (percentile(&v, 50.0), percentile(&v, 99.0));
+            push(&mut p50, r, a);
+            push(&mut p99, r, b);
+            eprintln!(
+                "rep {}/{reps} latency {:>6}: p50 {a:7.1} us, p99 {b:7.1} us",
+                rep + 1,
+                r.name()
+            );
+        }
+    }
+
+    // New connections per second.
+    let mut cps: Samples = BTreeMap::new();
+    let (res0, full0) = (
+        t.resumed.load(Ordering::Relaxed),
+        t.full.load(Ordering::Relaxed),
+    );
+    for rep in 0..reps {
+        for r in ROUTES {
+            let v = conn_rate(&t, r, conn_secs).map_err(|e| format!("conns {}: {e}", r.name()))?;
+            push(&mut cps, r, v);
+            eprintln!("rep {}/{reps} conns {:>6}: {v:8.1} /s", rep + 1, r.name());
+            // Let closed streams and sockets settle between runs.
+            thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let resumed = t.resumed.load(Ordering::Relaxed) - res0;
+    let full = t.full.load(Ordering::Relaxed) - full0;
+
+    // Peak memory: 64 concurrent busy streams.
+    thread::sleep(Duration::from_secs(1));
+    let before_peak_rss = vm(dpid, "VmRSS");
+    let (peak_sampled, busy_secs) =
+        busy(&t, PEAK_STREAMS, peak_mb << 20, dpid).map_err(|e| format!("64 busy streams: {e}"))?;
+    let peak_hwm = vm(dpid, "VmHWM");
+    thread::sleep(Duration::from_secs(1));
+    let after_rss = vm(dpid, "VmRSS");
+    let edge_hwm = vm(epid, "VmHWM");
+    eprintln!(
+        "64 busy streams: {:.2} s, tetherd VmHWM {} KiB",
+        busy_secs,
+        peak_hwm / 1024
+    );
+    let pass = peak_hwm <= idle_rss + bound;
+
+    daemon.stop();
+    edge.stop();
+
+    // ------------------------------------------------------------ report
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<34} {:>10} {:>22} {:>22}",
+        "case", "direct", "tunnel tcp", "tunnel tls"
+    );
+    let row = |table: &mut String, name: &str, s: &Samples, lat: bool| {
+        let base = med(s, Route::Direct);
+        let mut line = format!("{name:<34} {base:>10.1}");
+        for r in [Route::Tcp, Route::Tls] {
+            let v = med(s, r);
+            let cell = if lat {
+                format!("{v:.1} (x{:.2}, +{:.1})", v / base, v - base)
+            } else {
+                format!("{v:.1} (x{:.3})", v / base)
+            };
+            let _ = write!(line, " {cell:>22}");
+        }
+        let _ = writeln!(table, "{line}");
+    };
+    for &s in &stream_counts {
+        row(
+            &mut table,
+            &format!("upload MB/s, {s} stream{}", if s > 1 { "s" } else { "" }),
+            &mbps[&s],
+            false,
+        );
+    }
+    row(&mut table, "latency p50 us (64 B echo)", &p50, true);
+    row(&mut table, "latency p99 us (64 B echo)", &p99, true);
+    row(&mut table, "new connections /s", &cps, false);
+    for &s in &stream_counts {
+        for (who, m) in [("tetherd", &cpu_d), ("edge", &cpu_e)] {
+            let _ = writeln!(
+                table,
+                "{:<34} {:>10} {:>22.2} {:>22.2}",
+                format!("{who} CPU s/GB, {s} stream{}", if s > 1 { "s" } else { "" }),
+                "-",
+                med(&m[&s], Route::Tcp),
+                med(&m[&s], Route::Tls)
+            );
+        }
+        let _ = writeln!(
+            table,
+            "{:<34} {:>10.2} {:>22.2} {:>22.2}",
+            format!("bench (client+upstream) CPU s/GB, {s}"),
+            med(&cpu_b[&s], Route::Direct),
+            med(&cpu_b[&s], Route::Tcp),
+            med(&cpu_b[&s], Route::Tls)
+        );
+    }
+    let kib = |b: u64| b as f64 / 1024.0;
+    let _ = writeln!(table);
+    let _ = writeln!(
+        table,
+        "tetherd RSS idle (connected, 4 endpoints bound): {:.0} KiB",
+        kib(idle_rss)
+    );
+    let _ = writeln!(
+        table,
+        "tetherd RSS peak (VmHWM after {PEAK_STREAMS} busy streams): {:.0} KiB (max sampled VmRSS {:.0} KiB, VmRSS 1 s after {:.0} KiB)",
+        kib(peak_hwm),
+        kib(peak_sampled),
+        kib(after_rss)
+    );
+    let _ = writeln!(
+        table,
+        "session buffer bound Config::new(Role::Client).buffer_len() = {bound} bytes ({:.0} KiB)",
+        kib(bound)
+    );
+    let _ = writeln!(
+        table,
+        "check peak <= idle + bound: {:.0} <= {:.0} KiB: {}",
+        kib(peak_hwm),
+        kib(idle_rss + bound),
+        if pass { "PASS" } else { "FAIL" }
+    );
+    let _ = writeln!(
+        table,
+        "tls endpoint handshakes in the connection case: {resumed} resumed, {full} full"
+    );
+    let _ = writeln!(
+        table,
+        "{cpus} CPUs; load average at the end: {}(machine shared with another agent building)",
+        loadavg.trim_end().to_owned() + " "
+    );
+    let _ = writeln!(
+        table,
+        "medians of {reps} runs; {mb} MiB per upload case; {rtts} round trips per latency run; {conn_secs} s per connection run"
+    );
+    println!("{table}");
+
+    // JSON.
+    let mut j = String::new();
+    let _ = writeln!(j, "{{\n  \"bench\": \"tunnel\",");
+    let _ = writeln!(j, "  \"host\": {{\"cpus\": {cpus}, \"loadavg_end\": \"{}\", \"note\": \"2-core machine shared with another agent building; loopback 127.0.0.1\"}},", loadavg.trim());
+    let _ = writeln!(j, "  \"settings\": {{\"mib_per_upload_case\": {mb}, \"reps\": {reps}, \"round_trips\": {rtts}, \"conn_secs\": {conn_secs}, \"write_size\": {WRITE}, \"message\": {MSG}, \"peak_streams\": {PEAK_STREAMS}, \"peak_mib_per_stream\": {peak_mb}, \"statistic\": \"median over reps\"}},");
+    let _ = writeln!(j, "  \"throughput\": {{\"direction\": \"upload: public client -> edge -> tetherd -> sink upstream (sink replies with the count)\", \"unit\": \"MB/s (10^6 bytes/s)\", \"cases\": [");
+    let mut cases = Vec::new();
+    for &s in &stream_counts {
+        let mut c = format!("    {{\"streams\": {s}, \"bytes\": {total}");
+        for r in ROUTES {
+            let v = med(&mbps[&s], r);
+            let _ = write!(
+                c,
+                ", \"{}\": {{\"mbps\": {}, \"ratio\": {}, \"runs\": {}, \"bench_cpu_s_per_gb\": {}",
+                r.name(),
+                jnum(v),
+                jnum(v / med(&mbps[&s], Route::Direct)),
+                jlist(&mbps[&s][&r]),
+                jnum(med(&cpu_b[&s], r))
+            );
+            if r != Route::Direct {
+                let _ = write!(
+                    c,
+                    ", \"tetherd_cpu_s_per_gb\": {}, \"edge_cpu_s_per_gb\": {}, \"tetherd_cpu_runs\": {}, \"edge_cpu_runs\": {}",
+                    jnum(med(&cpu_d[&s], r)),
+                    jnum(med(&cpu_e[&s], r)),
+                    jlist(&cpu_d[&s][&r]),
+                    jlist(&cpu_e[&s][&r])
+                );
+            }
+            c.push('}');
+        }
+        c.push('}');
+        cases.push(c);
+    }
+    let _ = writeln!(j, "{}\n  ]}},", cases.join(",\n"));
+    let lat_obj = |s: &Samples| {
+        let base = med(s, Route::Direct);
+        let parts: Vec<String> = ROUTES
+            .iter()
+            .map(|&r| {
+                let v = med(s, r);
+                format!(
+                    "\"{}\": {{\"us\": {}, \"ratio\": {}, \"diff_us\": {}, \"runs\": {}}}",
+                    r.name(),
+                    jnum(v),
+                    jnum(v / base),
+                    jnum(v - base),
+                    jlist(&s[&r])
+                )
+            })
+            .collect();
+        format!("{{{}}}", parts.join(", "))
+    };
+    let _ = writeln!(
+        j,
+        "  \"latency\": {{\"message_bytes\": {MSG}, \"round_trips\": {rtts}, \"p50\": {}, \"p99\": {}}},",
+        lat_obj(&p50),
+        lat_obj(&p99)
+    );
+    let parts: Vec<String> = ROUTES
+        .iter()
+        .map(|&r| {
+            format!(
+                "\"{}\": {{\"per_s\": {}, \"ratio\": {}, \"runs\": {}}}",
+                r.name(),
+                jnum(med(&cps, r)),
+                jnum(med(&cps, r) / med(&cps, Route::Direct)),
+                jlist(&cps[&r])
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        j,
+        "  \"connections\": {{\"what\": \"connect, 64 B echo, half-close, read to EOF, close; sequential\", \"tls_resumed\": {resumed}, \"tls_full\": {full}, {}}},",
+        parts.join(", ")
+    );
+    let _ = writeln!(
+        j,
+        "  \"tetherd_memory\": {{\"idle_vmrss\": {idle_rss}, \"idle_vmhwm\": {idle_hwm}, \"before_busy_vmrss\": {before_peak_rss}, \"peak_vmhwm\": {peak_hwm}, \"peak_sampled_vmrss\": {peak_sampled}, \"after_busy_vmrss\": {after_rss}, \"busy_streams\": {PEAK_STREAMS}, \"busy_secs\": {}, \"buffer_bound\": {bound}, \"limit\": {}, \"peak_within_idle_plus_bound\": {pass}}},",
+        jnum(busy_secs),
+        idle_rss + bound
+    );
+    let _ = writeln!(
+        j,
+        "  \"edge_memory\": {{\"idle_vmrss\": {edge_idle_rss}, \"peak_vmhwm\": {edge_hwm}}}\n}}"
+    );
+    if let Some(parent) = args.out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(&args.out, j).map_err(|e| format!("{}: {e}", args.out.display()))?;
+    println!("results: {}", args.out.display());
+    Ok(())
+}
