@@ -37,8 +37,16 @@ use tether_proto::{
     Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId, StreamMeta,
 };
 
-/// Size of the driver's read and write buffers towards the pipe.
+/// Size of the driver's read buffer towards the pipe. Output is written to
+/// the pipe straight from the mux's transmit queue ([`Mux::transmit_with`]).
 pub const IO_BUFFER: usize = 64 * 1024;
+
+/// Pieces of output up to this size (the small frames: `WINDOW`, `RESET`,
+/// `PING`, `GOAWAY`, and the tails of frames a pipe took in part) are
+/// gathered into one write instead of one write each.
+const COALESCE_MAX: usize = 64;
+/// The buffer that gathers them.
+const COALESCE_BUFFER: usize = 1024;
 
 type SessionMux = Mux<Vec<Slot>, Vec<u8>>;
 
@@ -306,9 +314,9 @@ impl Session {
             rpos: 0,
             rend: 0,
             read_done: false,
-            wbuf: vec![0u8; IO_BUFFER].into_boxed_slice(),
-            wpos: 0,
-            wend: 0,
+            small: [0u8; COALESCE_BUFFER],
+            spos: 0,
+            send: 0,
             need_flush: false,
             timer: Timer::never(),
             timer_at: None,
@@ -612,9 +620,11 @@ pub struct Driver<T> {
     rpos: usize,
     rend: usize,
     read_done: bool,
-    wbuf: Box<[u8]>,
-    wpos: usize,
-    wend: usize,
+    /// Small pieces of output gathered for one write: `small[spos..send]`
+    /// is taken from the mux and not yet written.
+    small: [u8; COALESCE_BUFFER],
+    spos: usize,
+    send: usize,
     need_flush: bool,
     timer: Timer,
     timer_at: Option<Millis>,
@@ -626,6 +636,113 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         inner.ended = true;
         inner.wake_all();
         Poll::Ready(result)
+    }
+}
+
+/// One `poll_write`: `Ok(Some(n))` written (n > 0), `Ok(None)` not now.
+fn write_some<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    bytes: &[u8],
+) -> io::Result<Option<usize>> {
+    match Pin::new(io).poll_write(cx, bytes) {
+        Poll::Ready(Ok(0)) => Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "pipe accepts no more bytes",
+        )),
+        Poll::Ready(Ok(n)) => Ok(Some(n)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(None),
+    }
+}
+
+/// Writes the gathered small pieces; `Ok(true)` once none is left.
+fn flush_small<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    small: &[u8],
+    spos: &mut usize,
+    send: &mut usize,
+) -> io::Result<bool> {
+    while *spos < *send {
+        match write_some(io, cx, &small[*spos..*send])? {
+            Some(n) => *spos += n,
+            None => return Ok(false),
+        }
+    }
+    *spos = 0;
+    *send = 0;
+    Ok(true)
+}
+
+/// What writing the mux's output to the pipe did.
+#[derive(Default)]
+struct Output {
+    /// Bytes taken from the mux.
+    taken: usize,
+    /// The pipe would not take more now.
+    blocked: bool,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    /// Writes the mux's output to the pipe straight from its transmit queue:
+    /// the gathered small pieces first, then whatever the mux offers until
+    /// the pipe is full or nothing is left.
+    fn write_output(&mut self, mux: &mut SessionMux, cx: &mut Context<'_>) -> io::Result<Output> {
+        let mut out = Output::default();
+        let Driver {
+            io,
+            small,
+            spos,
+            send,
+            ..
+        } = self;
+        if !flush_small(io, cx, small, spos, send)? {
+            out.blocked = true;
+            return Ok(out);
+        }
+        let mut failed = None;
+        out.taken = mux.transmit_with(|bytes| {
+            if failed.is_some() || out.blocked {
+                return 0;
+            }
+            if bytes.len() <= COALESCE_MAX && small.len() - *send >= bytes.len() {
+                small[*send..*send + bytes.len()].copy_from_slice(bytes);
+                *send += bytes.len();
+                return bytes.len();
+            }
+            // A large piece: what was gathered goes first, then the piece
+            // is written from the mux's queue as it is.
+            match flush_small(io, cx, small, spos, send) {
+                Ok(true) => {}
+                Ok(false) => {
+                    out.blocked = true;
+                    return 0;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    return 0;
+                }
+            }
+            match write_some(io, cx, bytes) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    out.blocked = true;
+                    0
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    0
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if !out.blocked && !flush_small(io, cx, small, spos, send)? {
+            out.blocked = true;
+        }
+        Ok(out)
     }
 }
 
@@ -693,38 +810,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             // 3. Events to the tasks that wait on them.
             inner.dispatch_events();
 
-            // 4. Output.
-            if this.wpos == this.wend {
-                this.wpos = 0;
-                this.wend = inner.mux.poll_transmit(&mut this.wbuf);
-                // Wake writers that the freed queue space unblocked.
-                inner.dispatch_events();
-            }
-            while this.wpos < this.wend {
-                match Pin::new(&mut this.io).poll_write(cx, &this.wbuf[this.wpos..this.wend]) {
-                    Poll::Ready(Ok(0)) => {
-                        let e =
-                            io::Error::new(io::ErrorKind::WriteZero, "pipe accepts no more bytes");
-                        inner.transport_error = Some(e.kind());
-                        inner.mux.goaway(ErrorCode::INTERNAL);
-                        inner.dispatch_events();
-                        return this.finish(&mut inner, Closed::Transport(e));
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        this.wpos += n;
-                        this.need_flush = true;
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => {
-                        inner.transport_error = Some(e.kind());
-                        inner.mux.goaway(ErrorCode::INTERNAL);
-                        inner.dispatch_events();
-                        return this.finish(&mut inner, Closed::Transport(e));
-                    }
-                    Poll::Pending => break,
+            // 4. Output, from the mux's queue straight to the pipe.
+            let pending_before = this.send - this.spos;
+            let output = match this.write_output(&mut inner.mux, cx) {
+                Ok(o) => o,
+                Err(e) => {
+                    inner.transport_error = Some(e.kind());
+                    inner.mux.goaway(ErrorCode::INTERNAL);
+                    inner.dispatch_events();
+                    return this.finish(&mut inner, Closed::Transport(e));
                 }
+            };
+            if output.taken > 0 || this.send - this.spos < pending_before {
+                this.need_flush = true;
+                progress = true;
             }
-            if this.need_flush && (this.wpos == this.wend) {
+            // Wake writers that the freed queue space unblocked.
+            inner.dispatch_events();
+            let written = !output.blocked && this.spos == this.send;
+            if this.need_flush && written {
                 match Pin::new(&mut this.io).poll_flush(cx) {
                     Poll::Ready(Ok(())) => this.need_flush = false,
                     Poll::Ready(Err(e)) => {
@@ -738,7 +842,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             }
 
             // 5. The end: everything written, then close the pipe.
-            if inner.mux.is_finished() && this.wpos == this.wend && !this.need_flush {
+            if inner.mux.is_finished() && written && !this.need_flush {
                 this.closing_io = true;
             }
             if this.closing_io {

@@ -368,3 +368,111 @@ fn dropping_a_stream_resets_it_for_the_peer() {
         assert!(err.to_string().contains("CANCEL"), "{err}");
     });
 }
+
+/// A pipe that takes only a few bytes per write and often says "not now"
+/// (waking itself), as a congested socket does: frames leave the driver in
+/// pieces and must be continued in order.
+struct StingyPipe<T> {
+    inner: T,
+    calls: u64,
+}
+
+impl<T: futures_io::AsyncRead + Unpin> futures_io::AsyncRead for StingyPipe<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: futures_io::AsyncWrite + Unpin> futures_io::AsyncWrite for StingyPipe<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.calls += 1;
+        let c = self.calls;
+        if c.is_multiple_of(5) {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        // 1..=9 bytes now and then, else up to ~3 KiB: cuts through headers,
+        // small frames and payloads alike.
+        let max = if c.is_multiple_of(3) {
+            (c % 9 + 1) as usize
+        } else {
+            (c as usize * 613) % 3000 + 1
+        };
+        let n = buf.len().min(max);
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, &buf[..n])
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+#[test]
+fn streams_arrive_intact_through_a_pipe_that_takes_writes_in_pieces() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let c = StingyPipe { inner: c, calls: 0 };
+        let s = StingyPipe { inner: s, calls: 0 };
+        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client session");
+        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server session");
+        let cdrv = smol::spawn(cdrv);
+        let sdrv = smol::spawn(sdrv);
+        smol::spawn(echo_server(server.clone())).detach();
+
+        let mut tasks = Vec::new();
+        for k in 0..8u64 {
+            let client = client.clone();
+            tasks.push(smol::spawn(async move {
+                let st = client.open(&Meta::endpoint("echo")).await.expect("open");
+                let len = 200 * 1024 + k as usize * 777;
+                let data: Vec<u8> = (0..len as u64).map(|i| pattern(k, i)).collect();
+                let (mut r, mut w) = futures_lite::io::split(st);
+                let writer = async {
+                    for chunk in data.chunks(5000) {
+                        w.write_all(chunk).await.expect("write");
+                    }
+                    w.close().await.expect("half-close");
+                };
+                let reader = async {
+                    let mut got = Vec::with_capacity(len);
+                    r.read_to_end(&mut got).await.expect("read back");
+                    got
+                };
+                let ((), got) = future::zip(writer, reader).await;
+                assert_eq!(got.len(), data.len(), "stream {k} length");
+                assert!(got == data, "stream {k} bytes differ");
+            }));
+        }
+        for t in tasks {
+            t.await;
+        }
+        assert_eq!(client.live_streams(), 0, "every stream released");
+        client.goaway(ErrorCode::NO_ERROR);
+        let end = cdrv.await;
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Drained)),
+            "client ended with {end}"
+        );
+        let end = sdrv.await;
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Drained)),
+            "server ended with {end}"
+        );
+    });
+}

@@ -227,6 +227,7 @@ impl<'a> StreamMeta<'a> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

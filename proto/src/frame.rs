@@ -348,6 +348,7 @@ pub fn write_frame(out: &mut [u8], header: FrameHeader, payload: &[u8]) -> Optio
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -14,7 +14,10 @@
 //! 2. [`Mux::handle_timeout`] when the deadline of [`Mux::poll_timeout`] passes.
 //! 3. [`Mux::poll_event`] until `None`, acting on each [`Event`].
 //! 4. [`Mux::poll_transmit`] into a buffer of at least [`MAX_FRAME`] bytes
-//!    until it returns 0, writing the bytes to the transport in order.
+//!    until it returns 0, writing the bytes to the transport in order; or
+//!    [`Mux::transmit_with`], which hands the queued bytes to a write
+//!    function without copying them first and lets it take any prefix (a
+//!    frame taken in part is continued before any other frame).
 //!
 //! The application side calls [`Mux::open`], [`Mux::send`], [`Mux::finish`],
 //! [`Mux::recv`], [`Mux::reset`], [`Mux::release`], [`Mux::send_control`] and
@@ -911,6 +914,7 @@ where
         let meta_ok = StreamMeta::decode(&self.buf.as_ref()[r.start..r.start + len]).is_ok();
         if !meta_ok {
             self.queue_orphan(id, ErrorCode::PROTOCOL);
+            self.check_drained();
             return;
         }
         let window = self.cfg.window;
@@ -968,6 +972,7 @@ where
                     let s = &mut self.slots.as_mut()[idx];
                     s.reset = Some(code);
                     s.recv.clear();
+                    self.detach_rx(idx);
                     self.mark(idx, EV_RESET);
                     self.maybe_free(idx);
                 }
@@ -995,6 +1000,7 @@ where
                         let s = &mut self.slots.as_mut()[idx];
                         s.reset = Some(ErrorCode::REFUSED_STREAM);
                         s.recv.clear();
+                        self.detach_rx(idx);
                         self.mark(idx, EV_RESET);
                     }
                 }
@@ -1032,7 +1038,28 @@ where
         s.recv.clear();
         s.grant_out = 0;
         self.owed = true;
+        self.detach_rx(idx);
         self.mark(idx, EV_RESET);
+    }
+
+    /// A stream was reset while a `DATA` frame for it is half received: the
+    /// rest of the payload is discarded, not buffered (nor delivered to a
+    /// stream that reuses the slot once it is freed).
+    fn detach_rx(&mut self, idx: usize) {
+        if let Rx::Data {
+            slot: Some(i),
+            remaining,
+            fin,
+        } = self.rx
+        {
+            if i == idx {
+                self.rx = Rx::Data {
+                    slot: None,
+                    remaining,
+                    fin,
+                };
+            }
+        }
     }
 
     /// A session error: GOAWAY with the reason's code, everything stops.
@@ -1101,7 +1128,9 @@ where
     }
 
     fn check_drained(&mut self) {
-        if self.state == SessionState::Draining && self.live == 0 {
+        // A half-received OPEN is a stream the GOAWAY accepted (its id is
+        // already `last_remote`): the session waits for it too.
+        if self.state == SessionState::Draining && self.live == 0 && self.opening.is_none() {
             self.reason = Some(CloseReason::Drained);
             self.state = SessionState::Closed(ErrorCode::NO_ERROR);
             self.close_event = true;
@@ -1293,11 +1322,13 @@ where
         if self.owed && !self.emit_owed(sink) {
             return;
         }
-        if !self.emit_control(sink, false) || !self.emit_tx(sink, false) {
+        if !self.emit_control(sink, false) {
             return;
         }
-        if self.tx_sent >= self.goaway_after {
-            // A draining GOAWAY follows every OPEN queued before it.
+        self.emit_tx(sink, false);
+        if !self.mid_frame() && self.tx_sent >= self.goaway_after {
+            // A draining GOAWAY follows every OPEN queued before it (frames
+            // queued after it may still be waiting: they need not go first).
             self.emit_goaway(sink);
         }
     }

@@ -6,8 +6,10 @@ mod sim;
 
 use sim::*;
 use tether_proto::control::{Control, Secret};
-use tether_proto::mux::{ControlError, OpenError, StreamError};
-use tether_proto::{Config, EndpointKind, ErrorCode, Event, FrameKind, Role, INITIAL_WINDOW};
+use tether_proto::mux::{CloseReason, ControlError, OpenError, Recv, StreamError};
+use tether_proto::{
+    Config, EndpointKind, ErrorCode, Event, FrameKind, Role, INITIAL_WINDOW, MAX_FRAME,
+};
 
 const MB: usize = 1 << 20;
 
@@ -300,7 +302,17 @@ fn ping_keeps_idle_session_alive() {
 
 #[test]
 fn goaway_lets_open_streams_finish() {
+    goaway_lets_open_streams_finish_on(false);
+}
+
+#[test]
+fn goaway_lets_open_streams_finish_with_partial_writes() {
+    goaway_lets_open_streams_finish_on(true);
+}
+
+fn goaway_lets_open_streams_finish_on(partial: bool) {
     let mut sim = Sim::small();
+    sim.partial_sink = partial;
     sim.latency_ms = 3;
     let a = sim.open(C).unwrap();
     let b = sim.open(C).unwrap();
@@ -358,10 +370,20 @@ fn goaway_lets_open_streams_finish() {
 
 #[test]
 fn goaway_sent_right_after_open_keeps_that_stream() {
+    goaway_sent_right_after_open_keeps_that_stream_on(false);
+}
+
+#[test]
+fn goaway_sent_right_after_open_keeps_that_stream_with_partial_writes() {
+    goaway_sent_right_after_open_keeps_that_stream_on(true);
+}
+
+fn goaway_sent_right_after_open_keeps_that_stream_on(partial: bool) {
     // The agent opens a stream and starts draining before anything was
     // transmitted: the OPEN is older than the GOAWAY, so the stream must be
     // served ("all streams the sender opened finish normally").
     let mut sim = Sim::small();
+    sim.partial_sink = partial;
     let id = sim.open(C).unwrap();
     sim.write(C, id, b"last request");
     sim.finish(C, id);
@@ -450,7 +472,17 @@ fn decode(bytes: &[u8]) -> Control<'_> {
 
 #[test]
 fn control_messages_round_trip_and_backpressure() {
+    control_messages_round_trip_and_backpressure_on(false);
+}
+
+#[test]
+fn control_messages_round_trip_and_backpressure_with_partial_writes() {
+    control_messages_round_trip_and_backpressure_on(true);
+}
+
+fn control_messages_round_trip_and_backpressure_on(partial: bool) {
     let mut sim = Sim::small();
+    sim.partial_sink = partial;
     let hello = Control::Hello {
         version: 1,
         min_version: 1,
@@ -572,8 +604,18 @@ fn control_messages_round_trip_and_backpressure() {
 
 #[test]
 fn error_then_goaway_delivers_the_error_first() {
+    error_then_goaway_delivers_the_error_first_on(false);
+}
+
+#[test]
+fn error_then_goaway_delivers_the_error_first_with_partial_writes() {
+    error_then_goaway_delivers_the_error_first_on(true);
+}
+
+fn error_then_goaway_delivers_the_error_first_on(partial: bool) {
     // PROTOCOL.md 1.4: the edge refuses a session with Error followed by GOAWAY.
     let mut sim = Sim::small();
+    sim.partial_sink = partial;
     sim.mux(C)
         .send_control(&Control::Hello {
             version: 1,
@@ -653,10 +695,20 @@ fn finish_blocked_by_a_full_queue_is_woken_without_credit() {
 
 #[test]
 fn reset_before_open_is_transmitted_keeps_the_session() {
+    reset_before_open_is_transmitted_keeps_the_session_on(false);
+}
+
+#[test]
+fn reset_before_open_is_transmitted_keeps_the_session_with_partial_writes() {
+    reset_before_open_is_transmitted_keeps_the_session_on(true);
+}
+
+fn reset_before_open_is_transmitted_keeps_the_session_on(partial: bool) {
     // An application that opens a stream and drops it at once: the RESET must
     // not reach the peer before the OPEN (that would be a frame for a stream the
     // peer never saw opened: a session error).
     let mut sim = Sim::small();
+    sim.partial_sink = partial;
     let id = sim.open(C).unwrap();
     sim.mux(C).reset(id, ErrorCode::CANCEL).unwrap();
     sim.app_mut(C, id).reset = Some(ErrorCode::CANCEL);
@@ -764,6 +816,15 @@ fn drive_fails_on_a_livelock_instead_of_hanging() {
 
 #[test]
 fn grants_are_not_starved_by_bulk_data_in_the_other_direction() {
+    grants_are_not_starved_by_bulk_data_in_the_other_direction_on(false);
+}
+
+#[test]
+fn grants_are_not_starved_by_bulk_data_in_the_other_direction_with_partial_writes() {
+    grants_are_not_starved_by_bulk_data_in_the_other_direction_on(true);
+}
+
+fn grants_are_not_starved_by_bulk_data_in_the_other_direction_on(partial: bool) {
     // A driver calls poll_transmit once per write and lets writers refill the
     // queue in between, so the queue may never be empty at the moment of a
     // call. WINDOW grants must still go out: a bulk upload on one stream must
@@ -774,8 +835,9 @@ fn grants_are_not_starved_by_bulk_data_in_the_other_direction() {
         ..small_cfg(Role::Server)
     };
     let mut sim = Sim::new(small_cfg(Role::Client), server);
+    sim.partial_sink = partial;
     sim.single_poll = true;
-    sim.tx_buf = 64 * 1024; // the driver's write buffer: a little under the queue
+    sim.tx_buf = 64 * 1024; // per call, as the driver's old write buffer: a little under the queue
     let up = sim.open(C).unwrap();
     let down = sim.open(C).unwrap();
     sim.drive();
@@ -796,4 +858,153 @@ fn grants_are_not_starved_by_bulk_data_in_the_other_direction() {
         uploaded < upload,
         "the download only finished after the whole upload ({uploaded} bytes)"
     );
+}
+
+#[test]
+fn a_frame_cut_by_a_close_is_finished_before_the_goaway() {
+    // A pipe took part of a DATA frame, then the session closes with an
+    // error: the rest of the frame must go out before the GOAWAY, or the
+    // peer would read the GOAWAY's bytes as payload.
+    let mut sim = Sim::small();
+    let id = sim.open(C).unwrap();
+    sim.drive();
+    assert_eq!(sim.mux(C).send(id, &[7u8; 1000]), Ok(1000));
+    let mut wire = Vec::new();
+    let n = sim.mux(C).transmit_with(|b| {
+        let k = b.len().min(100);
+        wire.extend_from_slice(&b[..k]);
+        k
+    });
+    assert_eq!(n, 100);
+    sim.mux(C).goaway(ErrorCode::TOKEN_REVOKED);
+    assert!(!sim.mux(C).is_finished(), "the cut frame is still owed");
+    let mut out = vec![0u8; MAX_FRAME];
+    loop {
+        let n = sim.mux(C).poll_transmit(&mut out);
+        if n == 0 {
+            break;
+        }
+        wire.extend_from_slice(&out[..n]);
+    }
+    assert!(sim.mux(C).is_finished());
+    assert_eq!(
+        wire.len(),
+        8 + 1000 + 16,
+        "the rest of the DATA, then GOAWAY"
+    );
+    let now = sim.now;
+    assert_eq!(sim.mux(S).handle_input(now, &wire), wire.len());
+    assert_eq!(
+        sim.mux(S).close_reason(),
+        Some(CloseReason::PeerGoAway(ErrorCode::TOKEN_REVOKED))
+    );
+}
+
+#[test]
+fn a_small_frame_taken_in_part_is_continued_first() {
+    // The sink takes 3 bytes of a WINDOW; the next call must start with its
+    // other 9 before the DATA queued meanwhile.
+    let mut sim = Sim::small();
+    sim.sides[S].read_new_streams = false;
+    let id = sim.open(C).unwrap();
+    sim.drive();
+    sim.write(C, id, &pattern(1, 2 * INITIAL_WINDOW as usize));
+    sim.drive(); // the server has it all buffered, unread
+    let mut buf = vec![0u8; 2 * INITIAL_WINDOW as usize];
+    let got = match sim.mux(S).recv(id, &mut buf) {
+        Ok(Recv::Data(n)) => n,
+        other => panic!("recv: {other:?}"),
+    };
+    assert!(got > 0);
+    sim.mux(S).send(id, b"reply").unwrap();
+    let mut wire = Vec::new();
+    assert_eq!(
+        sim.mux(S).transmit_with(|b| {
+            wire.extend_from_slice(&b[..3]);
+            3
+        }),
+        3
+    );
+    assert_eq!(wire[0], FrameKind::Window as u8, "the grant goes first");
+    let mut out = vec![0u8; MAX_FRAME];
+    let n = sim.mux(S).poll_transmit(&mut out);
+    wire.extend_from_slice(&out[..n]);
+    let frames: Vec<_> = parse_all(&wire)
+        .iter()
+        .filter_map(Parsed::frame)
+        .map(|f| f.kind)
+        .collect();
+    assert_eq!(frames, vec![FrameKind::Window, FrameKind::Data]);
+    let now = sim.now;
+    assert_eq!(sim.mux(C).handle_input(now, &wire), wire.len());
+    assert_eq!(sim.mux(C).close_reason(), None);
+}
+
+#[test]
+fn data_half_received_when_its_stream_is_reset_is_not_buffered() {
+    // The header of a DATA frame has arrived, the stream is then reset and
+    // released locally, its RESET sent and its slot reused by a new stream:
+    // the rest of the payload belongs to the old stream and must be
+    // discarded, not buffered into (or reported on) the new one.
+    let cfg = |role| Config {
+        max_streams: 1,
+        ..small_cfg(role)
+    };
+    let mut sim = Sim::new(cfg(Role::Client), cfg(Role::Server));
+    let old = sim.open(S).unwrap();
+    sim.drive();
+    assert_eq!(sim.mux(C).send(old, &[9u8; 100]), Ok(100));
+    let mut wire = vec![0u8; MAX_FRAME];
+    let n = sim.mux(C).poll_transmit(&mut wire);
+    assert_eq!(n, 8 + 100);
+    let now = sim.now;
+    assert_eq!(sim.mux(S).handle_input(now, &wire[..50]), 50);
+    sim.mux(S).reset(old, ErrorCode::CANCEL).unwrap();
+    sim.mux(S).release(old);
+    let mut out = vec![0u8; MAX_FRAME];
+    assert!(sim.mux(S).poll_transmit(&mut out) > 0, "the RESET goes out");
+    assert_eq!(sim.mux(S).live_streams(), 0);
+    let new = sim.mux(S).open(&meta()).unwrap();
+    while sim.mux(S).poll_event().is_some() {}
+    assert_eq!(sim.mux(S).handle_input(now, &wire[50..n]), n - 50);
+    assert_eq!(
+        sim.mux(S).readable_len(new),
+        0,
+        "old bytes in the new stream"
+    );
+    let mut buf = [0u8; 200];
+    assert_eq!(sim.mux(S).recv(new, &mut buf), Ok(Recv::Blocked));
+    let mut events = Vec::new();
+    while let Some(ev) = sim.mux(S).poll_event() {
+        events.push(ev);
+    }
+    assert!(events.is_empty(), "events: {events:?}");
+    assert_eq!(sim.mux(S).close_reason(), None);
+}
+
+#[test]
+fn goaway_while_an_open_is_half_received_waits_for_that_stream() {
+    // The server starts draining when only part of the client's OPEN has
+    // arrived: its GOAWAY names that stream as accepted, so the session must
+    // not count as drained (and close) before the stream is served.
+    let mut sim = Sim::small();
+    let id = sim.open(C).unwrap();
+    let mut wire = vec![0u8; MAX_FRAME];
+    let n = sim.mux(C).poll_transmit(&mut wire);
+    let now = sim.now;
+    assert_eq!(sim.mux(S).handle_input(now, &wire[..12]), 12);
+    sim.mux(S).goaway(ErrorCode::NO_ERROR);
+    assert!(!sim.mux(S).is_closed(), "drained with a stream half opened");
+    assert_eq!(sim.mux(S).handle_input(now, &wire[12..n]), n - 12);
+    sim.drive();
+    assert_eq!(sim.goaways_sent(S), vec![(id.get(), ErrorCode::NO_ERROR)]);
+    sim.write(C, id, b"request");
+    sim.finish(C, id);
+    sim.drive();
+    assert_eq!(sim.app(S, id).received, b"request");
+    sim.write(S, id, b"answer");
+    sim.finish(S, id);
+    sim.drive();
+    assert_eq!(sim.app(C, id).received, b"answer");
+    assert_eq!(sim.sides[S].closed, Some(ErrorCode::NO_ERROR));
 }

@@ -134,6 +134,12 @@ fn pick(sim: &Sim, side: usize, k: usize) -> Option<StreamId> {
 }
 
 fn run(setup: &Setup, ops: &[Op]) {
+    run_with(setup, ops, false);
+}
+
+/// [`run`], transmitting through `transmit_with` with a sink that takes
+/// random prefixes (`partial_sink`) when `partial` is set.
+fn run_with(setup: &Setup, ops: &[Op], partial: bool) {
     let client = Config {
         max_streams: setup.client_streams,
         window: setup.client_window,
@@ -149,6 +155,7 @@ fn run(setup: &Setup, ops: &[Op]) {
     sim.delivery = setup.delivery;
     sim.tx_buf = setup.tx_buf;
     sim.single_poll = setup.single_poll;
+    sim.partial_sink = partial;
     sim.rng = sim::Rng::new(setup.seed);
     for side in [C, S] {
         // Readers read only what the ops allow, until the end.
@@ -341,6 +348,11 @@ proptest! {
     #[test]
     fn random_interleavings_deliver_every_byte_in_order(setup in setup(), ops in prop::collection::vec(op(), 1..60)) {
         run(&setup, &ops);
+    }
+
+    #[test]
+    fn partial_transmit_writes_deliver_every_byte_in_order(setup in setup(), ops in prop::collection::vec(op(), 1..60)) {
+        run_with(&setup, &ops, true);
     }
 }
 

@@ -497,6 +497,11 @@ pub struct Sim {
     /// Call `poll_transmit` once per step instead of until it returns 0, so
     /// the apps refill the queue between calls (as an async driver does).
     pub single_poll: bool,
+    /// Transmit with `transmit_with` and a sink that takes random prefixes
+    /// of what it is offered (at most `tx_buf` bytes per call), as a
+    /// non-blocking pipe does, instead of `poll_transmit`: frames go out in
+    /// pieces and must be continued before any other frame.
+    pub partial_sink: bool,
     /// Every frame sent and consumed, in order.
     pub timeline: Vec<Wire>,
     /// Random generator for `Delivery::Random`.
@@ -520,6 +525,7 @@ impl Sim {
             step_limit: 20_000,
             tx_buf: MAX_FRAME,
             single_poll: false,
+            partial_sink: false,
             timeline: Vec::new(),
             rng: Rng::new(7),
             steps: 0,
@@ -717,12 +723,36 @@ impl Sim {
         let mut out = vec![0u8; self.tx_buf];
         let mut batch = Vec::new();
         loop {
-            let n = self.sides[side].mux.poll_transmit(&mut out);
+            let n = if self.partial_sink {
+                let (rng, cap) = (&mut self.rng, self.tx_buf);
+                let mut taken = 0;
+                let n = self.sides[side].mux.transmit_with(|bytes| {
+                    assert!(!bytes.is_empty(), "transmit_with offered nothing");
+                    let max = bytes.len().min(cap - taken);
+                    // The first piece of a call is always taken in part at
+                    // least (else 0 would read as "nothing to send").
+                    let k = match (taken, max) {
+                        (_, 0) => 0,
+                        (0, _) => rng.range(1, max),
+                        _ if rng.next() % 4 == 0 => 0,
+                        _ if rng.next() % 2 == 0 => max,
+                        _ => rng.range(0, max),
+                    };
+                    batch.extend_from_slice(&bytes[..k]);
+                    taken += k;
+                    k
+                });
+                assert_eq!(n, taken, "transmit_with miscounted");
+                n
+            } else {
+                let n = self.sides[side].mux.poll_transmit(&mut out);
+                assert!(n <= out.len());
+                batch.extend_from_slice(&out[..n]);
+                n
+            };
             if n == 0 {
                 break;
             }
-            assert!(n <= out.len());
-            batch.extend_from_slice(&out[..n]);
             assert!(batch.len() < 64 << 20, "poll_transmit never returns 0");
             if self.single_poll {
                 break;
@@ -741,11 +771,13 @@ impl Sim {
                 at: self.now,
             });
         }
-        assert_eq!(
-            sd.tx_parser.pending(),
-            0,
-            "poll_transmit wrote a partial frame"
-        );
+        if !self.partial_sink {
+            assert_eq!(
+                sd.tx_parser.pending(),
+                0,
+                "poll_transmit wrote a partial frame"
+            );
+        }
         if let Some(t) = self.tamper.as_mut() {
             t(side, &mut batch);
         }
