@@ -25,14 +25,16 @@
 //!   client -> device upstream. CPU seconds per GB (10^9 bytes) of tetherd and
 //!   the edge from `/proc/PID/stat` utime+stime around each tunnel case;
 //! - round-trip latency: 64-byte messages to the echo, one in flight,
-//!   `TETHER_BENCH_RTT` round trips on one connection (after 200 untimed);
+//!   `TETHER_BENCH_RTT` round trips on one connection per route (after 200
+//!   untimed), the routes taking turns every 50 round trips;
 //! - new connections per second: connect (plus the TLS handshake on `tls`),
 //!   64-byte echo, half-close, read to EOF, close; repeated for
-//!   `TETHER_BENCH_CONN_SECS` seconds, one at a time;
+//!   `TETHER_BENCH_CONN_SECS` seconds per route and repetition, one at a
+//!   time, the routes taking turns every half second;
 //! - tetherd memory: VmRSS after connect + bind (idle, before any traffic) and
 //!   VmHWM after 64 concurrent busy echo streams through the tcp endpoint
 //!   (each writes and reads `TETHER_BENCH_PEAK_MB` MiB at once), checked
-//!   against idle + `tether_proto::Config::new(Role::Client).buffer_len()`.
+//!   against idle + `tetherd::session_memory_bound` of the default settings.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -59,6 +61,10 @@ const WRITE: usize = 64 * 1024;
 const MSG: usize = 64;
 /// Concurrent streams of the peak-memory case (the default `max_streams`).
 const PEAK_STREAMS: usize = 64;
+/// Round trips per turn of a route in the latency case.
+const LAT_BLOCK: usize = 50;
+/// Seconds per turn of a route in the connection case.
+const CONN_SLICE: f64 = 0.5;
 
 type Res<T> = Result<T, String>;
 
@@ -82,7 +88,10 @@ fn parse_args() -> Res<Args> {
     match it.next().as_deref() {
         Some("tunnel") => {}
         Some("buffer-len") => {
-            println!("{}", Config::new(Role::Client).buffer_len());
+            println!(
+                "{}",
+                tetherd::session_memory_bound(&Config::new(Role::Client))
+            );
             std::process::exit(0);
         }
         _ => return Err(usage.into()),
@@ -258,6 +267,14 @@ fn cpu_secs(pid: &str, tck: f64) -> f64 {
     (get(11) + get(12)) / tck
 }
 
+/// stime of `pid` alone (time in the kernel: syscalls, loopback TCP), in seconds.
+fn sys_secs(pid: &str, tck: f64) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / tck
+}
+
 /// A `Vm*` line of /proc/PID/status, in bytes.
 fn vm(pid: u32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -266,6 +283,35 @@ fn vm(pid: u32, key: &str) -> u64 {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The mappings of `pid` holding at least 256 KiB resident, largest first:
+/// (size, rss, name) in bytes, to see where a high RSS lives.
+fn big_mappings(pid: u32) -> Vec<(u64, u64, String)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut cur: Option<(u64, String)> = None;
+    for l in s.lines() {
+        let mut f = l.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let name = f.nth(4).unwrap_or("[anon]").to_owned();
+                cur = Some((b - a, name));
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let kb: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if let Some((size, name)) = cur.take() {
+                if kb >= 256 {
+                    out.push((size, kb * 1024, name));
+                }
+            }
+        }
+    }
+    out.sort_by_key(|m| std::cmp::Reverse(m.1));
+    out
 }
 
 // ---------------------------------------------------------------- upstreams
@@ -492,13 +538,20 @@ fn upload(t: &Arc<Targets>, route: Route, streams: usize, total: u64) -> Res<Dur
     Ok(start.elapsed())
 }
 
-/// Round-trip times (µs) of `n` 64-byte echoes on one connection.
-fn latency(t: &Targets, route: Route, n: usize) -> Res<Vec<f64>> {
-    let mut c = Conn::open(t, route, Up::Echo).map_err(|e| format!("connect: {e}"))?;
+/// Round-trip times (µs) of `n` 64-byte echoes per route, one connection
+/// per route, the routes taking turns in blocks of [`LAT_BLOCK`] round trips
+/// so that every route sees the same machine (the host is shared and its
+/// wake-up latency drifts); after 200 untimed round trips on each.
+fn latency(t: &Targets, n: usize) -> Res<BTreeMap<Route, Vec<f64>>> {
     let msg = pattern(MSG);
     let mut back = [0u8; MSG];
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n + 200 {
+    let mut conns = Vec::new();
+    for r in ROUTES {
+        let c = Conn::open(t, r, Up::Echo).map_err(|e| format!("connect {}: {e}", r.name()))?;
+        conns.push((r, c));
+    }
+    let mut out: BTreeMap<Route, Vec<f64>> = BTreeMap::new();
+    let mut rtt = |c: &mut Conn| -> Res<Duration> {
         let t0 = Instant::now();
         c.write_all(&msg).map_err(|e| format!("write: {e}"))?;
         c.flush().map_err(|e| format!("flush: {e}"))?;
@@ -507,17 +560,34 @@ fn latency(t: &Targets, route: Route, n: usize) -> Res<Vec<f64>> {
         if back[..] != msg[..] {
             return Err("echo returned other bytes".into());
         }
-        if i >= 200 {
-            out.push(dt.as_secs_f64() * 1e6);
+        Ok(dt)
+    };
+    for (_, c) in conns.iter_mut() {
+        for _ in 0..200 {
+            rtt(c)?;
         }
     }
-    c.finish().map_err(|e| format!("half-close: {e}"))?;
-    let _ = c.drain();
+    let mut done = 0;
+    while done < n {
+        let k = LAT_BLOCK.min(n - done);
+        for (r, c) in conns.iter_mut() {
+            let v = out.entry(*r).or_default();
+            for _ in 0..k {
+                v.push(rtt(c)?.as_secs_f64() * 1e6);
+            }
+        }
+        done += k;
+    }
+    for (_, mut c) in conns {
+        c.finish().map_err(|e| format!("half-close: {e}"))?;
+        let _ = c.drain();
+    }
     Ok(out)
 }
 
-/// Sequential connect / 64-byte echo / close for `secs`; connections per second.
-fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<f64> {
+/// Sequential connect / 64-byte echo / close for `secs`; returns the
+/// connections made and the seconds taken.
+fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<(u64, f64)> {
     let msg = pattern(MSG);
     let mut back = [0u8; MSG];
     let start = Instant::now();
@@ -534,7 +604,7 @@ fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<f64> {
         n += 1;
         let el = start.elapsed().as_secs_f64();
         if el >= secs {
-            return Ok(n as f64 / el);
+            return Ok((n, el));
         }
     }
 }
@@ -732,14 +802,24 @@ fn med(s: &Samples, r: Route) -> f64 {
 
 fn real_main() -> Res<()> {
     let args = parse_args()?;
-    let mb = env_num("TETHER_BENCH_MB", 512);
+    let mb = env_num("TETHER_BENCH_MB", 2048);
     let reps = env_num("TETHER_BENCH_REPS", 5) as usize;
     let rtts = env_num("TETHER_BENCH_RTT", 5000) as usize;
     let conn_secs = env_num("TETHER_BENCH_CONN_SECS", 3) as f64;
     let peak_mb = env_num("TETHER_BENCH_PEAK_MB", 8);
     let total = mb * 1024 * 1024;
     let tck = clk_tck();
-    let bound = Config::new(Role::Client).buffer_len() as u64;
+    let default_bound = tetherd::session_memory_bound(&Config::new(Role::Client)) as u64;
+    // Optional: another per-stream window in both programs' [session] (an
+    // experiment; the default run uses the defaults).
+    let window = std::env::var("TETHER_BENCH_WINDOW")
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok());
+    let session_toml = window.map_or(String::new(), |w| format!("\n[session]\nwindow = {w}\n"));
+    let bound = tetherd::session_memory_bound(&Config {
+        window: window.unwrap_or(Config::new(Role::Client).window),
+        ..Config::new(Role::Client)
+    }) as u64;
 
     let tmp = tempfile::Builder::new()
         .prefix("tether-bench-")
@@ -758,7 +838,7 @@ fn real_main() -> Res<()> {
         format!(
             "state_dir = \"{}\"\n\n[agent]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              [tcp]\nlisten_ip = \"127.0.0.1\"\nport_range = [0, 0]\n\n\
-             [tls]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+             [tls]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\ncert = \"{}\"\nkey = \"{}\"\n{session_toml}",
             state.display(),
             pki.agent_cert.display(),
             pki.agent_key.display(),
@@ -823,6 +903,7 @@ fn real_main() -> Res<()> {
         pki.ca.display(),
         cred.display()
     );
+    body.push_str(&session_toml);
     for (name, kind) in &endpoints {
         let up = if name.starts_with("sink") {
             sink_addr
@@ -873,8 +954,9 @@ fn real_main() -> Res<()> {
     // Warm-up: every route, both upstreams.
     for r in ROUTES {
         upload(&t, r, 1, 8 << 20)?;
-        latency(&t, r, 200)?;
     }
+    latency(&t, 200)?;
+    let mut mem_trace = vec![("idle", idle_rss, idle_hwm)];
 
     // Throughput (upload) and CPU per GB.
     let stream_counts = [1usize, 8];
@@ -882,6 +964,12 @@ fn real_main() -> Res<()> {
     let mut cpu_d: BTreeMap<usize, Samples> = BTreeMap::new();
     let mut cpu_e: BTreeMap<usize, Samples> = BTreeMap::new();
     let mut cpu_b: BTreeMap<usize, Samples> = BTreeMap::new();
+    // Per tunnel case: share of kernel time, and cores busy (CPU s / wall s).
+    let mut sys_d: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut sys_e: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut util_d: BTreeMap<usize, Samples> = BTreeMap::new();
+    let mut util_e: BTreeMap<usize, Samples> = BTreeMap::new();
+    let (ds, es) = (dpid.to_string(), epid.to_string());
     let gb = total as f64 / 1e9;
     for rep in 0..reps {
         for &s in &stream_counts {
@@ -891,6 +979,7 @@ fn real_main() -> Res<()> {
                     cpu_secs(&epid.to_string(), tck),
                     cpu_secs("self", tck),
                 );
+                let (ds0, es0) = (sys_secs(&ds, tck), sys_secs(&es, tck));
                 let el = upload(&t, r, s, total)
                     .map_err(|e| format!("upload {} x{s}: {e}", r.name()))?;
                 let (d1, e1, b1) = (
@@ -898,12 +987,19 @@ fn real_main() -> Res<()> {
                     cpu_secs(&epid.to_string(), tck),
                     cpu_secs("self", tck),
                 );
+                let (ds1, es1) = (sys_secs(&ds, tck), sys_secs(&es, tck));
                 let v = total as f64 / 1e6 / el.as_secs_f64();
                 push(mbps.entry(s).or_default(), r, v);
                 push(cpu_b.entry(s).or_default(), r, (b1 - b0) / gb);
                 if r != Route::Direct {
                     push(cpu_d.entry(s).or_default(), r, (d1 - d0) / gb);
                     push(cpu_e.entry(s).or_default(), r, (e1 - e0) / gb);
+                    let share = |sys: f64, all: f64| if all > 0.0 { sys / all } else { f64::NAN };
+                    push(sys_d.entry(s).or_default(), r, share(ds1 - ds0, d1 - d0));
+                    push(sys_e.entry(s).or_default(), r, share(es1 - es0, e1 - e0));
+                    let wall = el.as_secs_f64();
+                    push(util_d.entry(s).or_default(), r, (d1 - d0) / wall);
+                    push(util_e.entry(s).or_default(), r, (e1 - e0) / wall);
                 }
                 eprintln!(
                     "rep {}/{reps} upload {:>6} x{s}: {v:8.1} MB/s in {:.2} s (tetherd {:.2} s, edge {:.2} s, bench {:.2} s CPU)",
@@ -921,10 +1017,12 @@ fn real_main() -> Res<()> {
     // Latency.
     let mut p50: Samples = BTreeMap::new();
     let mut p99: Samples = BTreeMap::new();
+    mem_trace.push(("after upload cases", vm(dpid, "VmRSS"), vm(dpid, "VmHWM")));
     for rep in 0..reps {
+        let all = latency(&t, rtts).map_err(|e| format!("latency: {e}"))?;
         for r in ROUTES {
-            let v = latency(&t, r, rtts).map_err(|e| format!("latency {}: {e}", r.name()))?;
-            let (a, b) = (percentile(&v, 50.0), percentile(&v, 99.0));
+            let v = &all[&r];
+            let (a, b) = (percentile(v, 50.0), percentile(v, 99.0));
             push(&mut p50, r, a);
             push(&mut p99, r, b);
             eprintln!(
@@ -941,15 +1039,32 @@ fn real_main() -> Res<()> {
         t.resumed.load(Ordering::Relaxed),
         t.full.load(Ordering::Relaxed),
     );
+    // The routes take turns in slices of CONN_SLICE seconds, so that each
+    // sees the same machine; one rate per route per repetition.
     for rep in 0..reps {
+        let mut acc: BTreeMap<Route, (u64, f64)> = BTreeMap::new();
+        let slices = (conn_secs / CONN_SLICE).ceil().max(1.0) as usize;
+        for _ in 0..slices {
+            for r in ROUTES {
+                let (n, el) =
+                    conn_rate(&t, r, CONN_SLICE).map_err(|e| format!("conns {}: {e}", r.name()))?;
+                let e = acc.entry(r).or_insert((0, 0.0));
+                e.0 += n;
+                e.1 += el;
+            }
+        }
         for r in ROUTES {
-            let v = conn_rate(&t, r, conn_secs).map_err(|e| format!("conns {}: {e}", r.name()))?;
+            let (n, el) = acc[&r];
+            let v = n as f64 / el;
             push(&mut cps, r, v);
             eprintln!("rep {}/{reps} conns {:>6}: {v:8.1} /s", rep + 1, r.name());
-            // Let closed streams and sockets settle between runs.
-            thread::sleep(Duration::from_millis(300));
         }
     }
+    mem_trace.push((
+        "after latency and connection cases",
+        vm(dpid, "VmRSS"),
+        vm(dpid, "VmHWM"),
+    ));
     let resumed = t.resumed.load(Ordering::Relaxed) - res0;
     let full = t.full.load(Ordering::Relaxed) - full0;
 
@@ -958,9 +1073,24 @@ fn real_main() -> Res<()> {
     let before_peak_rss = vm(dpid, "VmRSS");
     let (peak_sampled, busy_secs) =
         busy(&t, PEAK_STREAMS, peak_mb << 20, dpid).map_err(|e| format!("64 busy streams: {e}"))?;
-    let peak_hwm = vm(dpid, "VmHWM");
+    let hwm1 = vm(dpid, "VmHWM");
     thread::sleep(Duration::from_secs(1));
     let after_rss = vm(dpid, "VmRSS");
+    mem_trace.push(("after 64 busy streams", after_rss, hwm1));
+    // Once more: does the high-water mark keep rising with traffic?
+    let (peak_sampled2, busy2_secs) = busy(&t, PEAK_STREAMS, peak_mb << 20, dpid)
+        .map_err(|e| format!("64 busy streams, 2nd round: {e}"))?;
+    thread::sleep(Duration::from_millis(500));
+    let hwm2 = vm(dpid, "VmHWM");
+    let maps = big_mappings(dpid);
+    // VmHWM only rises: the peak of the whole run, both busy rounds included.
+    let peak_hwm = hwm2;
+    let peak_sampled = peak_sampled.max(peak_sampled2);
+    mem_trace.push(("after 64 busy streams, 2nd round", vm(dpid, "VmRSS"), hwm2));
+    eprintln!(
+        "2nd round of 64 busy streams: {busy2_secs:.2} s, tetherd VmHWM {} KiB",
+        hwm2 / 1024
+    );
     let edge_hwm = vm(epid, "VmHWM");
     eprintln!(
         "64 busy streams: {:.2} s, tetherd VmHWM {} KiB",
@@ -968,6 +1098,15 @@ fn real_main() -> Res<()> {
         peak_hwm / 1024
     );
     let pass = peak_hwm <= idle_rss + bound;
+    let mut maps_txt = String::new();
+    for (size, rss, name) in &maps {
+        let _ = writeln!(
+            maps_txt,
+            "  mapping {name}: size {} KiB, resident {} KiB",
+            size / 1024,
+            rss / 1024
+        );
+    }
 
     daemon.stop();
     edge.stop();
@@ -978,7 +1117,7 @@ fn real_main() -> Res<()> {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "{:<34} {:>10} {:>22} {:>22}",
+        "{:<34} {:>10} {:>28} {:>28}",
         "case", "direct", "tunnel tcp", "tunnel tls"
     );
     let row = |table: &mut String, name: &str, s: &Samples, lat: bool| {
@@ -991,7 +1130,7 @@ fn real_main() -> Res<()> {
             } else {
                 format!("{v:.1} (x{:.3})", v / base)
             };
-            let _ = write!(line, " {cell:>22}");
+            let _ = write!(line, " {cell:>28}");
         }
         let _ = writeln!(table, "{line}");
     };
@@ -1007,19 +1146,30 @@ fn real_main() -> Res<()> {
     row(&mut table, "latency p99 us (64 B echo)", &p99, true);
     row(&mut table, "new connections /s", &cps, false);
     for &s in &stream_counts {
-        for (who, m) in [("tetherd", &cpu_d), ("edge", &cpu_e)] {
+        for (who, m, sys, util) in [
+            ("tetherd", &cpu_d, &sys_d, &util_d),
+            ("edge", &cpu_e, &sys_e, &util_e),
+        ] {
+            let cell = |r: Route| {
+                format!(
+                    "{:.2} ({:.0}% sys, {:.2} cores)",
+                    med(&m[&s], r),
+                    100.0 * med(&sys[&s], r),
+                    med(&util[&s], r)
+                )
+            };
             let _ = writeln!(
                 table,
-                "{:<34} {:>10} {:>22.2} {:>22.2}",
+                "{:<34} {:>10} {:>28} {:>28}",
                 format!("{who} CPU s/GB, {s} stream{}", if s > 1 { "s" } else { "" }),
                 "-",
-                med(&m[&s], Route::Tcp),
-                med(&m[&s], Route::Tls)
+                cell(Route::Tcp),
+                cell(Route::Tls)
             );
         }
         let _ = writeln!(
             table,
-            "{:<34} {:>10.2} {:>22.2} {:>22.2}",
+            "{:<34} {:>10.2} {:>28.2} {:>28.2}",
             format!("bench (client+upstream) CPU s/GB, {s}"),
             med(&cpu_b[&s], Route::Direct),
             med(&cpu_b[&s], Route::Tcp),
@@ -1035,16 +1185,26 @@ fn real_main() -> Res<()> {
     );
     let _ = writeln!(
         table,
-        "tetherd RSS peak (VmHWM after {PEAK_STREAMS} busy streams): {:.0} KiB (max sampled VmRSS {:.0} KiB, VmRSS 1 s after {:.0} KiB)",
+        "tetherd RSS peak (VmHWM after 2 rounds of {PEAK_STREAMS} busy streams): {:.0} KiB (max sampled VmRSS {:.0} KiB, VmRSS 1 s after {:.0} KiB)",
         kib(peak_hwm),
         kib(peak_sampled),
         kib(after_rss)
     );
     let _ = writeln!(
         table,
-        "session buffer bound Config::new(Role::Client).buffer_len() = {bound} bytes ({:.0} KiB)",
-        kib(bound)
+        "session memory bound tetherd::session_memory_bound(defaults) = {default_bound} bytes ({:.0} KiB){}",
+        kib(default_bound),
+        window.map_or(String::new(), |w| format!("; with window {w}: {bound} bytes"))
     );
+    table.push_str(&maps_txt);
+    for (phase, rss, hwm) in &mem_trace {
+        let _ = writeln!(
+            table,
+            "  tetherd {phase}: VmRSS {:.0} KiB, VmHWM {:.0} KiB",
+            kib(*rss),
+            kib(*hwm)
+        );
+    }
     let _ = writeln!(
         table,
         "check peak <= idle + bound: {:.0} <= {:.0} KiB: {}",
@@ -1090,9 +1250,13 @@ fn real_main() -> Res<()> {
             if r != Route::Direct {
                 let _ = write!(
                     c,
-                    ", \"tetherd_cpu_s_per_gb\": {}, \"edge_cpu_s_per_gb\": {}, \"tetherd_cpu_runs\": {}, \"edge_cpu_runs\": {}",
+                    ", \"tetherd_cpu_s_per_gb\": {}, \"edge_cpu_s_per_gb\": {}, \"tetherd_sys_share\": {}, \"edge_sys_share\": {}, \"tetherd_cores\": {}, \"edge_cores\": {}, \"tetherd_cpu_runs\": {}, \"edge_cpu_runs\": {}",
                     jnum(med(&cpu_d[&s], r)),
                     jnum(med(&cpu_e[&s], r)),
+                    jnum(med(&sys_d[&s], r)),
+                    jnum(med(&sys_e[&s], r)),
+                    jnum(med(&util_d[&s], r)),
+                    jnum(med(&util_e[&s], r)),
                     jlist(&cpu_d[&s][&r]),
                     jlist(&cpu_e[&s][&r])
                 );
@@ -1141,14 +1305,28 @@ fn real_main() -> Res<()> {
         .collect();
     let _ = writeln!(
         j,
-        "  \"connections\": {{\"what\": \"connect, 64 B echo, half-close, read to EOF, close; sequential\", \"tls_resumed\": {resumed}, \"tls_full\": {full}, {}}},",
+        "  \"connections\": {{\"what\": \"connect, 64 B echo, half-close, read to EOF, close; sequential; routes take turns every 0.5 s\", \"tls_resumed\": {resumed}, \"tls_full\": {full}, {}}},",
         parts.join(", ")
     );
     let _ = writeln!(
         j,
-        "  \"tetherd_memory\": {{\"idle_vmrss\": {idle_rss}, \"idle_vmhwm\": {idle_hwm}, \"before_busy_vmrss\": {before_peak_rss}, \"peak_vmhwm\": {peak_hwm}, \"peak_sampled_vmrss\": {peak_sampled}, \"after_busy_vmrss\": {after_rss}, \"busy_streams\": {PEAK_STREAMS}, \"busy_secs\": {}, \"buffer_bound\": {bound}, \"limit\": {}, \"peak_within_idle_plus_bound\": {pass}}},",
+        "  \"tetherd_memory\": {{\"idle_vmrss\": {idle_rss}, \"idle_vmhwm\": {idle_hwm}, \"before_busy_vmrss\": {before_peak_rss}, \"peak_vmhwm\": {peak_hwm}, \"peak_sampled_vmrss\": {peak_sampled}, \"after_busy_vmrss\": {after_rss}, \"busy_streams\": {PEAK_STREAMS}, \"busy_secs\": {}, \"buffer_bound\": {bound}, \"default_buffer_bound\": {default_bound}, \"window\": {}, \"limit\": {}, \"peak_within_idle_plus_bound\": {pass}, \"trace\": [{}]}},",
         jnum(busy_secs),
-        idle_rss + bound
+        window.map_or("null".to_owned(), |w| w.to_string()),
+        idle_rss + bound,
+        mem_trace
+            .iter()
+            .map(|(p, r, h)| format!("{{\"phase\": \"{p}\", \"vmrss\": {r}, \"vmhwm\": {h}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        j,
+        "  \"tetherd_big_mappings_end\": [{}],",
+        maps.iter()
+            .map(|(sz, r, n)| format!("{{\"name\": \"{n}\", \"size\": {sz}, \"rss\": {r}}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let _ = writeln!(
         j,

@@ -20,8 +20,9 @@
 //! and of upstreams given by name) go through, which `main` bounds to 2
 //! threads. Memory is fixed by the configuration: per session the
 //! multiplexer's buffers (`max_streams × (window + 512)` plus queues,
-//! allocated once by `tether-driver`) and the driver's two 64 KiB I/O
-//! buffers, plus per live stream two 16 KiB copy buffers. While the edge
+//! allocated once by `tether-driver`) and the driver's 64 KiB read buffer,
+//! plus per live stream two 16 KiB copy buffers: [`session_memory_bound`].
+//! While the edge
 //! drains a session (`GOAWAY(NO_ERROR)`) the old and the new session both
 //! hold their buffers until the old one's streams are done: plan for two.
 //!
@@ -51,6 +52,14 @@ mod tunnel;
 
 pub use config::{Config, ConfigError, Credential, CredentialError};
 pub use dial::TrustError;
+
+/// Every byte one session may buffer for its streams, whatever the traffic:
+/// the multiplexer's fixed buffers ([`tether_proto::Config::buffer_len`]),
+/// the driver's read buffer and two copy buffers per stream. rustls's own
+/// record buffers come on top (bounded by rustls's default buffer limits).
+pub fn session_memory_bound(session: &tether_proto::Config) -> usize {
+    session.buffer_len() + tether_driver::IO_BUFFER + session.max_streams * 2 * proxy::COPY_BUFFER
+}
 
 use backoff::Backoff;
 use tunnel::{Outcome, Runtime, Stop};

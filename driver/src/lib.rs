@@ -207,6 +207,15 @@ impl Inner {
         }
     }
 
+    /// Registers a task that waits for `Unblocked`, a GOAWAY or the end.
+    /// A task polled again while it waits is not registered twice, so the
+    /// list is bounded by the number of waiting tasks, not by polls.
+    fn wait_blocked(&mut self, waker: &Waker) {
+        if !self.blocked.iter().any(|w| w.will_wake(waker)) {
+            self.blocked.push(waker.clone());
+        }
+    }
+
     fn wake_blocked(&mut self) {
         for w in self.blocked.drain(..) {
             w.wake();
@@ -342,7 +351,7 @@ impl Session {
                     }))
                 }
                 Err(OpenError::TooManyStreams | OpenError::Blocked) => {
-                    inner.blocked.push(cx.waker().clone());
+                    inner.wait_blocked(cx.waker());
                     Poll::Pending
                 }
                 Err(OpenError::Closing) => Poll::Ready(Err(io::Error::new(
@@ -394,7 +403,7 @@ impl Session {
                     Poll::Ready(Ok(()))
                 }
                 Err(ControlError::Blocked) => {
-                    inner.blocked.push(cx.waker().clone());
+                    inner.wait_blocked(cx.waker());
                     Poll::Pending
                 }
                 Err(ControlError::Closed) => Poll::Ready(Err(closed_error(&inner))),
@@ -441,6 +450,12 @@ impl Session {
         self.shared.lock().goaway
     }
 
+    /// Tasks waiting in [`Session::open`], [`Session::send_control`] or
+    /// [`Session::closed`] (diagnostics: bounded by the waiting tasks).
+    pub fn waiting_tasks(&self) -> usize {
+        self.shared.lock().blocked.len()
+    }
+
     /// Streams held right now.
     pub fn live_streams(&self) -> usize {
         self.shared.lock().mux.live_streams()
@@ -459,7 +474,7 @@ impl Session {
             if inner.dead() {
                 return Poll::Ready(());
             }
-            inner.blocked.push(cx.waker().clone());
+            inner.wait_blocked(cx.waker());
             Poll::Pending
         })
         .await

@@ -195,8 +195,9 @@ fn silent_peer_ends_the_session_at_the_heartbeat_deadline() {
         let mut config = cfg(Role::Client);
         config.ping_interval_ms = 100;
         config.dead_after_ms = 300;
-        let (client, drv) = Session::new(c, config).expect("session");
+        // The session's clock starts in Session::new: measure from before it.
         let t0 = Instant::now();
+        let (client, drv) = Session::new(c, config).expect("session");
         let end = drv.await;
         let took = t0.elapsed();
         assert!(
@@ -474,5 +475,21 @@ fn streams_arrive_intact_through_a_pipe_that_takes_writes_in_pieces() {
             matches!(end, Closed::Mux(CloseReason::Drained)),
             "server ended with {end}"
         );
+    });
+}
+
+#[test]
+fn polling_closed_repeatedly_does_not_grow_the_waiter_list() {
+    smol::block_on(async {
+        let (c, _s) = tcp_pair();
+        let (client, drv) = Session::new(c, cfg(Role::Client)).expect("session");
+        let _drv = smol::spawn(drv);
+        // A long-lived task that re-polls `closed()` on every turn of its
+        // select loop (as tetherd's session loop does) registers once.
+        let mut closed = Box::pin(client.closed());
+        for _ in 0..10_000 {
+            assert!(future::poll_once(closed.as_mut()).await.is_none());
+        }
+        assert_eq!(client.waiting_tasks(), 1);
     });
 }
