@@ -652,6 +652,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         inner.wake_all();
         Poll::Ready(result)
     }
+
+    /// The pipe ended or failed: nothing more moves. Streams whose peer had
+    /// finished keep their unread bytes ([`Mux::handle_eof`]); the rest are reset.
+    fn transport_ended(&mut self, inner: &mut Inner, e: io::Error) -> Poll<Closed> {
+        inner.transport_error = Some(e.kind());
+        inner.mux.handle_eof();
+        inner.dispatch_events();
+        self.finish(inner, Closed::Transport(e))
+    }
 }
 
 /// One `poll_write`: `Ok(Some(n))` written (n > 0), `Ok(None)` not now.
@@ -791,14 +800,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 match Pin::new(&mut this.io).poll_read(cx, &mut this.rbuf) {
                     Poll::Ready(Ok(0)) => {
                         this.read_done = true;
-                        inner.mux.handle_eof();
-                        inner.dispatch_events();
-                        inner.transport_error = Some(io::ErrorKind::UnexpectedEof);
                         let e = io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "peer closed the connection",
                         );
-                        return this.finish(&mut inner, Closed::Transport(e));
+                        return this.transport_ended(&mut inner, e);
                     }
                     Poll::Ready(Ok(n)) => {
                         this.rend = n;
@@ -807,10 +813,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => {
-                        inner.transport_error = Some(e.kind());
-                        inner.mux.goaway(ErrorCode::INTERNAL);
-                        inner.dispatch_events();
-                        return this.finish(&mut inner, Closed::Transport(e));
+                        return this.transport_ended(&mut inner, e);
                     }
                     Poll::Pending => {}
                 }
@@ -830,10 +833,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             let output = match this.write_output(&mut inner.mux, cx) {
                 Ok(o) => o,
                 Err(e) => {
-                    inner.transport_error = Some(e.kind());
-                    inner.mux.goaway(ErrorCode::INTERNAL);
-                    inner.dispatch_events();
-                    return this.finish(&mut inner, Closed::Transport(e));
+                    return this.transport_ended(&mut inner, e);
                 }
             };
             if output.taken > 0 || this.send - this.spos < pending_before {
@@ -847,10 +847,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                 match Pin::new(&mut this.io).poll_flush(cx) {
                     Poll::Ready(Ok(())) => this.need_flush = false,
                     Poll::Ready(Err(e)) => {
-                        inner.transport_error = Some(e.kind());
-                        inner.mux.goaway(ErrorCode::INTERNAL);
-                        inner.dispatch_events();
-                        return this.finish(&mut inner, Closed::Transport(e));
+                        return this.transport_ended(&mut inner, e);
                     }
                     Poll::Pending => {}
                 }

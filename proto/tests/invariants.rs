@@ -689,3 +689,76 @@ fn half_received_open_keeps_its_slot_from_a_local_open() {
     assert_eq!(s.meta(local), Some(other));
     assert_eq!(s.meta(peer), Some(meta));
 }
+
+/// When the connection ends (EOF), a stream whose peer already sent FIN
+/// keeps every byte for its reader, then EOF; a stream still open is reset.
+#[test]
+fn eof_keeps_finished_streams_bytes_and_resets_open_ones() {
+    use tether_proto::frame::{write_frame, FLAG_FIN};
+    use tether_proto::mux::{Recv, StreamError};
+    use tether_proto::{
+        Config, FrameHeader, FrameKind, Millis, Mux, PeerAddr, Role, Slot, StreamId, StreamMeta,
+    };
+
+    let meta = StreamMeta {
+        endpoint: "web",
+        peer: PeerAddr::Unknown,
+        sni: None,
+        client_subject: None,
+    };
+    let mut mb = [0u8; 64];
+    let m = meta.encode(&mut mb).expect("encode").to_vec();
+    let mut wire = Vec::new();
+    let mut push = |h: FrameHeader, p: &[u8]| {
+        let mut f = vec![0u8; 8 + p.len()];
+        write_frame(&mut f, h, p).expect("frame");
+        wire.extend_from_slice(&f);
+    };
+    let (one, three) = (StreamId::new(1).expect("id"), StreamId::new(3).expect("id"));
+    push(
+        FrameHeader::stream(FrameKind::Open, 0, m.len() as u16, one),
+        &m,
+    );
+    push(
+        FrameHeader::stream(FrameKind::Data, FLAG_FIN, 5, one),
+        b"hello",
+    );
+    push(
+        FrameHeader::stream(FrameKind::Open, 0, m.len() as u16, three),
+        &m,
+    );
+    push(FrameHeader::stream(FrameKind::Data, 0, 3, three), b"abc");
+
+    let cfg = Config {
+        max_streams: 2,
+        window: 16384,
+        ..Config::new(Role::Server)
+    };
+    let mut s = Mux::new(
+        cfg,
+        vec![Slot::EMPTY; 2],
+        vec![0u8; cfg.buffer_len()],
+        Millis(0),
+    )
+    .expect("mux");
+    assert_eq!(s.handle_input(Millis(1), &wire), wire.len());
+    s.handle_eof();
+    assert!(s.is_closed());
+    let mut out = [0u8; 16];
+    assert_eq!(s.recv(one, &mut out), Ok(Recv::Data(5)));
+    assert_eq!(&out[..5], b"hello");
+    assert_eq!(s.recv(one, &mut out), Ok(Recv::Fin));
+    assert!(
+        matches!(s.send(one, b"x"), Err(StreamError::Finished)),
+        "the local direction is cut"
+    );
+    assert!(
+        matches!(s.recv(three, &mut out), Err(StreamError::Reset(_))),
+        "an open stream is reset"
+    );
+    assert_eq!(
+        s.poll_transmit(&mut [0u8; 64]),
+        0,
+        "nothing is sent after EOF"
+    );
+}
