@@ -144,7 +144,9 @@ struct Inner {
     accept_queue: VecDeque<StreamId>,
     accept_waker: Option<Waker>,
     control_waker: Option<Waker>,
-    blocked: Vec<Waker>,
+    /// Tasks in `open`, `send_control` and `closed` wait on this; their
+    /// listeners deregister when dropped, so abandoned waits leave nothing.
+    unblocked: event_listener::Event,
     driver: Option<Waker>,
     goaway: Option<(ErrorCode, u32)>,
     /// Set when the driver has returned: nothing will move any more.
@@ -207,19 +209,8 @@ impl Inner {
         }
     }
 
-    /// Registers a task that waits for `Unblocked`, a GOAWAY or the end.
-    /// A task polled again while it waits is not registered twice, so the
-    /// list is bounded by the number of waiting tasks, not by polls.
-    fn wait_blocked(&mut self, waker: &Waker) {
-        if !self.blocked.iter().any(|w| w.will_wake(waker)) {
-            self.blocked.push(waker.clone());
-        }
-    }
-
     fn wake_blocked(&mut self) {
-        for w in self.blocked.drain(..) {
-            w.wake();
-        }
+        self.unblocked.notify(usize::MAX);
     }
 
     fn wake_all(&mut self) {
@@ -307,7 +298,7 @@ impl Session {
             accept_queue: VecDeque::with_capacity(cfg.max_streams),
             accept_waker: None,
             control_waker: None,
-            blocked: Vec::new(),
+            unblocked: event_listener::Event::new(),
             driver: None,
             goaway: None,
             ended: false,
@@ -336,39 +327,52 @@ impl Session {
 
     /// Opens a stream, waiting while every stream slot is in use.
     pub async fn open(&self, meta: &Meta) -> io::Result<Stream> {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
+        self.until_unblocked(|inner| {
             if inner.ended {
-                return Poll::Ready(Err(closed_error(&inner)));
+                return Some(Err(closed_error(inner)));
             }
-            match inner.mux.open(&meta.to_wire()) {
+            Some(match inner.mux.open(&meta.to_wire()) {
                 Ok(id) => {
                     inner.streams.insert(id.get(), Wakers::default());
                     inner.wake_driver();
-                    Poll::Ready(Ok(Stream {
+                    Ok(Stream {
                         shared: self.shared.clone(),
                         id,
-                    }))
+                    })
                 }
-                Err(OpenError::TooManyStreams | OpenError::Blocked) => {
-                    inner.wait_blocked(cx.waker());
-                    Poll::Pending
-                }
-                Err(OpenError::Closing) => Poll::Ready(Err(io::Error::new(
+                Err(OpenError::TooManyStreams | OpenError::Blocked) => return None,
+                Err(OpenError::Closing) => Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "session is draining or closed",
-                ))),
-                Err(OpenError::IdsExhausted) => Poll::Ready(Err(io::Error::new(
+                )),
+                Err(OpenError::IdsExhausted) => Err(io::Error::new(
                     io::ErrorKind::NotConnected,
                     "stream ids exhausted; reconnect",
-                ))),
-                Err(OpenError::Meta(e)) => Poll::Ready(Err(io::Error::new(
+                )),
+                Err(OpenError::Meta(e)) => Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("stream metadata: {e}"),
-                ))),
-            }
+                )),
+            })
         })
         .await
+    }
+
+    /// Runs `attempt` under the lock until it has an answer; in between it
+    /// waits for `Unblocked`, a GOAWAY or the end of the session.
+    async fn until_unblocked<T>(&self, mut attempt: impl FnMut(&mut Inner) -> Option<T>) -> T {
+        loop {
+            let listener = {
+                let mut inner = self.shared.lock();
+                if let Some(v) = attempt(&mut inner) {
+                    return v;
+                }
+                // Listening under the lock: a notification cannot slip in
+                // between the attempt and the wait.
+                inner.unblocked.listen()
+            };
+            listener.await;
+        }
     }
 
     /// The next stream the peer opened; `None` once the session is over.
@@ -392,26 +396,22 @@ impl Session {
 
     /// Queues a control message, waiting while the control queue is full.
     pub async fn send_control(&self, msg: &Control<'_>) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
+        self.until_unblocked(|inner| {
             if inner.ended {
-                return Poll::Ready(Err(closed_error(&inner)));
+                return Some(Err(closed_error(inner)));
             }
-            match inner.mux.send_control(msg) {
+            Some(match inner.mux.send_control(msg) {
                 Ok(()) => {
                     inner.wake_driver();
-                    Poll::Ready(Ok(()))
+                    Ok(())
                 }
-                Err(ControlError::Blocked) => {
-                    inner.wait_blocked(cx.waker());
-                    Poll::Pending
-                }
-                Err(ControlError::Closed) => Poll::Ready(Err(closed_error(&inner))),
-                Err(ControlError::Codec(e)) => Poll::Ready(Err(io::Error::new(
+                Err(ControlError::Blocked) => return None,
+                Err(ControlError::Closed) => Err(closed_error(inner)),
+                Err(ControlError::Codec(e)) => Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!("control message: {e}"),
-                ))),
-            }
+                )),
+            })
         })
         .await
     }
@@ -451,9 +451,10 @@ impl Session {
     }
 
     /// Tasks waiting in [`Session::open`], [`Session::send_control`] or
-    /// [`Session::closed`] (diagnostics: bounded by the waiting tasks).
+    /// [`Session::closed`] right now (diagnostics: a wait that is dropped
+    /// leaves nothing behind).
     pub fn waiting_tasks(&self) -> usize {
-        self.shared.lock().blocked.len()
+        self.shared.lock().unblocked.total_listeners()
     }
 
     /// Streams held right now.
@@ -469,15 +470,8 @@ impl Session {
 
     /// Waits until the session is over (the mux closed or the pipe ended).
     pub async fn closed(&self) {
-        std::future::poll_fn(|cx| {
-            let mut inner = self.shared.lock();
-            if inner.dead() {
-                return Poll::Ready(());
-            }
-            inner.wait_blocked(cx.waker());
-            Poll::Pending
-        })
-        .await
+        self.until_unblocked(|inner| inner.dead().then_some(()))
+            .await
     }
 }
 

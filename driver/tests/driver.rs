@@ -493,3 +493,29 @@ fn polling_closed_repeatedly_does_not_grow_the_waiter_list() {
         assert_eq!(client.waiting_tasks(), 1);
     });
 }
+
+#[test]
+fn abandoned_waits_for_a_stream_slot_leave_nothing_behind() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let mut one = cfg(Role::Server);
+        one.max_streams = 1;
+        let (edge, edrv) = Session::new(c, one).expect("edge side");
+        let (_agent, adrv) = Session::new(s, cfg(Role::Client)).expect("agent side");
+        smol::spawn(edrv).detach();
+        smol::spawn(adrv).detach();
+        let _held = edge.open(&Meta::endpoint("a")).await.expect("the one slot");
+        // Public clients that give up while every slot is busy (the edge's
+        // open timeout) must not leave their wakers behind.
+        let meta = Meta::endpoint("a");
+        for _ in 0..1000 {
+            let mut open = Box::pin(edge.open(&meta));
+            assert!(
+                future::poll_once(open.as_mut()).await.is_none(),
+                "no free slot"
+            );
+            drop(open);
+        }
+        assert_eq!(edge.waiting_tasks(), 0);
+    });
+}

@@ -687,10 +687,18 @@ where
     /// [`Mux::take_control`] or the queue of orphan resets is full; pass the
     /// rest again later (an empty slice is fine, to resume).
     pub fn handle_input(&mut self, now: Millis, input: &[u8]) -> usize {
-        if !input.is_empty() {
+        let n = self.consume_input(input);
+        // Only bytes taken prove the peer alive: input offered again while it
+        // stalls (a control message not yet taken) must not hold off the
+        // dead-peer deadline, or a peer could pin a session forever.
+        if n > 0 {
             self.last_rx = now;
             self.ping_outstanding = false;
         }
+        n
+    }
+
+    fn consume_input(&mut self, input: &[u8]) -> usize {
         let mut pos = 0;
         loop {
             match self.rx {

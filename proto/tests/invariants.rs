@@ -762,3 +762,53 @@ fn eof_keeps_finished_streams_bytes_and_resets_open_ones() {
         "nothing is sent after EOF"
     );
 }
+
+/// Input offered again while it stalls on an untaken control message does
+/// not count as life: the dead-peer deadline still closes the session.
+#[test]
+fn stalled_input_does_not_hold_off_the_dead_peer_deadline() {
+    use tether_proto::frame::write_frame;
+    use tether_proto::{Config, FrameHeader, FrameKind, Millis, Mux, Role, Slot};
+
+    let msg = Control::Welcome {
+        version: 1,
+        session: 7,
+        edge: "e",
+    };
+    let mut body = [0u8; 64];
+    let body = msg.encode(&mut body).expect("encode").to_vec();
+    let mut wire = Vec::new();
+    for _ in 0..3 {
+        let mut f = vec![0u8; 8 + body.len()];
+        write_frame(
+            &mut f,
+            FrameHeader::session(FrameKind::Control, 0, body.len() as u16),
+            &body,
+        )
+        .expect("frame");
+        wire.extend_from_slice(&f);
+    }
+    let cfg = Config {
+        max_streams: 1,
+        window: 16384,
+        ping_interval_ms: 100,
+        dead_after_ms: 300,
+        ..Config::new(Role::Server)
+    };
+    let mut s = Mux::new(
+        cfg,
+        vec![Slot::EMPTY; 1],
+        vec![0u8; cfg.buffer_len()],
+        Millis(0),
+    )
+    .expect("mux");
+    let mut pos = s.handle_input(Millis(0), &wire);
+    assert!(pos < wire.len(), "the second control message stalls input");
+    // The application never takes the message; the driver keeps offering the rest.
+    for t in (10..=400).step_by(10) {
+        pos += s.handle_input(Millis(t), &wire[pos..]);
+        s.handle_timeout(Millis(t));
+    }
+    assert!(s.is_closed(), "closed by the deadline");
+    assert_eq!(s.close_reason(), Some(CloseReason::Timeout));
+}
