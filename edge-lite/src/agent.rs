@@ -35,6 +35,10 @@ const RETRY_BUSY_MS: u32 = 5_000;
 /// The edge's name and version, in `Welcome`.
 const EDGE_NAME: &str = concat!("tether-edge/", env!("CARGO_PKG_VERSION"));
 
+/// How long an `Error` may wait for room in the control queue before the
+/// session is closed without it.
+const ERROR_QUEUE_TIMEOUT: Duration = Duration::from_millis(200);
+
 /// One agent session: the driver's handle and who is on the other end.
 pub(crate) struct AgentConn {
     no: u64,
@@ -61,14 +65,17 @@ impl AgentConn {
     /// Sends `Error{code}` and closes the session with `GOAWAY(code)`. The
     /// mux writes control messages queued before a local close ahead of the
     /// `GOAWAY` (PROTOCOL.md section 7), so the agent always learns why.
+    ///
+    /// The `Error` waits for room in the control queue at most
+    /// [`ERROR_QUEUE_TIMEOUT`]: an agent that stops reading cannot delay its
+    /// own revocation; the `GOAWAY` (and the end of every stream) comes anyway.
     pub(crate) async fn close_with(&self, code: ErrorCode, retry_after_ms: u32, message: &str) {
-        let _ = self
-            .send(&Control::Error {
-                code: code.0,
-                retry_after_ms,
-                message,
-            })
-            .await;
+        let error = Control::Error {
+            code: code.0,
+            retry_after_ms,
+            message,
+        };
+        let _ = timeout(ERROR_QUEUE_TIMEOUT, self.send(&error)).await;
         self.session.goaway(code);
     }
 }

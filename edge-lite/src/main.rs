@@ -17,8 +17,8 @@ const USAGE: &str = "usage: tether-edge --config FILE [serve]
 
   serve           run the edge (the default)
   token create    create a token; prints it once on stdout (its id on stderr).
-                  --allow NAME may repeat; '*' allows every endpoint, and so
-                  does giving no --allow at all
+                  --allow NAME is required and may repeat; '*' allows every
+                  endpoint, and must be asked for explicitly
   token list      list tokens (never secrets)
   token revoke    revoke a token; running servers close its sessions within 1 s";
 
@@ -75,6 +75,14 @@ fn parse_args() -> Result<Option<Args>, String> {
     let command = match words.as_slice() {
         [] | ["serve"] => Command::Serve,
         ["token", "create"] => {
+            if allow.is_empty() {
+                // Fail closed: a forgotten flag must not mint a credential
+                // that may claim any device's endpoint.
+                return Err(
+                    "token create needs --allow NAME (repeatable), or --allow '*' to allow every endpoint"
+                        .into(),
+                );
+            }
             if let Some(bad) = allow
                 .iter()
                 .find(|a| *a != "*" && !tether_edge::config::valid_endpoint_name(a))
@@ -131,11 +139,7 @@ fn main() -> ExitCode {
     match args.command {
         Command::Serve => serve(cfg),
         Command::Create { description, allow } => with_store(&cfg, |s| {
-            let allow = if allow.is_empty() {
-                Allow::Any
-            } else {
-                Allow::from_names(allow)
-            };
+            let allow = Allow::from_names(allow);
             let t = s.create(&description, &allow)?;
             println!("{}", t.token.expose());
             eprintln!("created token {} (allow={allow})", t.id);

@@ -128,7 +128,9 @@ impl Registry {
     /// The session to carry a new public connection to `endpoint` of `kind`.
     pub(crate) fn route(&self, endpoint: &str, kind: EndpointKind) -> Option<Session> {
         let b = self.endpoints.get(endpoint)?;
-        (b.kind == kind).then(|| b.conn.session().clone())
+        // A session whose token was revoked leaves the live set at once, before
+        // its GOAWAY takes effect: it gets no new public connections.
+        (b.kind == kind && self.is_live(b.conn.no())).then(|| b.conn.session().clone())
     }
 
     /// Forgets session `no`: it leaves the live set and every endpoint it

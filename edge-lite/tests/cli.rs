@@ -228,3 +228,15 @@ fn serve_prints_listen_bound_unbound_and_exits_0_on_sigterm() {
     let line = format!("token {} revoked: closed 1 session(s)", &token[..15]);
     assert!(logs.iter().any(|l| l.contains(&line)), "{line}: {logs:#?}");
 }
+
+#[test]
+fn token_create_without_allow_is_refused_instead_of_allowing_everything() {
+    let (_dir, _pki, config) = setup("cli-no-allow");
+    let (code, out, err) = edge(&config, &["token", "create", "--description", "forgot"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(out.is_empty(), "no token minted: {out}");
+    assert!(err.contains("--allow"), "says what is missing: {err}");
+    let (code, out, _) = edge(&config, &["token", "list"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("forgot"), "nothing stored: {out}");
+}

@@ -376,7 +376,8 @@ impl Edge {
         }
     }
 
-    /// `token create` against this edge's store; returns (token, id).
+    /// `token create` against this edge's store; returns (token, id). An
+    /// empty `allow` asks for every endpoint (`--allow '*'`).
     pub fn create_token(config: &Path, allow: &[&str]) -> (String, String) {
         let mut args = vec![
             "--config",
@@ -386,7 +387,7 @@ impl Edge {
             "--description",
             "e2e",
         ];
-        for a in allow {
+        for a in if allow.is_empty() { &["*"][..] } else { allow } {
             args.push("--allow");
             args.push(a);
         }
