@@ -58,10 +58,14 @@ async fn echo_server(sess: Session) {
     }
 }
 
-#[test]
-fn sixty_four_concurrent_streams_echo_over_tcp() {
+/// Runs `streams` echo streams concurrently over a session pair on `c`/`s`
+/// (stream k sends `base + k * step` pattern bytes in `chunk`-byte writes,
+/// then half-closes), checks every byte came back, then drains both sides.
+fn echo_many<T>(c: T, s: T, streams: u64, base: usize, step: usize, chunk: usize)
+where
+    T: futures_io::AsyncRead + futures_io::AsyncWrite + Unpin + Send + 'static,
+{
     smol::block_on(async {
-        let (c, s) = tcp_pair();
         let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client session");
         let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server session");
         let cdrv = smol::spawn(cdrv);
@@ -69,16 +73,16 @@ fn sixty_four_concurrent_streams_echo_over_tcp() {
         smol::spawn(echo_server(server.clone())).detach();
 
         let mut tasks = Vec::new();
-        for k in 0..64u64 {
+        for k in 0..streams {
             let client = client.clone();
             tasks.push(smol::spawn(async move {
                 let st = client.open(&Meta::endpoint("echo")).await.expect("open");
-                let len = 256 * 1024 + k as usize * 1000;
+                let len = base + k as usize * step;
                 let data: Vec<u8> = (0..len as u64).map(|i| pattern(k, i)).collect();
                 let (mut r, mut w) = futures_lite::io::split(st);
                 let writer = async {
-                    for chunk in data.chunks(7000) {
-                        w.write_all(chunk).await.expect("write");
+                    for piece in data.chunks(chunk) {
+                        w.write_all(piece).await.expect("write");
                     }
                     w.close().await.expect("half-close");
                 };
@@ -108,6 +112,12 @@ fn sixty_four_concurrent_streams_echo_over_tcp() {
             "server ended with {end}"
         );
     });
+}
+
+#[test]
+fn sixty_four_concurrent_streams_echo_over_tcp() {
+    let (c, s) = tcp_pair();
+    echo_many(c, s, 64, 256 * 1024, 1000, 7000);
 }
 
 #[test]
@@ -426,56 +436,10 @@ impl<T: futures_io::AsyncWrite + Unpin> futures_io::AsyncWrite for StingyPipe<T>
 
 #[test]
 fn streams_arrive_intact_through_a_pipe_that_takes_writes_in_pieces() {
-    smol::block_on(async {
-        let (c, s) = tcp_pair();
-        let c = StingyPipe { inner: c, calls: 0 };
-        let s = StingyPipe { inner: s, calls: 0 };
-        let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client session");
-        let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server session");
-        let cdrv = smol::spawn(cdrv);
-        let sdrv = smol::spawn(sdrv);
-        smol::spawn(echo_server(server.clone())).detach();
-
-        let mut tasks = Vec::new();
-        for k in 0..8u64 {
-            let client = client.clone();
-            tasks.push(smol::spawn(async move {
-                let st = client.open(&Meta::endpoint("echo")).await.expect("open");
-                let len = 200 * 1024 + k as usize * 777;
-                let data: Vec<u8> = (0..len as u64).map(|i| pattern(k, i)).collect();
-                let (mut r, mut w) = futures_lite::io::split(st);
-                let writer = async {
-                    for chunk in data.chunks(5000) {
-                        w.write_all(chunk).await.expect("write");
-                    }
-                    w.close().await.expect("half-close");
-                };
-                let reader = async {
-                    let mut got = Vec::with_capacity(len);
-                    r.read_to_end(&mut got).await.expect("read back");
-                    got
-                };
-                let ((), got) = future::zip(writer, reader).await;
-                assert_eq!(got.len(), data.len(), "stream {k} length");
-                assert!(got == data, "stream {k} bytes differ");
-            }));
-        }
-        for t in tasks {
-            t.await;
-        }
-        assert_eq!(client.live_streams(), 0, "every stream released");
-        client.goaway(ErrorCode::NO_ERROR);
-        let end = cdrv.await;
-        assert!(
-            matches!(end, Closed::Mux(CloseReason::Drained)),
-            "client ended with {end}"
-        );
-        let end = sdrv.await;
-        assert!(
-            matches!(end, Closed::Mux(CloseReason::Drained)),
-            "server ended with {end}"
-        );
-    });
+    let (c, s) = tcp_pair();
+    let c = StingyPipe { inner: c, calls: 0 };
+    let s = StingyPipe { inner: s, calls: 0 };
+    echo_many(c, s, 8, 200 * 1024, 777, 5000);
 }
 
 #[test]

@@ -625,17 +625,10 @@ fn half_received_open_keeps_its_slot_from_a_local_open() {
     use tether_proto::frame::write_frame;
     use tether_proto::mux::OpenError;
     use tether_proto::{
-        Config, FrameHeader, FrameKind, Millis, Mux, PeerAddr, Role, Slot, StreamId, StreamMeta,
+        Config, FrameHeader, FrameKind, Millis, Mux, Role, Slot, StreamId, StreamMeta,
     };
 
-    let meta = StreamMeta {
-        endpoint: "web",
-        peer: PeerAddr::Unknown,
-        sni: None,
-        client_subject: None,
-    };
-    let mut mb = [0u8; 64];
-    let m = meta.encode(&mut mb).expect("encode").to_vec();
+    let (meta, m) = web_meta();
     let mut f = vec![0u8; 8 + m.len()];
     let h = FrameHeader::stream(
         FrameKind::Open,
@@ -696,18 +689,9 @@ fn half_received_open_keeps_its_slot_from_a_local_open() {
 fn eof_keeps_finished_streams_bytes_and_resets_open_ones() {
     use tether_proto::frame::{write_frame, FLAG_FIN};
     use tether_proto::mux::{Recv, StreamError};
-    use tether_proto::{
-        Config, FrameHeader, FrameKind, Millis, Mux, PeerAddr, Role, Slot, StreamId, StreamMeta,
-    };
+    use tether_proto::{Config, FrameHeader, FrameKind, Millis, Mux, Role, Slot, StreamId};
 
-    let meta = StreamMeta {
-        endpoint: "web",
-        peer: PeerAddr::Unknown,
-        sni: None,
-        client_subject: None,
-    };
-    let mut mb = [0u8; 64];
-    let m = meta.encode(&mut mb).expect("encode").to_vec();
+    let (_, m) = web_meta();
     let mut wire = Vec::new();
     let mut push = |h: FrameHeader, p: &[u8]| {
         let mut f = vec![0u8; 8 + p.len()];
@@ -811,4 +795,17 @@ fn stalled_input_does_not_hold_off_the_dead_peer_deadline() {
     }
     assert!(s.is_closed(), "closed by the deadline");
     assert_eq!(s.close_reason(), Some(CloseReason::Timeout));
+}
+
+/// Metadata of a stream of endpoint `web`, and its encoding.
+fn web_meta() -> (tether_proto::StreamMeta<'static>, Vec<u8>) {
+    let meta = tether_proto::StreamMeta {
+        endpoint: "web",
+        peer: tether_proto::PeerAddr::Unknown,
+        sni: None,
+        client_subject: None,
+    };
+    let mut mb = [0u8; 64];
+    let m = meta.encode(&mut mb).expect("encode").to_vec();
+    (meta, m)
 }
