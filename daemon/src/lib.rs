@@ -239,6 +239,16 @@ async fn supervise(
                     driver,
                 } => {
                     backoff.session_lived(lived);
+                    // At most one session drains beside the live one, so memory
+                    // stays at two sessions' buffers however often the edge
+                    // drains us: an older drain is cut (its streams reset).
+                    for (old, task) in draining.drain(..) {
+                        if !task.is_finished() {
+                            warn!("a second drain began: cutting the older draining session");
+                            old.goaway(ErrorCode::CANCEL);
+                        }
+                        task.detach();
+                    }
                     draining.push((session, driver));
                     // At once, unless the previous session was drained early
                     // too: an edge that drains every session cannot make us spin.

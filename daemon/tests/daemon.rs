@@ -646,3 +646,63 @@ fn goaway_from_the_edge_dials_a_new_session_at_once_while_the_old_one_drains() {
     );
     assert!(daemon.terminate(7 * SECOND).success());
 }
+
+#[test]
+fn at_most_one_session_drains_beside_the_live_one() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, _seen) = echo_upstream();
+    let dir = TempDir::new("drain-cap");
+    let extra = "[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n";
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let first = edge.next_session(SECOND);
+
+    async_io::block_on(async {
+        let mut st1 = first
+            .session
+            .open(&Meta::endpoint("web"))
+            .await
+            .expect("open 1");
+        echo(&mut st1, b"one").await;
+        first.session.goaway(ErrorCode::NO_ERROR);
+        let second = edge.next_session(5 * SECOND);
+        let mut st2 = second
+            .session
+            .open(&Meta::endpoint("web"))
+            .await
+            .expect("open 2");
+        echo(&mut st2, b"two").await;
+        // A second drain while the first still has an open stream.
+        second.session.goaway(ErrorCode::NO_ERROR);
+        let _third = edge.next_session(5 * SECOND);
+        // The older drain is cut: its stream ends (reset or EOF) promptly.
+        let mut buf = [0u8; 8];
+        let ended = futures_lite::future::or(async { Some(st1.read(&mut buf).await) }, async {
+            async_io::Timer::after(5 * SECOND).await;
+            None
+        })
+        .await;
+        assert!(
+            matches!(ended, Some(Err(_)) | Some(Ok(0))),
+            "the oldest draining session was not cut: {ended:?}"
+        );
+        // The newer drain still carries bytes both ways.
+        echo(&mut st2, b"still").await;
+    });
+    assert!(
+        daemon.wait_stderr("cutting the older draining session", SECOND),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+/// Writes `msg` on `st` and checks the upstream echoes it back.
+async fn echo(st: &mut tether_driver::Stream, msg: &[u8]) {
+    st.write_all(msg).await.expect("write");
+    let mut back = vec![0u8; msg.len()];
+    st.read_exact(&mut back).await.expect("echo");
+    assert_eq!(back, msg);
+}
