@@ -240,7 +240,7 @@ pub enum StoreError {
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::StateDir(p, e) => write!(f, "state directory {}: {e}", p.display()),
+            StoreError::StateDir(p, e) => write!(f, "state {}: {e}", p.display()),
             StoreError::Db(e) => write!(f, "token store: {e}"),
             StoreError::Random => f.write_str("system random generator failed"),
         }
@@ -312,11 +312,21 @@ impl Store {
             .create(state_dir)
             .map_err(|e| StoreError::StateDir(state_dir.to_path_buf(), e))?;
         let path = state_dir.join(DB_FILE);
-        let conn = Connection::open(&path)?;
         {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            // The file exists with mode 0600 before SQLite opens it: SQLite
+            // gives its -wal and -shm files the database file's mode.
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let private = |e| StoreError::StateDir(path.clone(), e);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(private)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(private)?;
         }
+        let conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: the running server reads while the CLI writes.
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -543,5 +553,20 @@ mod tests {
             Allow::Any
         );
         assert!(!Allow::Names(vec![]).permits("a"));
+    }
+
+    #[test]
+    fn the_database_and_its_wal_are_private_to_the_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, s) = temp_store();
+        s.create("d", &Allow::Any).expect("create");
+        for name in [DB_FILE.to_owned(), format!("{DB_FILE}-wal")] {
+            let mode = std::fs::metadata(dir.join(&name))
+                .expect("exists")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{name} has mode {mode:o}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
