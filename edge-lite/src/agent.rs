@@ -432,7 +432,7 @@ fn bind(
             "the token was revoked; this session is closing",
         ));
     }
-    let mut replaced = None;
+    let mut rebuild = false;
     if let Some(b) = reg.get_mut(endpoint) {
         if b.conn.no() == conn.no && b.kind == kind {
             // The same session binding again: nothing changes, but the
@@ -471,8 +471,9 @@ fn bind(
             emit(format_args!("BOUND {endpoint} {url}"));
             return Ok(url);
         }
-        // Same token, another kind: rebuild the binding.
-        replaced = reg.remove(endpoint);
+        // Same token, another kind: rebuild the binding, once the new one
+        // exists (a failed port bind must leave the old binding in place).
+        rebuild = true;
     }
 
     let (url, tcp) = match tls_domain {
@@ -490,6 +491,7 @@ fn bind(
             (url, Some(TcpPort { port, task }))
         }
     };
+    let replaced = if rebuild { reg.remove(endpoint) } else { None };
     reg.insert(
         endpoint.to_owned(),
         Binding {
