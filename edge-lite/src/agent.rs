@@ -26,7 +26,7 @@ use crate::store::{token_id_of, AuthError, VerifiedToken};
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an agent has to send `Hello` after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// `retry_after_ms` for refused credentials (the contract's "back off long").
+/// `retry_after_ms` for refused credentials (the agent must "back off long").
 const RETRY_CREDENTIAL_MS: u32 = 300_000;
 /// `retry_after_ms` for a version mismatch.
 const RETRY_VERSION_MS: u32 = 3_600_000;

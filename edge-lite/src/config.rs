@@ -1,4 +1,4 @@
-//! The edge's configuration file (`edge.toml`, see the contract): typed
+//! The edge's configuration file (`edge.toml`, see the README's configuration reference): typed
 //! structs with `deny_unknown_fields`, and [`Config::load`], which parses,
 //! checks every value and the TLS files it names, and reports the first
 //! problem as a [`ConfigError`] with file, line, field and reason.

@@ -2,7 +2,8 @@
 //! agent port over TLS 1.3 and authenticate with a token; the public
 //! connects to its tcp ports and its shared TLS port, and each public
 //! connection is carried to the device as a stream of the device's session
-//! (PROTOCOL.md; the contract in `tether-contract.md` fixes the rest).
+//! (proto/PROTOCOL.md; the README documents the configuration, the CLI and
+//! the machine-readable stdout lines).
 //!
 //! - [`config`]: the typed `edge.toml`, errors with file, line and field.
 //! - [`store`]: the SQLite token store (salted hashes, never secrets).
