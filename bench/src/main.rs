@@ -44,7 +44,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Condvar, Mutex};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tether_proto::{Config, Role};
+use tether_tests::Lines;
 
 /// The domain of the TLS endpoints.
 const DOMAIN: &str = "tether.bench";
@@ -127,31 +128,6 @@ fn env_num(name: &str, default: u64) -> u64 {
 
 // ---------------------------------------------------------------- processes
 
-/// Lines a child printed on stdout.
-#[derive(Clone, Default)]
-struct Lines(Arc<(Mutex<Vec<String>>, Condvar)>);
-
-impl Lines {
-    fn wait(&self, prefix: &str, timeout: Duration) -> Option<String> {
-        let (m, c) = &*self.0;
-        let deadline = Instant::now() + timeout;
-        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(l) = g.iter().find(|l| l.starts_with(prefix)) {
-                return Some(l.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            g = c
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-}
-
 /// A running program, killed (and reaped) when dropped.
 struct Proc {
     child: Child,
@@ -188,9 +164,7 @@ impl Proc {
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let (m, c) = &*lines.0;
-                m.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                c.notify_all();
+                lines.push(line);
             }
         });
         Ok(Proc { child, out, log })

@@ -98,7 +98,8 @@ pub struct Lines {
 }
 
 impl Lines {
-    fn push(&self, line: String) {
+    /// Appends a line and wakes the waiters.
+    pub fn push(&self, line: String) {
         let (m, c) = &*self.inner;
         m.lock().unwrap_or_else(|e| e.into_inner()).push(line);
         c.notify_all();
@@ -118,14 +119,18 @@ impl Lines {
         self.all().iter().filter(|l| l.contains(needle)).count()
     }
 
-    /// Waits for the `nth` (0-based) line that starts with `prefix`, returning it.
-    pub fn wait_nth(&self, prefix: &str, nth: usize, timeout: Duration) -> Option<String> {
+    /// Waits up to `timeout` until `find` picks a line out of all lines so far.
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        find: impl Fn(&[String]) -> Option<String>,
+    ) -> Option<String> {
         let (m, c) = &*self.inner;
         let deadline = Instant::now() + timeout;
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(l) = g.iter().filter(|l| l.starts_with(prefix)).nth(nth) {
-                return Some(l.clone());
+            if let Some(l) = find(&g) {
+                return Some(l);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -136,6 +141,16 @@ impl Lines {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// Waits for the `nth` (0-based) line that starts with `prefix`, returning it.
+    pub fn wait_nth(&self, prefix: &str, nth: usize, timeout: Duration) -> Option<String> {
+        self.wait_for(timeout, |ls| {
+            ls.iter()
+                .filter(|l| l.starts_with(prefix))
+                .nth(nth)
+                .cloned()
+        })
     }
 
     /// Waits for the first line that starts with `prefix`.
@@ -145,22 +160,9 @@ impl Lines {
 
     /// Waits for a line containing `needle` anywhere.
     pub fn wait_contains(&self, needle: &str, timeout: Duration) -> Option<String> {
-        let (m, c) = &*self.inner;
-        let deadline = Instant::now() + timeout;
-        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            if let Some(l) = g.iter().find(|l| l.contains(needle)) {
-                return Some(l.clone());
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            g = c
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        self.wait_for(timeout, |ls| {
+            ls.iter().find(|l| l.contains(needle)).cloned()
+        })
     }
 }
 

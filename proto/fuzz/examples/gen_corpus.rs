@@ -241,7 +241,7 @@ impl Enc {
                 self.str(endpoint);
                 self.str(url);
             }
-            other => unimplemented!("seed encoding of {other:?}"),
+            other => panic!("no seed uses {other:?}: add its encoding here first"),
         }
     }
     fn app(&mut self, op: &AppOp) {
@@ -401,7 +401,7 @@ impl Enc {
                         self.tag(3, 5);
                         self.u16(*len);
                     }
-                    Some(other) => unimplemented!("seed encoding of {other:?}"),
+                    Some(other) => panic!("no seed uses {other:?}: add its encoding here first"),
                 }
             }
             PairOp::Deliver { to_server, max } => {
