@@ -46,6 +46,19 @@ pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Largest frame on the wire.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
 
+/// Whether `name` can be an endpoint name: a DNS label of lowercase letters,
+/// digits and inner hyphens, 1 to 63 characters (the edge publishes a tls
+/// endpoint as `<name>.<domain>`). The one rule both programs check.
+pub fn valid_endpoint_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
 /// A point in time, in milliseconds since an origin the caller chooses.
 ///
 /// The multiplexer never reads a clock: the caller passes `now` in.
