@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use futures_rustls::rustls::pki_types::ServerName;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
+use tether_conf::{line_of, line_of_key, locate_error};
 use tether_proto::{EndpointKind, Role, INITIAL_WINDOW, MAX_WINDOW};
-use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 /// The whole configuration, as typed values.
@@ -328,7 +328,7 @@ impl Config {
             reason,
         };
         let cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, field) = locate(text, e.span(), e.message());
+            let (line, field) = locate_error(text, &e);
             err(line, &field, e.message().trim().to_owned())
         })?;
 
@@ -352,7 +352,7 @@ impl Config {
         );
         let r = &cfg.reconnect;
         if r.max_backoff_ms < r.initial_backoff_ms {
-            let line = key_line(text, "max_backoff_ms").unwrap_or(1);
+            let line = line_of_key(text, "reconnect.max_backoff_ms").unwrap_or(1);
             return Err(err(
                 line,
                 "reconnect.max_backoff_ms",
@@ -394,101 +394,6 @@ impl Config {
             Some(n) => Ok(n.0.clone()),
             None => TlsName::parse(&self.edge.host).map(|n| n.0),
         }
-    }
-}
-
-/// 1-based line of byte offset `pos`.
-fn line_of(text: &str, pos: usize) -> usize {
-    let pos = pos.min(text.len());
-    text.as_bytes()[..pos]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
-}
-
-/// The line of the first `key =` in `text` (for checks without a span).
-fn key_line(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            l.trim_start()
-                .strip_prefix(key)
-                .is_some_and(|r| r.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
-}
-
-/// Line and dotted field path of a deserialization error at `span`.
-///
-/// The document is parsed again into toml's spanned tree and walked down to
-/// the innermost key whose key or value contains the error's position. For
-/// "missing field `x`" the field is appended to the enclosing table's path.
-fn locate(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> (usize, String) {
-    let Some(span) = span else {
-        let field = quoted_field(message).unwrap_or("-").to_owned();
-        return (1, field);
-    };
-    let line = line_of(text, span.start);
-    let mut path = String::new();
-    // A missing field is reported at the header of its table (or the whole
-    // document): look for a table header only.
-    let missing = message.starts_with("missing field");
-    if let Ok(doc) = DeTable::parse(text) {
-        walk_table(doc.get_ref(), span.start, missing, &mut path);
-    }
-    if missing {
-        if let Some(f) = quoted_field(message) {
-            if !path.is_empty() {
-                path.push('.');
-            }
-            path.push_str(f);
-        }
-    }
-    if path.is_empty() {
-        path.push('-');
-    }
-    (line, path)
-}
-
-fn quoted_field(message: &str) -> Option<&str> {
-    let (_, rest) = message.split_once('`')?;
-    let (f, _) = rest.split_once('`')?;
-    Some(f)
-}
-
-/// Appends to `path` the key path whose key or scalar value contains
-/// `pos`. Table spans cover only their header, so every table is searched.
-fn walk_table(t: &DeTable<'_>, pos: usize, headers: bool, path: &mut String) -> bool {
-    for (k, v) in t.iter() {
-        let len = path.len();
-        if !path.is_empty() {
-            path.push('.');
-        }
-        path.push_str(k.get_ref());
-        if (!headers && k.span().contains(&pos)) || walk_value(v, pos, headers, path) {
-            return true;
-        }
-        path.truncate(len);
-    }
-    false
-}
-
-fn walk_value(v: &Spanned<DeValue<'_>>, pos: usize, headers: bool, path: &mut String) -> bool {
-    match v.get_ref() {
-        DeValue::Table(t) => walk_table(t, pos, headers, path) || v.span().contains(&pos),
-        DeValue::Array(a) => {
-            for (i, item) in a.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                if walk_value(item, pos, headers, path) {
-                    return true;
-                }
-                path.truncate(len);
-            }
-            v.span().contains(&pos)
-        }
-        _ if headers => false,
-        _ => v.span().contains(&pos) || (v.span().is_empty() && v.span().start == pos),
     }
 }
 
