@@ -140,20 +140,15 @@ fn default_connect_timeout() -> u64 {
 }
 
 /// An endpoint name: 1 to 63 characters of `a-z`, `0-9` and `-`, usable as a
-/// DNS label (the edge publishes tls endpoints as `<name>.<domain>`).
+/// DNS label (the edge publishes tls endpoints as `<name>.<domain>`). The
+/// rule is [`tether_proto::valid_endpoint_name`], the one the edge checks too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Name(String);
 
 impl<'de> Deserialize<'de> for Name {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
         let s = String::deserialize(d)?;
-        let ok = !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !s.starts_with('-')
-            && !s.ends_with('-');
-        if ok {
+        if tether_proto::valid_endpoint_name(&s) {
             Ok(Name(s))
         } else {
             Err(de::Error::custom(format!(

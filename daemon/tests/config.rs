@@ -185,3 +185,34 @@ fn the_credential_is_the_trimmed_first_line_of_a_private_file() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn endpoint_names_follow_the_one_rule_in_tether_proto() {
+    let parse = |name: &str| {
+        let text = format!(
+            "edge = \"e:1\"\ncredential = \"/c\"\n[[endpoint]]\nname = \"{name}\"\nkind = \"tcp\"\nupstream = \"127.0.0.1:80\"\n"
+        );
+        Config::parse(Path::new("t.toml"), &text)
+    };
+    let long = "a".repeat(63);
+    let too_long = "a".repeat(64);
+    for name in ["a", "0", "web", "a-b", "9-lives", long.as_str()] {
+        assert!(tether_proto::valid_endpoint_name(name), "{name}");
+        assert!(parse(name).is_ok(), "`{name}` is accepted");
+    }
+    for name in [
+        "",
+        "-web",
+        "web-",
+        "Web",
+        "a_b",
+        "a.b",
+        "wéb",
+        too_long.as_str(),
+    ] {
+        assert!(!tether_proto::valid_endpoint_name(name), "{name}");
+        let e = parse(name).expect_err("refused");
+        assert_eq!((e.line, e.field.as_str()), (4, "endpoint[0].name"), "{e}");
+        assert!(e.reason.contains("not a valid endpoint name"), "{e}");
+    }
+}
