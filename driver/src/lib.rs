@@ -19,6 +19,12 @@
 //! are bounded by `max_streams`. Both ends run on any executor; the daemon
 //! uses one single-threaded smol executor.
 //!
+//! [`tune_tunnel_socket`] (module [`socket`], Linux and Android) sets the
+//! tunnel's TCP socket up so the kernel, too, drops a dead peer after about
+//! the heartbeat's `dead_after`: keepalive probes on an idle connection, and
+//! `TCP_USER_TIMEOUT` on sent data the peer never acknowledges. Both
+//! programs call it on the TCP socket before the TLS handshake.
+//!
 //! This crate does not know about TLS, tokens or endpoints.
 
 use std::collections::{HashMap, VecDeque};
@@ -29,6 +35,11 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub mod socket;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub use socket::{tune_tunnel_socket, TunnelSocketTimes};
 
 use async_io::Timer;
 use futures_io::{AsyncRead, AsyncWrite};
