@@ -33,6 +33,9 @@ pub struct Config {
     /// Multiplexer settings for every agent session.
     #[serde(default)]
     pub session: SessionConfig,
+    /// What a peer may hold, and for how long.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[agent]`: where devices dial in.
@@ -116,6 +119,10 @@ pub struct SessionConfig {
     pub dead_after_ms: u64,
     /// How long a graceful shutdown waits for open streams.
     pub shutdown_grace_ms: u64,
+    /// How long a closed session may take to flush its last frames before
+    /// its transport is dropped (a peer that stops reading holds nothing
+    /// past it).
+    pub linger_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -127,8 +134,104 @@ impl Default for SessionConfig {
             ping_interval_ms: d.ping_interval_ms,
             dead_after_ms: d.dead_after_ms,
             shutdown_grace_ms: 10_000,
+            linger_ms: 2_000,
         }
     }
+}
+
+/// `[limits]`: every resource a peer can hold, bounded in size and in time
+/// (DESIGN.md invariant 11). The README lists each with its default.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Agent port: time for the TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Agent port: time for `Hello` after the TLS handshake.
+    pub hello_timeout_ms: u64,
+    /// Unfinished agent handshakes per source (an IPv4 address, an IPv6 /64).
+    pub pending_per_source: usize,
+    /// Unfinished agent handshakes in all.
+    pub pending_total: usize,
+    /// Live sessions per token; a new one past it evicts the oldest.
+    pub sessions_per_token: usize,
+    /// Endpoints one session may bind.
+    pub endpoints_per_session: usize,
+    /// Public connections of one endpoint waiting for a stream; past it a
+    /// new one is closed at once.
+    pub public_waiting_per_endpoint: usize,
+    /// Public connections in all (every tcp port and the tls port).
+    pub public_connections: usize,
+    /// Shared TLS port: time for a public client's TLS handshake.
+    pub public_tls_handshake_timeout_ms: u64,
+    /// An established public connection with no byte either way for this
+    /// long is closed.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> LimitsConfig {
+        LimitsConfig {
+            tls_handshake_timeout_ms: 5_000,
+            hello_timeout_ms: 5_000,
+            pending_per_source: 8,
+            pending_total: 512,
+            sessions_per_token: 4,
+            endpoints_per_session: 32,
+            public_waiting_per_endpoint: 64,
+            public_connections: 8_192,
+            public_tls_handshake_timeout_ms: 5_000,
+            idle_timeout_ms: 600_000,
+        }
+    }
+}
+
+/// The accepted range of every numeric setting: the arithmetic on them
+/// (`Instant + Duration`, window sums) stays sound inside these.
+const RANGES: &[(&str, &str, u64, u64)] = &[
+    ("session", "ping_interval_ms", 100, 3_600_000),
+    ("session", "dead_after_ms", 200, 86_400_000),
+    ("session", "shutdown_grace_ms", 0, 3_600_000),
+    ("session", "linger_ms", 10, 60_000),
+    ("limits", "tls_handshake_timeout_ms", 100, 120_000),
+    ("limits", "hello_timeout_ms", 100, 120_000),
+    ("limits", "pending_per_source", 1, 65_536),
+    ("limits", "pending_total", 1, 1_048_576),
+    ("limits", "sessions_per_token", 1, 65_536),
+    ("limits", "endpoints_per_session", 1, 65_536),
+    ("limits", "public_waiting_per_endpoint", 1, 1_048_576),
+    ("limits", "public_connections", 1, 16_777_216),
+    ("limits", "public_tls_handshake_timeout_ms", 100, 120_000),
+    ("limits", "idle_timeout_ms", 1_000, 604_800_000),
+];
+
+impl Config {
+    fn numeric(&self, table: &str, field: &str) -> u64 {
+        let (s, l) = (&self.session, &self.limits);
+        let u = |v: usize| v as u64;
+        match (table, field) {
+            ("session", "ping_interval_ms") => s.ping_interval_ms,
+            ("session", "dead_after_ms") => s.dead_after_ms,
+            ("session", "shutdown_grace_ms") => s.shutdown_grace_ms,
+            ("session", "linger_ms") => s.linger_ms,
+            ("limits", "tls_handshake_timeout_ms") => l.tls_handshake_timeout_ms,
+            ("limits", "hello_timeout_ms") => l.hello_timeout_ms,
+            ("limits", "pending_per_source") => u(l.pending_per_source),
+            ("limits", "pending_total") => u(l.pending_total),
+            ("limits", "sessions_per_token") => u(l.sessions_per_token),
+            ("limits", "endpoints_per_session") => u(l.endpoints_per_session),
+            ("limits", "public_waiting_per_endpoint") => u(l.public_waiting_per_endpoint),
+            ("limits", "public_connections") => u(l.public_connections),
+            ("limits", "public_tls_handshake_timeout_ms") => l.public_tls_handshake_timeout_ms,
+            ("limits", "idle_timeout_ms") => l.idle_timeout_ms,
+            // RANGES names only the fields above (a unit test walks it).
+            _ => 0,
+        }
+    }
+}
+
+/// Milliseconds as a `Duration`.
+pub fn ms(v: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(v)
 }
 
 impl SessionConfig {
@@ -181,17 +284,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Whether `name` can be an endpoint name: a DNS label of lowercase letters,
-/// digits and inner hyphens, 1 to 63 characters (it becomes `<name>.<domain>`).
-pub fn valid_endpoint_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
+pub use tether_proto::valid_endpoint_name;
 
 fn valid_domain(domain: &str) -> bool {
     domain.len() <= 253 && domain.split('.').all(valid_endpoint_name)
@@ -259,6 +352,15 @@ impl Config {
                 return Err(doc.at(
                     &["tls", "domain"],
                     format!("{:?} is not a lowercase DNS name", t.domain),
+                ));
+            }
+        }
+        for &(table, field, lo, hi) in RANGES {
+            let v = self.numeric(table, field);
+            if !(lo..=hi).contains(&v) {
+                return Err(doc.at(
+                    &[table, field],
+                    format!("{v} is outside the accepted range {lo}..={hi}"),
                 ));
             }
         }

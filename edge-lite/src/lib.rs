@@ -5,30 +5,47 @@
 //! (proto/PROTOCOL.md; the README documents the configuration, the CLI and
 //! the machine-readable stdout lines).
 //!
-//! - [`config`]: the typed `edge.toml`, errors with file, line and field.
-//! - [`store`]: the SQLite token store (salted hashes, never secrets).
-//! - [`Server`] / [`run`]: the listeners, sessions, routing, revocation
-//!   watcher and graceful shutdown.
-//! - [`admin`]: what the `token` subcommands print.
+//! The modules, each with one owner, in a one-way chain (a module imports
+//! only modules listed after it):
+//!
+//! - `server` ([`Server`] / [`run`]): binds the listeners, accepts, watches
+//!   the store (revocations, endpoint owners), shuts down gracefully.
+//! - `agent`: one agent connection, from admission to unbinding at its end.
+//! - `handshake`: TLS, the first frame, `Hello` and the token check, before
+//!   any session memory exists.
+//! - `bind`: deciding a `Bind` (ACL, limits, ownership, tcp ports).
+//! - `public`: the public listeners and the copy into streams.
+//! - `state`: what every task shares, the one `timeout`, store calls.
+//! - `registry`: who holds which endpoint; `admission`: pending handshakes
+//!   per source; [`metrics`]: the counters; [`lines`]: the stdout lines.
+//! - [`config`]: the typed `edge.toml`; [`store`]: the SQLite token and
+//!   endpoint-owner store (salted hashes, never secrets); `tls`: rustls;
+//!   [`listing`]: what the CLI prints.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver. Not here yet: IP
 //! restrictions, client certificates, policies, rotation, the admin API and
 //! events (DESIGN.md), which later issues add.
 
-pub mod admin;
+mod admission;
 mod agent;
+mod bind;
 pub mod config;
+mod handshake;
+pub mod lines;
+pub mod listing;
+pub mod metrics;
 mod public;
 mod registry;
 mod server;
+mod state;
 pub mod store;
 mod tls;
 
 use std::future::Future;
 
 pub use config::{Config, ConfigError};
-pub use server::{RunError, Server, REVOCATION_POLL};
+pub use server::{RunError, Server, REVOCATION_POLL, SUMMARY_EVERY};
 
 /// Runs the edge until `shutdown` resolves, then drains and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use futures_lite::StreamExt;
-use tether_edge::admin::token_table;
+use tether_edge::listing::{endpoint_table, token_table};
 use tether_edge::store::{Allow, Revoked, Store};
 use tether_edge::Config;
 
@@ -14,13 +14,20 @@ const USAGE: &str = "usage: tether-edge --config FILE [serve]
        tether-edge --config FILE token create [--description TEXT] [--allow NAME]...
        tether-edge --config FILE token list
        tether-edge --config FILE token revoke ID
+       tether-edge --config FILE endpoint list
+       tether-edge --config FILE endpoint release NAME
 
   serve           run the edge (the default)
   token create    create a token; prints it once on stdout (its id on stderr).
                   --allow NAME is required and may repeat; '*' allows every
                   endpoint, and must be asked for explicitly
   token list      list tokens (never secrets)
-  token revoke    revoke a token; running servers close its sessions within 1 s";
+  token revoke    revoke a token; running servers close its sessions within 1 s
+  endpoint list   list endpoints and the token that owns each (the first token
+                  to bind an endpoint owns it; others get ENDPOINT_TAKEN)
+  endpoint release
+                  forget an endpoint's owner, so that the next token allowed
+                  to bind it owns it (to move an endpoint to a new device)";
 
 /// EX_USAGE / EX_CONFIG-style exit code for bad arguments or config.
 const EXIT_USAGE: u8 = 64;
@@ -33,6 +40,8 @@ enum Command {
     },
     List,
     Revoke(String),
+    Endpoints,
+    Release(String),
 }
 
 struct Args {
@@ -98,6 +107,8 @@ fn parse_args() -> Result<Option<Args>, String> {
         }
         ["token", "list"] => Command::List,
         ["token", "revoke", id] => Command::Revoke((*id).to_owned()),
+        ["endpoint", "list"] => Command::Endpoints,
+        ["endpoint", "release", name] => Command::Release((*name).to_owned()),
         _ => return Err(format!("unknown command: {}", words.join(" "))),
     };
     if description.is_some() || !allow.is_empty() {
@@ -148,6 +159,22 @@ fn main() -> ExitCode {
         Command::List => with_store(&cfg, |s| {
             print!("{}", token_table(&s.list()?));
             Ok(ExitCode::SUCCESS)
+        }),
+        Command::Endpoints => with_store(&cfg, |s| {
+            print!("{}", endpoint_table(&s.list_endpoints()?));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Release(name) => with_store(&cfg, |s| {
+            Ok(match s.release_endpoint(&name)? {
+                Some(owner) => {
+                    eprintln!("released endpoint {name} (was owned by token {owner})");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("error: endpoint {name:?} has no owner");
+                    ExitCode::FAILURE
+                }
+            })
         }),
         Command::Revoke(id) => with_store(&cfg, |s| {
             Ok(match s.revoke(&id)? {

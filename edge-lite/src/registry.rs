@@ -1,21 +1,38 @@
-//! Who holds what: the live agent sessions (after `Welcome`) with their
-//! token, the endpoint bindings (endpoint name -> session, public URL and,
-//! for tcp endpoints, the port and its accept task), the revoked token ids
-//! the server knows of, and the tcp ports in use.
+//! Who holds what: the live agent sessions ([`Tunnel`]s, after `Welcome`)
+//! with their token, the endpoint bindings (endpoint name -> tunnel, public
+//! URL and, for tcp endpoints, the port and its accept task), the owners of
+//! endpoints (a cache of the store's), the revoked token ids the server knows
+//! of, and the tcp ports in use.
 //!
 //! Everything here is plain data behind one `std::sync::Mutex` in the
-//! server: no call awaits, so the lock is never held across a suspension.
-//! It decides; `agent` and `public` act on the decisions.
+//! server's state: no call awaits and none does I/O, so the lock is never
+//! held across a suspension or a system call. It decides; the agent, bind
+//! and public modules act on the decisions. It imports only the store's
+//! types and the driver's session handle.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use smol::Task;
 use tether_driver::Session;
 use tether_proto::EndpointKind;
 
-use crate::agent::AgentConn;
 use crate::store::TokenId;
+
+/// One agent session as the rest of the edge sees it.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    /// The session number (as in `Welcome`); increases with each session.
+    pub(crate) no: u64,
+    /// The agent's address.
+    pub(crate) peer: SocketAddr,
+    /// The verified token it authenticated with.
+    pub(crate) token: TokenId,
+    /// The driver's handle.
+    pub(crate) session: Session,
+}
 
 /// A tcp endpoint's public port and the task that accepts on it (cancelled,
 /// closing the port, when the binding is dropped).
@@ -26,48 +43,87 @@ pub(crate) struct TcpPort {
 
 /// One bound endpoint.
 pub(crate) struct Binding {
-    pub(crate) conn: Arc<AgentConn>,
-    pub(crate) token: TokenId,
+    pub(crate) tunnel: Arc<Tunnel>,
     pub(crate) kind: EndpointKind,
     pub(crate) url: String,
     pub(crate) tcp: Option<TcpPort>,
+    /// Public connections waiting for a stream of this endpoint.
+    pub(crate) waiting: Arc<AtomicUsize>,
 }
 
 /// The registry; see the module docs.
 #[derive(Default)]
 pub(crate) struct Registry {
     endpoints: HashMap<String, Binding>,
-    live: HashMap<u64, (TokenId, Arc<AgentConn>)>,
+    live: HashMap<u64, Arc<Tunnel>>,
     revoked: HashSet<TokenId>,
+    owners: HashMap<String, TokenId>,
     ports: HashSet<u16>,
 }
 
-/// What [`Registry::admit`] decided.
-pub(crate) enum Admission {
-    /// The session is live.
-    Admitted,
-    /// The token was revoked meanwhile.
-    Revoked,
+/// Why [`Registry::admit`] refused a session.
+#[derive(Debug)]
+pub(crate) struct Revoked;
+
+/// Why [`Registry::route`] found no session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NoRoute {
+    /// No live session serves the endpoint with that kind.
+    Unbound,
+    /// `public_waiting_per_endpoint` connections already wait for a stream.
+    Full,
+}
+
+/// A public connection counted among its endpoint's waiting ones until
+/// dropped (once its stream is open, or it gave up).
+#[derive(Debug)]
+pub(crate) struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Registry {
-    /// A registry that knows these revoked tokens.
-    pub(crate) fn new(revoked: HashSet<TokenId>) -> Registry {
+    /// A registry that knows these revoked tokens and endpoint owners.
+    pub(crate) fn new(revoked: HashSet<TokenId>, owners: HashMap<String, TokenId>) -> Registry {
         Registry {
             revoked,
+            owners,
             ..Registry::default()
         }
     }
 
-    /// Makes a session live under `token`, unless the token is known revoked.
-    /// Checked under the same lock that [`Registry::set_revoked`] takes, so a
-    /// revocation is either seen here or closes the session there.
-    pub(crate) fn admit(&mut self, token: &TokenId, conn: &Arc<AgentConn>) -> Admission {
-        if self.revoked.contains(token) {
-            return Admission::Revoked;
+    /// Makes a session live, unless its token is known revoked. Checked under
+    /// the same lock that [`Registry::set_revoked`] takes, so a revocation is
+    /// either seen here or closes the session there. Past `per_token` live
+    /// sessions of the token, the oldest are taken out of the live set and
+    /// returned, for the caller to close.
+    pub(crate) fn admit(
+        &mut self,
+        tunnel: &Arc<Tunnel>,
+        per_token: usize,
+    ) -> Result<Vec<Arc<Tunnel>>, Revoked> {
+        if self.revoked.contains(&tunnel.token) {
+            return Err(Revoked);
         }
-        self.live.insert(conn.no(), (token.clone(), conn.clone()));
-        Admission::Admitted
+        self.live.insert(tunnel.no, tunnel.clone());
+        let mut same: Vec<u64> = self
+            .live
+            .values()
+            .filter(|t| t.token == tunnel.token)
+            .map(|t| t.no)
+            .collect();
+        if same.len() <= per_token {
+            return Ok(Vec::new());
+        }
+        same.sort_unstable();
+        let excess = same.len() - per_token;
+        Ok(same[..excess]
+            .iter()
+            .filter_map(|no| self.live.remove(no))
+            .collect())
     }
 
     /// Replaces the set of revoked ids. Returns the ids new to the set, and
@@ -75,15 +131,15 @@ impl Registry {
     pub(crate) fn set_revoked(
         &mut self,
         ids: HashSet<TokenId>,
-    ) -> (Vec<TokenId>, Vec<(TokenId, Arc<AgentConn>)>) {
+    ) -> (Vec<TokenId>, Vec<Arc<Tunnel>>) {
         let mut fresh: Vec<TokenId> = ids.difference(&self.revoked).cloned().collect();
         fresh.sort();
         self.revoked = ids;
         let doomed: Vec<u64> = self
             .live
-            .iter()
-            .filter(|(_, (t, _))| self.revoked.contains(t))
-            .map(|(n, _)| *n)
+            .values()
+            .filter(|t| self.revoked.contains(&t.token))
+            .map(|t| t.no)
             .collect();
         let victims = doomed
             .into_iter()
@@ -92,9 +148,37 @@ impl Registry {
         (fresh, victims)
     }
 
-    /// Whether session `no` is live (admitted, and its token not revoked since).
+    /// Replaces the cache of endpoint owners (after the store changed).
+    pub(crate) fn set_owners(&mut self, owners: HashMap<String, TokenId>) {
+        self.owners = owners;
+    }
+
+    /// The token that owns `endpoint`, if one does.
+    pub(crate) fn owner(&self, endpoint: &str) -> Option<&TokenId> {
+        self.owners.get(endpoint)
+    }
+
+    /// Records `token` as `endpoint`'s owner (the store has it already).
+    pub(crate) fn set_owner(&mut self, endpoint: &str, token: &TokenId) {
+        self.owners.insert(endpoint.to_owned(), token.clone());
+    }
+
+    /// Whether session `no` is live (admitted, and not revoked or evicted since).
     pub(crate) fn is_live(&self, no: u64) -> bool {
         self.live.contains_key(&no)
+    }
+
+    /// How many endpoints session `no` holds.
+    pub(crate) fn bound_by(&self, no: u64) -> usize {
+        self.endpoints
+            .values()
+            .filter(|b| b.tunnel.no == no)
+            .count()
+    }
+
+    /// The binding of `endpoint`.
+    pub(crate) fn get(&self, endpoint: &str) -> Option<&Binding> {
+        self.endpoints.get(endpoint)
     }
 
     /// The binding of `endpoint`, mutably.
@@ -102,12 +186,14 @@ impl Registry {
         self.endpoints.get_mut(endpoint)
     }
 
-    /// Adds a binding (the endpoint must be free).
-    pub(crate) fn insert(&mut self, endpoint: String, b: Binding) {
+    /// Adds a binding, returning the one it replaces (whose drop closes its port).
+    pub(crate) fn insert(&mut self, endpoint: String, b: Binding) -> Option<Binding> {
+        let old = self.remove(&endpoint);
         if let Some(t) = &b.tcp {
             self.ports.insert(t.port);
         }
         self.endpoints.insert(endpoint, b);
+        old
     }
 
     /// Removes a binding; its tcp port (if any) is free again once its task is
@@ -120,17 +206,35 @@ impl Registry {
         Some(b)
     }
 
-    /// Whether the edge holds `port` for some endpoint.
-    pub(crate) fn port_in_use(&self, port: u16) -> bool {
-        self.ports.contains(&port)
+    /// The tcp ports the edge holds now (to choose a free one outside the lock).
+    pub(crate) fn ports(&self) -> HashSet<u16> {
+        self.ports.clone()
     }
 
-    /// The session to carry a new public connection to `endpoint` of `kind`.
-    pub(crate) fn route(&self, endpoint: &str, kind: EndpointKind) -> Option<Session> {
-        let b = self.endpoints.get(endpoint)?;
+    /// The session to carry a new public connection to `endpoint` of `kind`,
+    /// with the connection counted among those waiting for a stream (at most
+    /// `waiting_limit`).
+    pub(crate) fn route(
+        &self,
+        endpoint: &str,
+        kind: EndpointKind,
+        waiting_limit: usize,
+    ) -> Result<(Session, Waiting), NoRoute> {
+        let b = self.endpoints.get(endpoint).ok_or(NoRoute::Unbound)?;
         // A session whose token was revoked leaves the live set at once, before
         // its GOAWAY takes effect: it gets no new public connections.
-        (b.kind == kind && self.is_live(b.conn.no())).then(|| b.conn.session().clone())
+        if b.kind != kind || !self.is_live(b.tunnel.no) || b.tunnel.session.is_closing() {
+            return Err(NoRoute::Unbound);
+        }
+        let taken = b
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < waiting_limit).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok((b.tunnel.session.clone(), Waiting(b.waiting.clone()))),
+            Err(_) => Err(NoRoute::Full),
+        }
     }
 
     /// Forgets session `no`: it leaves the live set and every endpoint it
@@ -141,7 +245,7 @@ impl Registry {
         let mut names: Vec<String> = self
             .endpoints
             .iter()
-            .filter(|(_, b)| b.conn.no() == no)
+            .filter(|(_, b)| b.tunnel.no == no)
             .map(|(n, _)| n.clone())
             .collect();
         names.sort();

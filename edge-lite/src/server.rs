@@ -1,34 +1,43 @@
 //! The server: binding the listeners ([`Server::bind`]), the accept loops,
 //! the revocation watcher, and the graceful shutdown ([`Server::run`]).
 //!
+//! The agent port admits a connection at accept (`admission`: per source
+//! and in all) before any TLS work, and hands it to `agent`; everything
+//! past that point is bounded in time by the handshake deadlines and the
+//! driver's linger deadline. Refusals are counted (`metrics`) and
+//! summarised in the log every [`SUMMARY_EVERY`].
+//!
 //! Tasks run on smol's global executor. SQLite calls go through the
 //! blocking pool (`smol::unblock`), one at a time behind the store's mutex.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
-use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::ServerConfig;
 use smol::net::TcpListener;
 use smol::Timer;
 use tether_proto::ErrorCode;
 
-use crate::agent::{self, AgentConn};
+use crate::admission::Busy;
+use crate::agent::serve_agent;
 use crate::config::Config;
+use crate::lines::emit;
+use crate::metrics::Refusal;
 use crate::public;
-use crate::registry::Registry;
-use crate::store::{Store, StoreError};
+use crate::registry::{Registry, Tunnel};
+use crate::state::{close_tunnel, State};
+use crate::store::{Store, StoreError, TokenId};
 use crate::tls;
 
 /// How often the server asks SQLite whether another connection committed.
 pub const REVOCATION_POLL: Duration = Duration::from_millis(200);
 /// `retry_after_ms` sent with `TOKEN_REVOKED` to a live session.
 const RETRY_REVOKED_MS: u32 = 300_000;
+/// How often the log gets a line with what was refused meanwhile.
+pub const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// Why the server could not start.
 #[derive(Debug)]
@@ -68,62 +77,6 @@ impl fmt::Display for RunError {
 }
 
 impl std::error::Error for RunError {}
-
-/// Prints one machine-readable line on stdout and flushes it.
-pub(crate) fn emit(line: fmt::Arguments<'_>) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// `f`'s output, or `None` if `d` passes first.
-pub(crate) async fn timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(f.await) }, async {
-        Timer::after(d).await;
-        None
-    })
-    .await
-}
-
-/// What every task of the server shares.
-pub(crate) struct State {
-    pub(crate) cfg: Config,
-    pub(crate) agent_tls: Arc<ServerConfig>,
-    pub(crate) public_tls: Option<Arc<ServerConfig>>,
-    /// The actual port of the shared TLS listener (0 without one).
-    pub(crate) tls_port: u16,
-    pub(crate) store: Arc<Mutex<Store>>,
-    registry: Mutex<Registry>,
-    conns: Mutex<HashMap<u64, Arc<AgentConn>>>,
-    pub(crate) next_session: AtomicU64,
-    shutting_down: AtomicBool,
-}
-
-impl State {
-    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
-        // The registry is plain data updated in single steps: a panic
-        // elsewhere leaves it consistent.
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Arc<AgentConn>>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Tracks a new agent connection; false when the server is shutting down.
-    pub(crate) fn add_conn(&self, conn: &Arc<AgentConn>) -> bool {
-        let mut conns = self.conns();
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return false;
-        }
-        conns.insert(conn.no(), conn.clone());
-        true
-    }
-
-    pub(crate) fn remove_conn(&self, no: u64) {
-        self.conns().remove(&no);
-    }
-}
 
 /// A bound, not yet running, edge server.
 pub struct Server {
@@ -197,11 +150,13 @@ impl Server {
                 );
             }
         }
+        raise_fd_limit();
         let dir = cfg.state_dir.clone();
-        let (store, revoked) = smol::unblock(move || {
+        let (store, revoked, owners) = smol::unblock(move || {
             let s = Store::open(&dir)?;
             let r = s.revoked_ids()?;
-            Ok::<_, StoreError>((s, r))
+            let o = s.endpoint_owners()?;
+            Ok::<_, StoreError>((s, r, o))
         })
         .await
         .map_err(RunError::Store)?;
@@ -211,20 +166,17 @@ impl Server {
             Some(t) => Some(listen("tls", t.listen).await?),
             None => None,
         };
-        let state = Arc::new(State {
-            tls_port: tls.as_ref().map_or(0, |(_, a)| a.port()),
+        let state = Arc::new(State::new(
             cfg,
             agent_tls,
             public_tls,
-            store: Arc::new(Mutex::new(store)),
-            registry: Mutex::new(Registry::new(revoked)),
-            conns: Mutex::new(HashMap::new()),
-            next_session: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
-        });
-        emit(format_args!("LISTEN agent {agent_addr}"));
+            tls.as_ref().map_or(0, |(_, a)| a.port()),
+            store,
+            Registry::new(revoked, owners),
+        ));
+        emit(format!("LISTEN agent {agent_addr}"));
         if let Some((_, a)) = &tls {
-            emit(format_args!("LISTEN tls {a}"));
+            emit(format!("LISTEN tls {a}"));
         }
         log::info!(
             "listening: agent {agent_addr}{}",
@@ -258,125 +210,147 @@ impl Server {
         } = self;
         let agents = smol::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| smol::spawn(public::accept_tls(state.clone(), l)));
-        let watcher = smol::spawn(watch_revocations(state.clone()));
+        let watcher = smol::spawn(watch_store(state.clone()));
+        let summary = smol::spawn(crate::metrics::summarise(
+            state.counters.clone(),
+            SUMMARY_EVERY,
+        ));
 
         shutdown.await;
 
         // 1. Stop accepting: every listener closes.
-        state.shutting_down.store(true, Ordering::SeqCst);
+        state.start_shutdown();
         agents.cancel().await;
         if let Some(t) = public {
             t.cancel().await;
         }
         watcher.cancel().await;
+        summary.cancel().await;
+        if let Some(line) = state.counters.summary_since_last() {
+            log::warn!("{line}");
+        }
         let listeners = state.registry().take_listeners();
         for t in listeners {
             t.cancel().await;
         }
         // 2. Drain every session.
-        let conns: Vec<Arc<AgentConn>> = state.conns().values().cloned().collect();
-        let streams: usize = conns.iter().map(|c| c.session().live_streams()).sum();
+        let conns: Vec<Arc<Tunnel>> = state.all_tunnels();
+        let streams: usize = conns.iter().map(|c| c.session.live_streams()).sum();
         log::info!(
             "shutting down: draining {} session(s) with {streams} open stream(s)",
             conns.len()
         );
         for c in &conns {
-            c.session().goaway(ErrorCode::NO_ERROR);
+            c.session.goaway(ErrorCode::NO_ERROR);
         }
         drop(conns);
         // 3. Wait for them, up to the grace period.
         let grace = Duration::from_millis(state.cfg.session.shutdown_grace_ms);
         let deadline = Instant::now() + grace;
-        while !state.conns().is_empty() && Instant::now() < deadline {
+        while !state.no_tunnels() && Instant::now() < deadline {
             Timer::after(Duration::from_millis(10)).await;
         }
-        let left: Vec<Arc<AgentConn>> = state.conns().values().cloned().collect();
+        let left: Vec<Arc<Tunnel>> = state.all_tunnels();
         if !left.is_empty() {
             log::warn!(
                 "shutdown grace of {grace:?} expired: closing {} session(s)",
                 left.len()
             );
             for c in &left {
-                c.session().goaway(ErrorCode::INTERNAL);
+                c.session.goaway(ErrorCode::INTERNAL);
             }
-            let deadline = Instant::now() + Duration::from_secs(1);
-            while !state.conns().is_empty() && Instant::now() < deadline {
+            let deadline = Instant::now() + Duration::from_millis(state.cfg.session.linger_ms);
+            while !state.no_tunnels() && Instant::now() < deadline {
                 Timer::after(Duration::from_millis(10)).await;
             }
         }
         log::info!("stopped");
+        crate::lines::flush(Duration::from_secs(1));
         Ok(())
     }
 }
 
-/// Most agent connections between TCP accept and `Welcome` (or refusal).
-/// Each holds a whole session's buffers before it has proven anything, so
-/// their number is bounded; past it, connections wait in the listen backlog.
-const MAX_PENDING_HANDSHAKES: usize = 128;
+/// Raises the soft limit of open files to the hard one: every public
+/// connection and every session is a descriptor, and the limits in
+/// `[limits]` are what bound them, not a default of 1024.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, l) {
+            log::warn!("cannot raise the open-files limit: {e}");
+        }
+    }
+}
 
+/// Accepts agent connections; each is admitted (per source and in all)
+/// before any TLS work, or closed at once.
 async fn accept_agents(state: Arc<State>, listener: TcpListener) {
-    let pending = Arc::new(smol::lock::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
-        let permit = pending.acquire_arc().await;
         match listener.accept().await {
-            Ok((conn, peer)) => {
-                smol::spawn(agent::serve(state.clone(), conn, peer, permit)).detach();
-            }
-            Err(e) => {
-                log::warn!("agent port: accept failed: {e}");
-                Timer::after(Duration::from_millis(100)).await;
-            }
+            Ok((conn, peer)) => match state.admission.try_admit(peer.ip()) {
+                Ok(pending) => {
+                    smol::spawn(serve_agent(state.clone(), conn, peer, pending)).detach();
+                }
+                Err(Busy::Source) => state.counters.refuse(Refusal::SourceBusy),
+                Err(Busy::Total) => state.counters.refuse(Refusal::PendingFull),
+            },
+            Err(e) => public::accept_failed("agent port", &e).await,
         }
     }
 }
 
 /// Polls `PRAGMA data_version`; when another connection (the CLI) has
-/// committed, and once at start, reloads the revoked ids and closes every
-/// live session of a revoked token.
-async fn watch_revocations(state: Arc<State>) {
+/// committed, and once at start, reloads the revoked ids (closing every
+/// live session of a revoked token) and the endpoint owners.
+async fn watch_store(state: Arc<State>) {
     let mut seen: Option<i64> = None;
     loop {
-        let store = state.store.clone();
         let last = seen;
-        let polled = smol::unblock(move || {
-            let s = store.lock().unwrap_or_else(|e| e.into_inner());
-            let v = s.data_version()?;
-            let ids = if last != Some(v) {
-                Some(s.revoked_ids()?)
-            } else {
-                None
-            };
-            Ok::<_, StoreError>((v, ids))
-        })
-        .await;
+        let polled = state
+            .store_call(move |s| {
+                let v = s.data_version()?;
+                let changed = if last != Some(v) {
+                    Some((s.revoked_ids()?, s.endpoint_owners()?))
+                } else {
+                    None
+                };
+                Ok::<_, StoreError>((v, changed))
+            })
+            .await;
         match polled {
-            Ok((v, ids)) => {
+            Ok((v, changed)) => {
                 seen = Some(v);
-                if let Some(ids) = ids {
+                if let Some((ids, owners)) = changed {
+                    state.registry().set_owners(owners);
                     apply_revocations(&state, ids);
                 }
             }
-            Err(e) => log::error!("revocation poll failed: {e}"),
+            Err(e) => log::error!("store poll failed: {e}"),
         }
         Timer::after(REVOCATION_POLL).await;
     }
 }
 
-fn apply_revocations(state: &Arc<State>, ids: std::collections::HashSet<crate::store::TokenId>) {
+fn apply_revocations(state: &Arc<State>, ids: HashSet<TokenId>) {
     let (fresh, victims) = state.registry().set_revoked(ids);
-    let mut counts: Vec<(crate::store::TokenId, usize)> =
-        fresh.into_iter().map(|t| (t, 0)).collect();
-    for (t, conn) in victims {
-        match counts.iter_mut().find(|(id, _)| *id == t) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((t, 1)),
-        }
+    let mut counts: HashMap<TokenId, usize> = fresh.into_iter().map(|t| (t, 0)).collect();
+    for t in victims {
+        *counts.entry(t.token.clone()).or_insert(0) += 1;
         smol::spawn(async move {
-            conn.close_with(ErrorCode::TOKEN_REVOKED, RETRY_REVOKED_MS, "token revoked")
-                .await;
+            close_tunnel(
+                &t,
+                ErrorCode::TOKEN_REVOKED,
+                RETRY_REVOKED_MS,
+                "token revoked",
+            )
+            .await;
         })
         .detach();
     }
+    let mut counts: Vec<_> = counts.into_iter().collect();
+    counts.sort();
     for (t, n) in counts {
         log::warn!("token {t} revoked: closed {n} session(s)");
     }

@@ -10,7 +10,7 @@
 //!
 //! This module is synchronous; the server calls it from the blocking pool.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -279,6 +279,26 @@ pub enum Revoked {
     Unknown,
 }
 
+/// Who owns an endpoint, as [`Store::claim_endpoint`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The token owns it (just now, or from before).
+    Owner,
+    /// Another token owns it.
+    OwnedBy(TokenId),
+}
+
+/// An endpoint's owner as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// The endpoint name.
+    pub name: String,
+    /// The token that first bound it.
+    pub owner: TokenId,
+    /// Unix seconds of that first bind.
+    pub claimed_at: i64,
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> i64 {
     SystemTime::now()
@@ -340,6 +360,11 @@ impl Store {
                 created_at INTEGER NOT NULL,
                 last_seen_at INTEGER NULL,
                 revoked_at INTEGER NULL
+            );
+            CREATE TABLE IF NOT EXISTS endpoints (
+                name TEXT PRIMARY KEY,
+                token_id TEXT NOT NULL,
+                claimed_at INTEGER NOT NULL
             );",
         )?;
         Ok(Store {
@@ -460,6 +485,66 @@ impl Store {
             id: p.id,
             allow: Allow::parse(&allow),
         })
+    }
+
+    /// Makes `token` the owner of `endpoint` unless another token owns it
+    /// already (the first token to bind an endpoint owns it until an
+    /// operator releases it): one atomic statement, so two edges sharing a
+    /// database agree.
+    pub fn claim_endpoint(&self, endpoint: &str, token: &TokenId) -> Result<Claim, StoreError> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO endpoints (name, token_id, claimed_at) VALUES (?1, ?2, ?3)",
+            params![endpoint, token.as_str(), unix_now()],
+        )?;
+        let owner: String = self.conn.query_row(
+            "SELECT token_id FROM endpoints WHERE name = ?1",
+            params![endpoint],
+            |r| r.get(0),
+        )?;
+        Ok(if owner == token.as_str() {
+            Claim::Owner
+        } else {
+            Claim::OwnedBy(TokenId(owner))
+        })
+    }
+
+    /// Every endpoint's owner, by name.
+    pub fn endpoint_owners(&self) -> Result<HashMap<String, TokenId>, StoreError> {
+        Ok(self
+            .list_endpoints()?
+            .into_iter()
+            .map(|e| (e.name, e.owner))
+            .collect())
+    }
+
+    /// Every owned endpoint, by name.
+    pub fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, token_id, claimed_at FROM endpoints ORDER BY name")?;
+        let rows = st.query_map([], |r| {
+            Ok(EndpointInfo {
+                name: r.get(0)?,
+                owner: TokenId(r.get(1)?),
+                claimed_at: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Forgets `endpoint`'s owner, so that the next token allowed to bind it
+    /// owns it. Returns the owner it had, if any. A session that holds the
+    /// endpoint keeps it until it unbinds.
+    pub fn release_endpoint(&self, endpoint: &str) -> Result<Option<TokenId>, StoreError> {
+        let owner: Option<String> = self
+            .conn
+            .query_row(
+                "DELETE FROM endpoints WHERE name = ?1 RETURNING token_id",
+                params![endpoint],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(owner.map(TokenId))
     }
 
     /// SQLite's `PRAGMA data_version` of this connection: it changes when

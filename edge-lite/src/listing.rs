@@ -1,9 +1,10 @@
-//! What the `token` subcommands print: the token table and its timestamps
+//! What the `token` and `endpoint` subcommands print: the token and endpoint
+//! tables and their timestamps
 //! (UTC, ISO 8601). Never a secret: [`TokenInfo`] has none.
 
 use std::fmt::Write as _;
 
-use crate::store::TokenInfo;
+use crate::store::{EndpointInfo, TokenInfo};
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn format_time(unix: i64) -> String {
@@ -59,17 +60,38 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
             ]
         })
         .collect();
-    let mut width = [0usize; 6];
-    for r in std::iter::once(&header).chain(&rows) {
+    table(&header, &rows)
+}
+
+/// The `endpoint list` table: name, owner token, since.
+pub fn endpoint_table(endpoints: &[EndpointInfo]) -> String {
+    let header = ["ENDPOINT", "OWNER", "SINCE"].map(str::to_owned);
+    let rows: Vec<[String; 3]> = endpoints
+        .iter()
+        .map(|e| {
+            [
+                e.name.clone(),
+                e.owner.to_string(),
+                format_time(e.claimed_at),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn table<const N: usize>(header: &[String; N], rows: &[[String; N]]) -> String {
+    let mut width = [0usize; N];
+    for r in std::iter::once(header).chain(rows) {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
     let mut out = String::new();
-    for r in std::iter::once(&header).chain(&rows) {
+    for r in std::iter::once(header).chain(rows) {
         let mut line = String::new();
         for (i, (w, c)) in width.iter().zip(r).enumerate() {
-            if i + 1 == r.len() {
+            if i + 1 == N {
                 line.push_str(c);
             } else {
                 let _ = write!(line, "{c:<w$}  ");

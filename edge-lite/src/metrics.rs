@@ -1,0 +1,294 @@
+//! The edge's counters, in one place: refusals by reason, and gauges of what
+//! peers hold right now (unfinished handshakes, live sessions, public
+//! connections). Every part of the edge counts here instead of logging each
+//! event; [`summarise`] writes one log line per interval with what was
+//! refused, so a flood of refusals cannot flood the log. A metrics endpoint
+//! can publish [`Counters::snapshot`] as it is.
+//!
+//! Plain atomics: no lock, no I/O except the summary's log line.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Why the edge refused or dropped something a peer asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Agent port: the source already holds `pending_per_source` handshakes.
+    SourceBusy,
+    /// Agent port: `pending_total` handshakes are unfinished.
+    PendingFull,
+    /// Agent port: the TLS handshake failed.
+    AgentTlsFailed,
+    /// Agent port: the TLS handshake or `Hello` missed its deadline.
+    AgentTimeout,
+    /// Agent port: ALPN `tether/1` was not negotiated.
+    NoAlpn,
+    /// Agent port: the first frame was not a `CONTROL` carrying `Hello`.
+    NotHello,
+    /// Agent port: no common protocol version.
+    Version,
+    /// Agent port: the token does not have a token's form (no store call).
+    MalformedToken,
+    /// Agent port: unknown token, or a wrong secret.
+    UnknownToken,
+    /// Agent port: the token is revoked.
+    RevokedToken,
+    /// Agent port: the store could not answer.
+    StoreBusy,
+    /// A session evicted because its token opened one past `sessions_per_token`.
+    SessionEvicted,
+    /// A bind refused (ACL, ownership, limits, ports).
+    Bind,
+    /// Public side: `public_connections` are open.
+    PublicFull,
+    /// Public side: `public_waiting_per_endpoint` wait for a stream.
+    PublicWaitingFull,
+    /// Public side: no session serves the endpoint (or the SNI names none).
+    NoRoute,
+    /// Public side: a TLS handshake failed or timed out.
+    PublicTlsFailed,
+    /// Public side: no stream could be opened in time.
+    NoStream,
+    /// Public side: an established connection idled past `idle_timeout_ms`.
+    Idle,
+    /// A session dropped at its linger deadline without a clean close.
+    Lingered,
+}
+
+impl Refusal {
+    /// Every reason, in the order of the summary line.
+    pub const ALL: [Refusal; 20] = [
+        Refusal::SourceBusy,
+        Refusal::PendingFull,
+        Refusal::AgentTlsFailed,
+        Refusal::AgentTimeout,
+        Refusal::NoAlpn,
+        Refusal::NotHello,
+        Refusal::Version,
+        Refusal::MalformedToken,
+        Refusal::UnknownToken,
+        Refusal::RevokedToken,
+        Refusal::StoreBusy,
+        Refusal::SessionEvicted,
+        Refusal::Bind,
+        Refusal::PublicFull,
+        Refusal::PublicWaitingFull,
+        Refusal::NoRoute,
+        Refusal::PublicTlsFailed,
+        Refusal::NoStream,
+        Refusal::Idle,
+        Refusal::Lingered,
+    ];
+
+    /// The name in the summary line and in a snapshot.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Refusal::SourceBusy => "source_busy",
+            Refusal::PendingFull => "pending_full",
+            Refusal::AgentTlsFailed => "agent_tls_failed",
+            Refusal::AgentTimeout => "agent_timeout",
+            Refusal::NoAlpn => "no_alpn",
+            Refusal::NotHello => "not_hello",
+            Refusal::Version => "version",
+            Refusal::MalformedToken => "malformed_token",
+            Refusal::UnknownToken => "unknown_token",
+            Refusal::RevokedToken => "revoked_token",
+            Refusal::StoreBusy => "store_busy",
+            Refusal::SessionEvicted => "session_evicted",
+            Refusal::Bind => "bind_refused",
+            Refusal::PublicFull => "public_full",
+            Refusal::PublicWaitingFull => "public_waiting_full",
+            Refusal::NoRoute => "no_route",
+            Refusal::PublicTlsFailed => "public_tls_failed",
+            Refusal::NoStream => "no_stream",
+            Refusal::Idle => "idle_timeout",
+            Refusal::Lingered => "lingered",
+        }
+    }
+
+    const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A gauge: a count of things held right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gauge {
+    /// Agent connections between accept and the answer to `Hello`.
+    PendingHandshakes,
+    /// Sessions after `Welcome`.
+    Sessions,
+    /// Public connections being served.
+    PublicConnections,
+}
+
+/// The counters; see the module docs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    refused: [AtomicU64; Refusal::ALL.len()],
+    gauges: [AtomicU64; 3],
+    /// What the last summary line covered, and when.
+    summarised: Mutex<Option<(Snapshot, Instant)>>,
+}
+
+/// A copy of every counter at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Refusals since start, by reason (every reason, in [`Refusal::ALL`] order).
+    pub refused: Vec<(&'static str, u64)>,
+    /// Unfinished agent handshakes.
+    pub pending_handshakes: u64,
+    /// Live sessions.
+    pub sessions: u64,
+    /// Public connections.
+    pub public_connections: u64,
+}
+
+impl Counters {
+    /// Counts one refusal.
+    pub fn refuse(&self, why: Refusal) {
+        self.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals of `why` since start.
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why.index()].load(Ordering::Relaxed)
+    }
+
+    /// Raises a gauge; the returned guard lowers it again when dropped.
+    pub fn hold(self: &Arc<Self>, g: Gauge) -> Held {
+        self.gauges[g as usize].fetch_add(1, Ordering::Relaxed);
+        Held {
+            counters: self.clone(),
+            gauge: g,
+        }
+    }
+
+    /// A gauge's value.
+    pub fn gauge(&self, g: Gauge) -> u64 {
+        self.gauges[g as usize].load(Ordering::Relaxed)
+    }
+
+    /// The summary line of what was refused since the last call (or since
+    /// the first call, which returns `None`), with the interval it covers.
+    pub fn summary_since_last(&self) -> Option<String> {
+        let now = (self.snapshot(), Instant::now());
+        let mut last = self.summarised.lock().unwrap_or_else(|e| e.into_inner());
+        let line = last
+            .as_ref()
+            .and_then(|(before, at)| summary(before, &now.0, now.1.duration_since(*at)));
+        *last = Some(now);
+        line
+    }
+
+    /// Every counter now.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            refused: Refusal::ALL
+                .iter()
+                .map(|r| (r.name(), self.refused(*r)))
+                .collect(),
+            pending_handshakes: self.gauge(Gauge::PendingHandshakes),
+            sessions: self.gauge(Gauge::Sessions),
+            public_connections: self.gauge(Gauge::PublicConnections),
+        }
+    }
+}
+
+/// A raised gauge (see [`Counters::hold`]).
+#[derive(Debug)]
+pub struct Held {
+    counters: Arc<Counters>,
+    gauge: Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counters.gauges[self.gauge as usize].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whole seconds since the first call (a coarse clock for rate-limiting
+/// log lines).
+pub fn uptime_secs() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
+}
+
+/// The summary line of what changed between two snapshots, or `None` when
+/// nothing was refused: `refused in the last 10s: source_busy=420 unknown_token=3`.
+pub fn summary(before: &Snapshot, now: &Snapshot, every: Duration) -> Option<String> {
+    let mut parts = Vec::new();
+    for (i, (name, n)) in now.refused.iter().enumerate() {
+        let was = before.refused.get(i).map_or(0, |(_, v)| *v);
+        if *n > was {
+            parts.push(format!("{name}={}", n - was));
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "refused in the last {:.1}s: {} (now: {} pending handshakes, {} sessions, {} public connections)",
+        every.as_secs_f64(),
+        parts.join(" "),
+        now.pending_handshakes,
+        now.sessions,
+        now.public_connections
+    ))
+}
+
+/// Logs [`Counters::summary_since_last`] every `every`, forever (the server
+/// cancels it, and logs the last one itself).
+pub async fn summarise(counters: Arc<Counters>, every: Duration) {
+    let _ = counters.summary_since_last();
+    loop {
+        smol::Timer::after(every).await;
+        if let Some(line) = counters.summary_since_last() {
+            log::warn!("{line}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_slot_and_name() {
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+        let mut names: Vec<_> = Refusal::ALL.iter().map(|r| r.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Refusal::ALL.len());
+    }
+
+    #[test]
+    fn the_summary_names_only_what_changed_and_gauges_fall_back() {
+        let c = Arc::new(Counters::default());
+        let before = c.snapshot();
+        assert_eq!(
+            summary(&before, &c.snapshot(), Duration::from_secs(10)),
+            None
+        );
+        for _ in 0..420 {
+            c.refuse(Refusal::SourceBusy);
+        }
+        c.refuse(Refusal::UnknownToken);
+        let held = c.hold(Gauge::PendingHandshakes);
+        let line = summary(&before, &c.snapshot(), Duration::from_secs(10)).expect("a line");
+        assert_eq!(
+            line,
+            "refused in the last 10.0s: source_busy=420 unknown_token=1 \
+             (now: 1 pending handshakes, 0 sessions, 0 public connections)"
+        );
+        drop(held);
+        assert_eq!(c.gauge(Gauge::PendingHandshakes), 0);
+    }
+}

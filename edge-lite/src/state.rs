@@ -1,0 +1,167 @@
+//! What every task of the server shares ([`State`]), and the small helpers
+//! they all use: the one [`timeout`], calls into the store on the blocking
+//! pool ([`State::store_call`]), and closing a tunnel with a reason
+//! ([`close_tunnel`]).
+//!
+//! The modules form one chain: `server` -> `agent` -> `handshake` / `bind`
+//! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`.
+//! Nothing below imports anything above it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use smol::Timer;
+use tether_proto::{Control, ErrorCode};
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::metrics::Counters;
+use crate::registry::{Registry, Tunnel};
+use crate::store::Store;
+
+/// How long an `Error` may wait for room in the control queue before the
+/// session is closed without it.
+pub(crate) const ERROR_QUEUE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// `f`'s output, or `None` if `d` passes first.
+pub(crate) async fn timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        Timer::after(d).await;
+        None
+    })
+    .await
+}
+
+/// Agent strings (`agent`, `arch`, `upstream`, endpoint names that failed
+/// their check) as they go into a log line: at most 64 characters, with
+/// control characters escaped by `{:?}` at the call site.
+pub(crate) fn for_log(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Sends `Error{code}` and closes the session with `GOAWAY(code)`. The mux
+/// writes control messages queued before a local close ahead of the `GOAWAY`
+/// (PROTOCOL.md section 7), so the agent learns why. The `Error` waits for
+/// room at most [`ERROR_QUEUE_TIMEOUT`]: an agent that stops reading cannot
+/// delay its own close; the `GOAWAY`, and the driver's linger deadline, come
+/// anyway.
+pub(crate) async fn close_tunnel(t: &Tunnel, code: ErrorCode, retry_after_ms: u32, message: &str) {
+    let error = Control::Error {
+        code: code.0,
+        retry_after_ms,
+        message,
+    };
+    let _ = timeout(ERROR_QUEUE_TIMEOUT, t.session.send_control(&error)).await;
+    t.session.goaway(code);
+}
+
+/// What every task of the server shares.
+pub(crate) struct State {
+    pub(crate) cfg: Config,
+    pub(crate) agent_tls: Arc<ServerConfig>,
+    pub(crate) public_tls: Option<Arc<ServerConfig>>,
+    /// The actual port of the shared TLS listener (0 without one).
+    pub(crate) tls_port: u16,
+    store: Arc<Mutex<Store>>,
+    registry: Mutex<Registry>,
+    /// Every session that has a multiplexer (after `Hello` was verified),
+    /// until its driver ends: what a shutdown drains.
+    tunnels: Mutex<HashMap<u64, Arc<Tunnel>>>,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) admission: Arc<Admission>,
+    /// Public connections being served, against `limits.public_connections`.
+    pub(crate) public_open: Arc<AtomicUsize>,
+    next_session: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+impl State {
+    pub(crate) fn new(
+        cfg: Config,
+        agent_tls: Arc<ServerConfig>,
+        public_tls: Option<Arc<ServerConfig>>,
+        tls_port: u16,
+        store: Store,
+        registry: Registry,
+    ) -> State {
+        let admission = Admission::new(cfg.limits.pending_per_source, cfg.limits.pending_total);
+        State {
+            cfg,
+            agent_tls,
+            public_tls,
+            tls_port,
+            store: Arc::new(Mutex::new(store)),
+            registry: Mutex::new(registry),
+            tunnels: Mutex::new(HashMap::new()),
+            counters: Arc::new(Counters::default()),
+            admission,
+            public_open: Arc::new(AtomicUsize::new(0)),
+            next_session: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        // The registry is plain data updated in single steps: a panic
+        // elsewhere leaves it consistent.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tunnels(&self) -> MutexGuard<'_, HashMap<u64, Arc<Tunnel>>> {
+        self.tunnels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the store in the blocking pool (SQLite calls block), one
+    /// call at a time behind the store's mutex.
+    pub(crate) async fn store_call<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> T + Send + 'static,
+    {
+        let store = self.store.clone();
+        smol::unblock(move || f(&store.lock().unwrap_or_else(|e| e.into_inner()))).await
+    }
+
+    /// A new session number.
+    pub(crate) fn next_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::SeqCst)
+    }
+
+    /// Tracks a session with a multiplexer; false when the server is
+    /// shutting down (the caller closes it).
+    pub(crate) fn add_tunnel(&self, t: &Arc<Tunnel>) -> bool {
+        let mut tunnels = self.tunnels();
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return false;
+        }
+        tunnels.insert(t.no, t.clone());
+        true
+    }
+
+    pub(crate) fn remove_tunnel(&self, no: u64) {
+        self.tunnels().remove(&no);
+    }
+
+    /// Every tracked session now.
+    pub(crate) fn all_tunnels(&self) -> Vec<Arc<Tunnel>> {
+        self.tunnels().values().cloned().collect()
+    }
+
+    /// Whether no session is tracked any more.
+    pub(crate) fn no_tunnels(&self) -> bool {
+        self.tunnels().is_empty()
+    }
+
+    /// From now on no session is tracked: [`State::add_tunnel`] says false.
+    pub(crate) fn start_shutdown(&self) {
+        let _tunnels = self.tunnels();
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+}
