@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{url_addr, within, Agent, Env, Msg, DOMAIN};
+use common::{port_closed, until, url_addr, within, Agent, Env, Msg, DOMAIN};
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
@@ -133,8 +133,6 @@ fn revoking_a_live_sessions_token_closes_it_within_one_second() {
         let url = a.bind_ok("web", EndpointKind::Tcp).await;
         let b = Agent::welcome(&env, &other).await;
         b.bind_ok("api", EndpointKind::Tcp).await;
-        // Let the watcher take its first reading.
-        smol::Timer::after(Duration::from_millis(300)).await;
 
         let t0 = Instant::now();
         env.store().revoke(&id).unwrap();
@@ -149,14 +147,32 @@ fn revoking_a_live_sessions_token_closes_it_within_one_second() {
         let took = t0.elapsed();
         assert!(took < Duration::from_secs(1), "closed after {took:?}");
         // Its endpoint is gone; the other token's session is untouched.
-        smol::Timer::after(Duration::from_millis(100)).await;
-        assert!(
-            TcpStream::connect(url_addr(&url)).await.is_err(),
-            "the revoked session's port is closed"
-        );
+        until(T, "the revoked session's port is closed", || {
+            port_closed(url_addr(&url))
+        })
+        .await;
         assert!(!b.session.is_closing(), "other sessions live on");
         env.finish().await.expect("clean stop");
     });
+}
+
+/// Whether the shared TLS port still routes `web.<DOMAIN>` to a session: a
+/// ClientHello for it is answered (the TLS handshake proceeds) instead of
+/// the connection being closed.
+async fn bound(env: &Env, endpoint: &str) -> bool {
+    let name = ServerName::try_from(format!("{endpoint}.{DOMAIN}")).unwrap();
+    let Ok(tcp) = TcpStream::connect(env.tls).await else {
+        return false;
+    };
+    let hs = TlsConnector::from(env.pki.client(None)).connect(name, tcp);
+    matches!(
+        future::or(async { Some(hs.await.is_ok()) }, async {
+            smol::Timer::after(Duration::from_millis(200)).await;
+            None
+        })
+        .await,
+        Some(true) | None
+    )
 }
 
 /// Accepts one stream on the fake agent and returns it with its metadata.
@@ -374,7 +390,11 @@ fn endpoints_vanish_when_the_session_ends_and_return_when_it_reconnects() {
         a.bind_ok("web", EndpointKind::Tls).await;
         a.session.goaway(ErrorCode::NO_ERROR);
         let _ = ended(a).await;
-        smol::Timer::after(Duration::from_millis(100)).await;
+        // The edge unbinds once its side of the session has ended.
+        until(T, "the edge saw the session end", || async {
+            !bound(&env, "web").await
+        })
+        .await;
         let name = || ServerName::try_from(format!("web.{DOMAIN}")).unwrap();
         let tcp = TcpStream::connect(env.tls).await.unwrap();
         let r = within(
@@ -419,15 +439,8 @@ fn shutdown_sends_goaway_and_lets_an_open_stream_finish() {
             Some(ErrorCode::NO_ERROR)
         );
         // No new agents, no new public connections.
-        smol::Timer::after(Duration::from_millis(100)).await;
-        assert!(
-            TcpStream::connect(env.agent).await.is_err(),
-            "agent port closed"
-        );
-        assert!(
-            TcpStream::connect(url_addr(&url)).await.is_err(),
-            "endpoint port closed"
-        );
+        until(T, "agent port closed", || port_closed(env.agent)).await;
+        until(T, "endpoint port closed", || port_closed(url_addr(&url))).await;
 
         // The open stream still carries bytes both ways, then finishes.
         let big = vec![7u8; 1 << 20];
@@ -586,7 +599,14 @@ fn tcp_ports_come_from_fixed_or_the_range_and_are_freed_on_unbind() {
         // Session over: both ports are free again, and a new session gets them.
         a.session.goaway(ErrorCode::NO_ERROR);
         let _ = ended(a).await;
-        smol::Timer::after(Duration::from_millis(100)).await;
+        let (r, f) = (
+            std::net::SocketAddr::from(([127, 0, 0, 1], ranged)),
+            std::net::SocketAddr::from(([127, 0, 0, 1], fixed)),
+        );
+        until(T, "both ports are closed", || async {
+            port_closed(r).await && port_closed(f).await
+        })
+        .await;
         let b = Agent::welcome(&env, &token).await;
         assert_eq!(
             b.bind_ok("cache", EndpointKind::Tcp).await,

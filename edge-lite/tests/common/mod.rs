@@ -370,3 +370,25 @@ pub fn url_addr(url: &str) -> SocketAddr {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("not a tcp url: {url}"))
 }
+
+/// Polls `cond` every 5 ms until it holds, panicking (naming `what`) if it
+/// does not within `d`: a wait on a condition, not a sleep.
+pub async fn until<F, Fut>(d: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + d;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {d:?} waiting for: {what}"
+        );
+        smol::Timer::after(Duration::from_millis(5)).await;
+    }
+}
+
+/// Whether a TCP connection to `addr` is refused (the port is closed).
+pub async fn port_closed(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).await.is_err()
+}
