@@ -8,11 +8,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use toml::de::{DeTable, DeValue};
 
 use crate::tls;
 
@@ -390,134 +388,39 @@ impl Config {
     }
 }
 
-/// The source being parsed, to turn byte offsets and paths into places.
+/// The source being parsed, to turn byte offsets and paths into places
+/// (through `tether-conf`, the one TOML-error locator both programs use).
 struct Doc<'a> {
     file: &'a Path,
     src: &'a str,
 }
 
 impl Doc<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        let offset = offset.min(self.src.len());
-        self.src.as_bytes()[..offset]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count()
-            + 1
-    }
-
-    fn table(&self) -> Option<toml::Spanned<DeTable<'_>>> {
-        DeTable::parse(self.src).ok()
-    }
-
-    /// An error for the value at `path` (or the nearest table above it that
-    /// is in the file).
+    /// An error for the value at `path` (the line of its key, when the key
+    /// is in the file; a field left at its default has no line).
     fn at(&self, path: &[&str], reason: String) -> ConfigError {
-        let line = self.table().and_then(|t| {
-            let mut table: &DeTable<'_> = t.get_ref();
-            let mut span = None;
-            for key in path {
-                let (k, v) = table.iter().find(|(k, _)| k.get_ref().as_ref() == *key)?;
-                span = Some(k.span());
-                match v.get_ref() {
-                    DeValue::Table(t) => table = t,
-                    _ => break,
-                }
-            }
-            span.map(|s| self.line_of(s.start))
-        });
+        let field = path.join(".");
         ConfigError {
             file: self.file.to_path_buf(),
-            line,
-            field: path.join("."),
+            line: tether_conf::line_of_key(self.src, &field),
+            field,
             reason,
         }
     }
 
     /// Turns a toml/serde error into file, line, field and reason.
     fn de_error(&self, e: &toml::de::Error) -> ConfigError {
-        let msg = e.message().trim().to_owned();
-        let span = e.span();
-        let mut path = match (&span, self.table()) {
-            (Some(s), Some(t)) => path_at(t.get_ref(), s),
-            _ => Vec::new(),
-        };
-        // serde names the culprit in the message for these two.
-        for prefix in ["unknown field `", "missing field `"] {
-            if let Some(rest) = msg.strip_prefix(prefix) {
-                if let Some(name) = rest.split('`').next() {
-                    if path.last().map(String::as_str) != Some(name) {
-                        path.push(name.to_owned());
-                    }
-                }
-            }
-        }
-        let field = if path.is_empty() {
-            "toml".to_owned()
-        } else {
-            path.join(".")
-        };
-        let reason = msg.lines().next().unwrap_or("invalid").to_owned();
+        let (line, field) = tether_conf::locate_error(self.src, e);
+        let msg = e.message().trim();
         ConfigError {
             file: self.file.to_path_buf(),
-            line: span.map(|s| self.line_of(s.start)),
-            field,
-            reason,
+            line: Some(line),
+            field: if field == tether_conf::WHOLE_FILE {
+                "toml".to_owned()
+            } else {
+                field
+            },
+            reason: msg.lines().next().unwrap_or("invalid").to_owned(),
         }
     }
-}
-
-/// The path of keys whose key or value contains `span` (deepest match).
-fn path_at(table: &DeTable<'_>, span: &Range<usize>) -> Vec<String> {
-    fn inside(outer: &Range<usize>, inner: &Range<usize>) -> bool {
-        outer.start <= inner.start && inner.end <= outer.end && outer.start < outer.end
-    }
-    fn walk(table: &DeTable<'_>, span: &Range<usize>, path: &mut Vec<String>) -> bool {
-        for (k, v) in table.iter() {
-            let name = k.get_ref().to_string();
-            if inside(&k.span(), span) {
-                path.push(name);
-                return true;
-            }
-            let nested = match v.get_ref() {
-                DeValue::Table(t) => {
-                    path.push(name.clone());
-                    if walk(t, span, path) {
-                        return true;
-                    }
-                    path.pop();
-                    false
-                }
-                DeValue::Array(a) => {
-                    let mut found = false;
-                    for item in a.iter() {
-                        if let DeValue::Table(t) = item.get_ref() {
-                            path.push(name.clone());
-                            if walk(t, span, path) {
-                                found = true;
-                                break;
-                            }
-                            path.pop();
-                        }
-                    }
-                    found
-                }
-                _ => false,
-            };
-            if nested {
-                return true;
-            }
-            if inside(&v.span(), span) {
-                path.push(name);
-                return true;
-            }
-        }
-        false
-    }
-    let mut path = Vec::new();
-    // An empty span is the root table's (a missing top-level field).
-    if span.start < span.end {
-        walk(table, span, &mut path);
-    }
-    path
 }

@@ -195,3 +195,56 @@ fn the_binary_prints_file_line_field_and_exits_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "usage errors exit 64 too");
 }
+
+#[test]
+fn values_outside_their_range_are_refused_with_the_range_instead_of_overflowing_later() {
+    let (dir, _pki, good) = setup("cfg-ranges");
+    // Each value one step past its bound, where `Instant + Duration` (or a
+    // cap of zero) would panic or disable a limit.
+    let cases: &[(&str, &str, &str)] = &[
+        ("session", "ping_interval_ms", "18446744073709551615"),
+        ("session", "dead_after_ms", "86400001"),
+        ("session", "shutdown_grace_ms", "3600001"),
+        ("session", "linger_ms", "9"),
+        ("limits", "hello_timeout_ms", "99"),
+        ("limits", "tls_handshake_timeout_ms", "120001"),
+        ("limits", "pending_per_source", "0"),
+        ("limits", "pending_total", "0"),
+        ("limits", "sessions_per_token", "0"),
+        ("limits", "endpoints_per_session", "0"),
+        ("limits", "public_waiting_per_endpoint", "0"),
+        ("limits", "public_connections", "0"),
+        (
+            "limits",
+            "public_tls_handshake_timeout_ms",
+            "18446744073709551615",
+        ),
+        ("limits", "idle_timeout_ms", "999"),
+    ];
+    for (table, field, value) in cases {
+        let body = if *table == "session" {
+            let kept: Vec<&str> = good
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{field} =")))
+                .collect();
+            kept.join("\n")
+                .replace("[session]\n", &format!("[session]\n{field} = {value}\n"))
+        } else {
+            format!("{good}\n[limits]\n{field} = {value}\n")
+        };
+        let e = load(dir.path(), &body).expect_err(field);
+        assert_eq!(e.field, format!("{table}.{field}"), "{e}");
+        assert_eq!(e.line, Some(line_of(&body, &format!("{field} ="))), "{e}");
+        assert!(
+            e.reason.contains("outside the accepted range"),
+            "{field}: {e}"
+        );
+    }
+    // The bounds themselves are accepted.
+    let body = format!(
+        "{good}\n[limits]\nidle_timeout_ms = 1000\npending_per_source = 1\nhello_timeout_ms = 120000\n"
+    );
+    let c = load(dir.path(), &body).expect("bounds load");
+    assert_eq!(c.limits.idle_timeout_ms, 1000);
+    assert_eq!(c.limits.sessions_per_token, 4, "defaults for the rest");
+}
