@@ -338,6 +338,13 @@ fn apply_revocations(state: &Arc<State>, ids: HashSet<TokenId>) {
     let mut counts: HashMap<TokenId, usize> = fresh.into_iter().map(|t| (t, 0)).collect();
     for t in victims {
         *counts.entry(t.token.clone()).or_insert(0) += 1;
+        // Its endpoints go now, not when its connection ends: their ports
+        // close and another session of an allowed token can bind them.
+        let gone = state.registry().remove_session(t.no);
+        for (name, _) in &gone {
+            emit(format!("UNBOUND {name}"));
+        }
+        drop(gone);
         smol::spawn(async move {
             close_tunnel(
                 &t,
