@@ -14,6 +14,20 @@
 //!   the mux, runs the heartbeat timer (async-io `Timer`) and wakes the tasks
 //!   that wait on streams. Spawn it (or poll it) beside the application.
 //!
+//! # The end of a session
+//! Once the mux is closed (a `GOAWAY` with an error, a protocol error, the
+//! heartbeat deadline, or the end of draining), the driver stops reading,
+//! writes what the mux still has to say (the `GOAWAY`, an `Error` queued
+//! before it) and closes the pipe (TLS `close_notify`). All of that must
+//! happen within the session's *linger* deadline ([`Options::linger`],
+//! [`DEFAULT_LINGER`] unless set with [`Session::new_with`]), counted on the
+//! driver's own timer from the moment it sees the mux closed. A peer that
+//! stops reading cannot hold the driver past it: when the linger expires,
+//! the driver drops the pipe unflushed (its fd is closed at once, even if
+//! the [`Driver`] value itself is kept) and resolves
+//! [`Closed::Lingered`] with the mux's close reason. The same deadline
+//! covers a pipe whose `poll_close` is what blocks.
+//!
 //! The mux's memory is allocated once in [`Session::new`], from the
 //! [`Config`]: nothing here grows with traffic except per-stream wakers, which
 //! are bounded by `max_streams`. Both ends run on any executor; the daemon
@@ -60,6 +74,30 @@ const COALESCE_MAX: usize = 64;
 const COALESCE_BUFFER: usize = 1024;
 
 type SessionMux = Mux<Vec<Slot>, Vec<u8>>;
+
+/// How long a closed session may take to flush its last frames and close
+/// the pipe unless [`Options::linger`] says otherwise.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(2);
+
+/// Settings of one session's driver, beside the mux's [`Config`]. Build it
+/// with `Options { linger, ..Options::default() }` so that new fields keep
+/// your code compiling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Once the mux is closed, the driver finishes within this long: what is
+    /// not written (and a `poll_close` that has not completed) by then is
+    /// abandoned, the pipe is dropped and the driver resolves
+    /// [`Closed::Lingered`]. Zero still makes one attempt to write and close.
+    pub linger: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            linger: DEFAULT_LINGER,
+        }
+    }
+}
 
 /// Stream metadata with owned strings, as the application sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +159,11 @@ pub enum Closed {
     Mux(CloseReason),
     /// The pipe ended or failed before the mux closed.
     Transport(io::Error),
+    /// The mux closed (for this reason), but its last frames could not be
+    /// written, or the pipe not closed, within the linger deadline
+    /// ([`Options::linger`]): the pipe was dropped unflushed. The peer may
+    /// not have seen the `GOAWAY`.
+    Lingered(CloseReason),
 }
 
 impl std::fmt::Display for Closed {
@@ -128,6 +171,7 @@ impl std::fmt::Display for Closed {
         match self {
             Closed::Mux(r) => write!(f, "{r}"),
             Closed::Transport(e) => write!(f, "transport: {e}"),
+            Closed::Lingered(r) => write!(f, "{r} (linger expired: pipe dropped unflushed)"),
         }
     }
 }
@@ -136,9 +180,22 @@ impl Closed {
     /// The wire code that best describes the end.
     pub fn code(&self) -> ErrorCode {
         match self {
-            Closed::Mux(r) => r.code(),
+            Closed::Mux(r) | Closed::Lingered(r) => r.code(),
             Closed::Transport(_) => ErrorCode::INTERNAL,
         }
+    }
+
+    /// Why the mux closed, if it did (not for [`Closed::Transport`]).
+    pub fn reason(&self) -> Option<CloseReason> {
+        match self {
+            Closed::Mux(r) | Closed::Lingered(r) => Some(*r),
+            Closed::Transport(_) => None,
+        }
+    }
+
+    /// Whether the linger deadline expired ([`Closed::Lingered`]).
+    pub fn lingered(&self) -> bool {
+        matches!(self, Closed::Lingered(_))
     }
 }
 
@@ -286,11 +343,25 @@ fn closed_error(inner: &Inner) -> io::Error {
 }
 
 impl Session {
-    /// A new session over `io`, with all its buffers allocated now. Spawn the
-    /// returned [`Driver`]; the session ends when it returns.
+    /// A new session over `io`, with all its buffers allocated now and the
+    /// default [`Options`]. Spawn the returned [`Driver`]; the session ends
+    /// when it returns.
     pub fn new<T>(
         io: T,
         cfg: Config,
+    ) -> Result<(Session, Driver<T>), tether_proto::mux::ConfigError>
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+    {
+        Session::new_with(io, cfg, Options::default())
+    }
+
+    /// [`Session::new`] with driver settings: the linger deadline
+    /// ([`Options::linger`]).
+    pub fn new_with<T>(
+        io: T,
+        cfg: Config,
+        opts: Options,
     ) -> Result<(Session, Driver<T>), tether_proto::mux::ConfigError>
     where
         T: AsyncRead + AsyncWrite + Unpin,
@@ -320,7 +391,7 @@ impl Session {
         });
         let driver = Driver {
             shared: shared.clone(),
-            io,
+            io: Some(io),
             rbuf: vec![0u8; IO_BUFFER].into_boxed_slice(),
             rpos: 0,
             rend: 0,
@@ -332,6 +403,8 @@ impl Session {
             timer: Timer::never(),
             timer_at: None,
             closing_io: false,
+            linger: opts.linger,
+            linger_at: None,
         };
         Ok((Session { shared }, driver))
     }
@@ -632,10 +705,13 @@ impl Drop for Stream {
 }
 
 /// The future that runs a session: spawn it. It resolves when the session is
-/// over and the pipe is closed, with how it ended.
+/// over and the pipe is closed (or dropped at the linger deadline), with how
+/// it ended. The pipe is dropped when it resolves; polling it again after
+/// that returns `Pending`.
 pub struct Driver<T> {
     shared: Arc<Shared>,
-    io: T,
+    /// The pipe; `None` once the driver has resolved.
+    io: Option<T>,
     rbuf: Box<[u8]>,
     rpos: usize,
     rend: usize,
@@ -647,12 +723,29 @@ pub struct Driver<T> {
     send: usize,
     need_flush: bool,
     timer: Timer,
-    timer_at: Option<Millis>,
+    timer_at: Option<Instant>,
     closing_io: bool,
+    /// [`Options::linger`].
+    linger: Duration,
+    /// When the linger deadline expires: set when the driver first sees the
+    /// mux closed.
+    linger_at: Option<Instant>,
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
+    /// The pipe of a driver that has not resolved.
+    fn pipe(&mut self) -> &mut T {
+        // Invariant: `io` is taken only by `finish`, after which `poll`
+        // returns before it reaches any caller of this.
+        self.io
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("the pipe is used after the driver resolved"))
+    }
+
     fn finish(&mut self, inner: &mut Inner, result: Closed) -> Poll<Closed> {
+        // The pipe goes now (unflushed if the linger expired), even if the
+        // owner keeps this future.
+        self.io = None;
         inner.ended = true;
         inner.wake_all();
         Poll::Ready(result)
@@ -666,6 +759,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
         inner.dispatch_events();
         self.finish(inner, Closed::Transport(e))
     }
+}
+
+/// A deadline that never comes in practice, for a linger too large to add.
+fn far_future(now: Instant) -> Instant {
+    now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))
+        .unwrap_or(now)
 }
 
 /// One `poll_write`: `Ok(Some(n))` written (n > 0), `Ok(None)` not now.
@@ -720,12 +819,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
     fn write_output(&mut self, mux: &mut SessionMux, cx: &mut Context<'_>) -> io::Result<Output> {
         let mut out = Output::default();
         let Driver {
-            io,
+            io: Some(io),
             small,
             spos,
             send,
             ..
-        } = self;
+        } = self
+        else {
+            return Ok(out);
+        };
         if !flush_small(io, cx, small, spos, send)? {
             out.blocked = true;
             return Ok(out);
@@ -782,6 +884,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
         let this = self.get_mut();
         let shared = this.shared.clone();
         let mut inner = shared.lock();
+        if this.io.is_none() {
+            return Poll::Pending; // resolved already
+        }
         inner.driver = Some(cx.waker().clone());
         // Bounded so one busy session cannot starve the executor.
         for _ in 0..64 {
@@ -802,7 +907,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             if this.rpos == this.rend && !this.read_done && !inner.mux.is_closed() {
                 this.rpos = 0;
                 this.rend = 0;
-                match Pin::new(&mut this.io).poll_read(cx, &mut this.rbuf) {
+                let io = this
+                    .io
+                    .as_mut()
+                    .unwrap_or_else(|| unreachable!("checked above"));
+                match Pin::new(io).poll_read(cx, &mut this.rbuf) {
                     Poll::Ready(Ok(0)) => {
                         this.read_done = true;
                         let e = io::Error::new(
@@ -849,7 +958,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             inner.dispatch_events();
             let written = !output.blocked && this.spos == this.send;
             if this.need_flush && written {
-                match Pin::new(&mut this.io).poll_flush(cx) {
+                match Pin::new(this.pipe()).poll_flush(cx) {
                     Poll::Ready(Ok(())) => this.need_flush = false,
                     Poll::Ready(Err(e)) => {
                         return this.transport_ended(&mut inner, e);
@@ -862,22 +971,41 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             if inner.mux.is_finished() && written && !this.need_flush {
                 this.closing_io = true;
             }
-            if this.closing_io {
-                return match Pin::new(&mut this.io).poll_close(cx) {
-                    Poll::Pending => Poll::Pending,
-                    Poll::Ready(_) => {
-                        let reason = inner.mux.close_reason().unwrap_or(CloseReason::Drained);
-                        this.finish(&mut inner, Closed::Mux(reason))
-                    }
-                };
+            let reason = || inner.mux.close_reason().unwrap_or(CloseReason::Drained);
+            // A close that blocks (TLS close_notify into a full pipe) waits,
+            // but not past the linger deadline.
+            if this.closing_io && Pin::new(this.pipe()).poll_close(cx).is_ready() {
+                let reason = reason();
+                return this.finish(&mut inner, Closed::Mux(reason));
+            }
+
+            // 6. The linger deadline of a closed session: what could not be
+            // written or closed by then is dropped.
+            if inner.mux.is_closed() {
+                let now = Instant::now();
+                let linger = this.linger;
+                let at = *this
+                    .linger_at
+                    .get_or_insert_with(|| now.checked_add(linger).unwrap_or(far_future(now)));
+                if now >= at {
+                    let reason = reason();
+                    return this.finish(&mut inner, Closed::Lingered(reason));
+                }
             }
             if !progress {
-                // 6. Sleep until the pipe, a task or the heartbeat wakes us.
-                let deadline = inner.mux.poll_timeout();
+                // 7. Sleep until the pipe, a task, the heartbeat or the
+                // linger deadline wakes us.
+                let deadline = match this.linger_at {
+                    Some(at) => Some(at),
+                    None => inner
+                        .mux
+                        .poll_timeout()
+                        .map(|t| inner.origin + Duration::from_millis(t.0)),
+                };
                 if deadline != this.timer_at {
                     this.timer_at = deadline;
                     match deadline {
-                        Some(t) => this.timer.set_at(inner.origin + Duration::from_millis(t.0)),
+                        Some(t) => this.timer.set_at(t),
                         None => this.timer = Timer::never(),
                     }
                 }
