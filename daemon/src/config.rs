@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::fs;
+use std::ops::RangeInclusive;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -18,7 +19,7 @@ use futures_rustls::rustls::pki_types::ServerName;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use tether_conf::{line_of, line_of_key, locate_error};
-use tether_proto::{EndpointKind, Role, INITIAL_WINDOW, MAX_WINDOW};
+use tether_proto::{EndpointKind, Role};
 use toml::Spanned;
 
 /// The whole configuration, as typed values.
@@ -46,17 +47,57 @@ pub struct Config {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// The values each numeric field accepts, and why.
+///
+/// Every duration ends up in `Instant + Duration` (timers, the driver's
+/// heartbeat deadline) or in the backoff's doubling; every size in the
+/// session's buffers, allocated once at start. Each range keeps that
+/// arithmetic sound on every target (a value near `u64::MAX` would panic in
+/// `Instant + Duration`) and the behaviour sane. A value outside its range
+/// is refused at load time with file, line, field and the range (exit 64).
+pub mod limits {
+    use std::ops::RangeInclusive;
+
+    use tether_proto::{INITIAL_WINDOW, MAX_WINDOW};
+
+    /// `reconnect.initial_backoff_ms`: 1 ms to 1 h.
+    pub const INITIAL_BACKOFF_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// `reconnect.max_backoff_ms`: 1 ms to 1 h, and at least
+    /// `initial_backoff_ms`.
+    pub const MAX_BACKOFF_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// `reconnect.healthy_after_ms`: 0 (every welcomed session resets the
+    /// backoff) to 24 h.
+    pub const HEALTHY_AFTER_MS: RangeInclusive<u64> = 0..=86_400_000;
+    /// `session.max_streams`: what the multiplexer allows.
+    pub const MAX_STREAMS: RangeInclusive<u64> = 1..=65_535;
+    /// `session.window`, bytes: what the multiplexer allows. Together with
+    /// `max_streams` it must also leave two sessions' buffers addressable
+    /// (only a limit on 32-bit targets).
+    pub const WINDOW: RangeInclusive<u64> = INITIAL_WINDOW as u64..=MAX_WINDOW as u64;
+    /// `session.ping_interval_ms`: 100 ms to 1 h.
+    pub const PING_INTERVAL_MS: RangeInclusive<u64> = 100..=3_600_000;
+    /// `session.dead_after_ms`: more than `ping_interval_ms` (so at least
+    /// 101 ms), at most this: 24 h.
+    pub const DEAD_AFTER_MAX_MS: u64 = 86_400_000;
+    /// `endpoint[].connect_timeout_ms`: 100 ms to 10 min.
+    pub const CONNECT_TIMEOUT_MS: RangeInclusive<u64> = 100..=600_000;
+}
+
 /// `[reconnect]`.
 #[derive(Clone, Copy, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Reconnect {
-    /// Base of the exponential backoff.
-    #[serde(deserialize_with = "positive_ms")]
+    /// Base of the exponential backoff, ms. Default 500, range
+    /// [`limits::INITIAL_BACKOFF_MS`] (1 ms to 1 h).
+    #[serde(deserialize_with = "initial_backoff")]
     pub initial_backoff_ms: u64,
-    /// Cap of the exponential backoff.
-    #[serde(deserialize_with = "positive_ms")]
+    /// Cap of the exponential backoff, ms. Default 60000, range
+    /// [`limits::MAX_BACKOFF_MS`] (1 ms to 1 h), at least `initial_backoff_ms`.
+    #[serde(deserialize_with = "max_backoff")]
     pub max_backoff_ms: u64,
-    /// A session that lived this long resets the backoff.
+    /// A session that lived this long after Welcome resets the backoff, ms.
+    /// Default 30000, range [`limits::HEALTHY_AFTER_MS`] (0 to 24 h).
+    #[serde(deserialize_with = "healthy_after")]
     pub healthy_after_ms: u64,
 }
 
@@ -74,16 +115,22 @@ impl Default for Reconnect {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionSettings {
-    /// Most streams held at once.
+    /// Most streams held at once. Default 64, range [`limits::MAX_STREAMS`]
+    /// (1 to 65535).
     #[serde(deserialize_with = "max_streams")]
     pub max_streams: usize,
-    /// Receive window per stream, bytes.
+    /// Receive window per stream, bytes. Default 131072, range
+    /// [`limits::WINDOW`] (16384 to 2147483647).
     #[serde(deserialize_with = "window")]
     pub window: u32,
-    /// Send a PING after this long without input.
-    #[serde(deserialize_with = "positive_ms")]
+    /// Send a PING after this long without input, ms. Default 15000, range
+    /// [`limits::PING_INTERVAL_MS`] (100 ms to 1 h).
+    #[serde(deserialize_with = "ping_interval")]
     pub ping_interval_ms: u64,
-    /// Declare the edge dead after this long without input.
+    /// Declare the edge dead after this long without input, ms. Default
+    /// 45000; more than `ping_interval_ms`, at most
+    /// [`limits::DEAD_AFTER_MAX_MS`] (24 h).
+    #[serde(deserialize_with = "dead_after")]
     pub dead_after_ms: Spanned<u64>,
 }
 
@@ -123,8 +170,12 @@ pub struct Endpoint {
     pub kind: EndpointKind,
     /// The local service, `host:port`.
     pub upstream: HostPort,
-    /// Timeout for connecting to the upstream.
-    #[serde(default = "default_connect_timeout", deserialize_with = "positive_ms")]
+    /// Timeout for connecting to the upstream, ms. Default 5000, range
+    /// [`limits::CONNECT_TIMEOUT_MS`] (100 ms to 10 min).
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "connect_timeout"
+    )]
     pub connect_timeout_ms: u64,
 }
 
@@ -248,29 +299,113 @@ fn endpoint_kind<'de, D: Deserializer<'de>>(d: D) -> Result<EndpointKind, D::Err
     }
 }
 
-fn positive_ms<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    match u64::deserialize(d)? {
-        0 => Err(de::Error::custom("must be at least 1 ms")),
-        v => Ok(v),
+/// A `u64` within `range`, or an error that names the range.
+fn in_range<'de, D: Deserializer<'de>>(
+    d: D,
+    range: RangeInclusive<u64>,
+    unit: Unit,
+) -> Result<u64, D::Error> {
+    let v = u64::deserialize(d)?;
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(de::Error::custom(out_of_range(&range, unit, v)))
     }
+}
+
+/// What a range counts, for its message.
+#[derive(Clone, Copy)]
+enum Unit {
+    Ms,
+    Bytes,
+    Count,
+}
+
+/// `must be 100..=3600000 ms (100 ms to 1 h), not 99`.
+fn out_of_range(range: &RangeInclusive<u64>, unit: Unit, v: u64) -> String {
+    let (lo, hi) = (*range.start(), *range.end());
+    match unit {
+        Unit::Ms => format!(
+            "must be {lo}..={hi} ms ({} to {}), not {v}",
+            human_ms(lo),
+            human_ms(hi)
+        ),
+        Unit::Bytes => format!("must be {lo}..={hi} bytes, not {v}"),
+        Unit::Count => format!("must be {lo}..={hi}, not {v}"),
+    }
+}
+
+/// `ms` in the largest unit that divides it: `100 ms`, `1 s`, `10 min`, `24 h`.
+fn human_ms(ms: u64) -> String {
+    for (unit, len) in [("h", 3_600_000), ("min", 60_000), ("s", 1000)] {
+        if ms >= len && ms.is_multiple_of(len) {
+            return format!("{} {unit}", ms / len);
+        }
+    }
+    format!("{ms} ms")
+}
+
+fn initial_backoff<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::INITIAL_BACKOFF_MS, Unit::Ms)
+}
+
+fn max_backoff<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::MAX_BACKOFF_MS, Unit::Ms)
+}
+
+fn healthy_after<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::HEALTHY_AFTER_MS, Unit::Ms)
+}
+
+fn ping_interval<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::PING_INTERVAL_MS, Unit::Ms)
+}
+
+fn dead_after<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<u64>, D::Error> {
+    // The lower bound, more than ping_interval_ms, is checked once both are known.
+    let v = Spanned::<u64>::deserialize(d)?;
+    let max = limits::DEAD_AFTER_MAX_MS;
+    if *v.get_ref() <= max {
+        Ok(v)
+    } else {
+        Err(de::Error::custom(format!(
+            "must be more than session.ping_interval_ms and at most {max} ms ({}), not {}",
+            human_ms(max),
+            v.get_ref()
+        )))
+    }
+}
+
+fn connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::CONNECT_TIMEOUT_MS, Unit::Ms)
 }
 
 fn max_streams<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    match u64::deserialize(d)? {
-        v @ 1..=65535 => Ok(v as usize),
-        v => Err(de::Error::custom(format!("must be 1..=65535, not {v}"))),
-    }
+    // Within 1..=65535: fits a usize on every target.
+    in_range(d, limits::MAX_STREAMS, Unit::Count).map(|v| v as usize)
 }
 
 fn window<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let v = u64::deserialize(d)?;
-    if (INITIAL_WINDOW as u64..=MAX_WINDOW as u64).contains(&v) {
-        Ok(v as u32)
-    } else {
-        Err(de::Error::custom(format!(
-            "must be {INITIAL_WINDOW}..={MAX_WINDOW} bytes, not {v}"
-        )))
+    // Within INITIAL_WINDOW..=MAX_WINDOW: fits a u32.
+    in_range(d, limits::WINDOW, Unit::Bytes).map(|v| v as u32)
+}
+
+/// Whether two sessions' buffers ([`crate::session_memory_bound`]) of
+/// `session` fit in `addressable` bytes, computed without overflow.
+fn two_sessions_fit(session: &tether_proto::Config, addressable: u64) -> Option<u64> {
+    let fixed = tether_proto::Config {
+        max_streams: 0,
+        ..*session
     }
+    .buffer_len() as u64
+        + tether_driver::IO_BUFFER as u64;
+    let per_stream = session.window as u64
+        + tether_proto::MAX_META as u64
+        + 2 * crate::proxy::COPY_BUFFER as u64;
+    let one = (session.max_streams as u64)
+        .checked_mul(per_stream)?
+        .checked_add(fixed)?;
+    (one.checked_mul(2)? <= addressable).then_some(one)
 }
 
 /// A configuration that could not be loaded: where and why.
@@ -330,7 +465,11 @@ impl Config {
         // Checks that span several fields.
         let s = &cfg.session;
         if *s.dead_after_ms.get_ref() <= s.ping_interval_ms {
-            let line = line_of(text, s.dead_after_ms.span().start);
+            // Left at its default: point at the interval that outgrew it.
+            let line = match s.dead_after_ms.span() {
+                r if r.is_empty() => line_of_key(text, "session.ping_interval_ms").unwrap_or(1),
+                r => line_of(text, r.start),
+            };
             return Err(err(
                 line,
                 "session.dead_after_ms",
@@ -341,13 +480,28 @@ impl Config {
                 ),
             ));
         }
+        if two_sessions_fit(&s.mux_config(), isize::MAX as u64).is_none() {
+            let line = line_of_key(text, "session.window")
+                .or_else(|| line_of_key(text, "session.max_streams"))
+                .unwrap_or(1);
+            return Err(err(
+                line,
+                "session.window",
+                format!(
+                    "session.max_streams ({}) × window ({} bytes): two sessions' buffers do not fit in this platform's address space",
+                    s.max_streams, s.window
+                ),
+            ));
+        }
         debug_assert!(
             s.mux_config().validate().is_ok(),
             "each field was checked above"
         );
         let r = &cfg.reconnect;
         if r.max_backoff_ms < r.initial_backoff_ms {
-            let line = line_of_key(text, "reconnect.max_backoff_ms").unwrap_or(1);
+            let line = line_of_key(text, "reconnect.max_backoff_ms")
+                .or_else(|| line_of_key(text, "reconnect.initial_backoff_ms"))
+                .unwrap_or(1);
             return Err(err(
                 line,
                 "reconnect.max_backoff_ms",
@@ -472,5 +626,43 @@ impl Credential {
         self.token
             .split_once('.')
             .map_or("<malformed>", |(id, _)| id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_sessions_must_fit_the_address_space() {
+        let mut m = tether_proto::Config::new(Role::Client);
+        let one = two_sessions_fit(&m, isize::MAX as u64).expect("the defaults fit");
+        assert_eq!(
+            one,
+            crate::session_memory_bound(&m) as u64,
+            "the same bound"
+        );
+        // The largest session fits a 64-bit address space, not a 32-bit one.
+        m.max_streams = 65_535;
+        m.window = tether_proto::MAX_WINDOW;
+        assert!(two_sessions_fit(&m, i64::MAX as u64).is_some());
+        assert!(two_sessions_fit(&m, i32::MAX as u64).is_none());
+        m.max_streams = 1;
+        m.window = tether_proto::INITIAL_WINDOW;
+        assert!(two_sessions_fit(&m, i32::MAX as u64).is_some());
+    }
+
+    #[test]
+    fn durations_are_named_in_their_largest_whole_unit() {
+        let got: Vec<String> = [
+            0, 1, 100, 1000, 1500, 60_000, 600_000, 3_600_000, 86_400_000,
+        ]
+        .into_iter()
+        .map(human_ms)
+        .collect();
+        assert_eq!(
+            got,
+            ["0 ms", "1 ms", "100 ms", "1 s", "1500 ms", "1 min", "10 min", "1 h", "24 h"]
+        );
     }
 }

@@ -216,3 +216,165 @@ fn endpoint_names_follow_the_one_rule_in_tether_proto() {
         assert!(e.reason.contains("not a valid endpoint name"), "{e}");
     }
 }
+
+/// A config with `table` (`[session]` ... ) and an endpoint with `ep_extra`.
+fn with(table: &str, ep_extra: &str) -> String {
+    format!(
+        "edge = \"e:1\"\ncredential = \"/c\"\n{table}\n[[endpoint]]\nname = \"web\"\nkind = \"tcp\"\nupstream = \"127.0.0.1:80\"\n{ep_extra}\n"
+    )
+}
+
+/// One numeric field: the values just inside its range and just outside it.
+struct Range {
+    table: &'static str,
+    key: &'static str,
+    lowest: u64,
+    highest: u64,
+    too_low: Option<u64>,
+    too_high: u64,
+    /// How the message names the range.
+    text: &'static str,
+}
+
+const MS_1H: &str = "1..=3600000 ms (1 ms to 1 h)";
+
+#[rustfmt::skip]
+const RANGES: &[Range] = &[
+    Range { table: "reconnect", key: "initial_backoff_ms", lowest: 1, highest: 3_600_000,
+            too_low: Some(0), too_high: 3_600_001, text: MS_1H },
+    // Its lowest is the default initial_backoff_ms.
+    Range { table: "reconnect", key: "max_backoff_ms", lowest: 500, highest: 3_600_000,
+            too_low: Some(0), too_high: 3_600_001, text: MS_1H },
+    Range { table: "reconnect", key: "healthy_after_ms", lowest: 0, highest: 86_400_000,
+            too_low: None, too_high: 86_400_001, text: "0..=86400000 ms (0 ms to 24 h)" },
+    Range { table: "session", key: "max_streams", lowest: 1, highest: 65_535,
+            too_low: Some(0), too_high: 65_536, text: "1..=65535" },
+    Range { table: "session", key: "window", lowest: 16_384, highest: 2_147_483_647,
+            too_low: Some(16_383), too_high: 2_147_483_648, text: "16384..=2147483647 bytes" },
+    Range { table: "session", key: "ping_interval_ms", lowest: 100, highest: 3_600_000,
+            too_low: Some(99), too_high: 3_600_001, text: "100..=3600000 ms (100 ms to 1 h)" },
+    // Its lower bound is the interval's (default 15 s): see the test below.
+    Range { table: "session", key: "dead_after_ms", lowest: 15_001, highest: 86_400_000,
+            too_low: None, too_high: 86_400_001,
+            text: "more than session.ping_interval_ms and at most 86400000 ms (24 h)" },
+    Range { table: "endpoint", key: "connect_timeout_ms", lowest: 100, highest: 600_000,
+            too_low: Some(99), too_high: 600_001, text: "100..=600000 ms (100 ms to 10 min)" },
+];
+
+/// A config that sets `r`'s field to `v`, the line of that key and its field path.
+fn config_with(r: &Range, v: u64) -> (String, usize, String) {
+    let (table, key) = (r.table, r.key);
+    match (table, key) {
+        // The endpoint's own lines come first.
+        ("endpoint", _) => (
+            with("", &format!("{key} = {v}")),
+            8,
+            format!("endpoint[0].{key}"),
+        ),
+        // The cap must not be below the base.
+        (_, "initial_backoff_ms") => (
+            with(
+                &format!("[{table}]\n{key} = {v}\nmax_backoff_ms = 3600000"),
+                "",
+            ),
+            4,
+            format!("{table}.{key}"),
+        ),
+        // The deadline must exceed the interval.
+        (_, "ping_interval_ms") => (
+            with(
+                &format!("[{table}]\n{key} = {v}\ndead_after_ms = 86400000"),
+                "",
+            ),
+            4,
+            format!("{table}.{key}"),
+        ),
+        _ => (
+            with(&format!("[{table}]\n{key} = {v}"), ""),
+            4,
+            format!("{table}.{key}"),
+        ),
+    }
+}
+
+#[test]
+fn each_numeric_field_accepts_both_ends_of_its_range() {
+    for r in RANGES {
+        for v in [r.lowest, r.highest] {
+            let (text, _, field) = config_with(r, v);
+            let c = Config::parse(Path::new("t.toml"), &text)
+                .unwrap_or_else(|e| panic!("{field} = {v} is in range: {e}"));
+            assert!(c.session.mux_config().validate().is_ok(), "{field} = {v}");
+        }
+    }
+}
+
+#[test]
+fn a_value_just_outside_its_range_is_refused_with_line_field_and_range() {
+    let path = Path::new("/etc/tether/tetherd.toml");
+    // And a value near u64::MAX (TOML's largest integer), which would
+    // overflow `Instant + Duration`.
+    let huge = i64::MAX as u64;
+    for r in RANGES {
+        for v in r.too_low.into_iter().chain([r.too_high, huge]) {
+            let (text, line, field) = config_with(r, v);
+            let e = Config::parse(path, &text).expect_err("out of range");
+            assert_eq!((e.line, e.field.as_str()), (line, field.as_str()), "{e}");
+            assert!(
+                e.reason.contains(&format!("must be {}, not {v}", r.text)),
+                "{field} = {v}: {e}"
+            );
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("/etc/tether/tetherd.toml:{line}: {field}: ")),
+                "{e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dead_after_must_exceed_the_ping_interval_even_when_left_at_its_default() {
+    let e = Config::parse(
+        Path::new("t.toml"),
+        &with(
+            "[session]\nping_interval_ms = 1000\ndead_after_ms = 1000",
+            "",
+        ),
+    )
+    .expect_err("equal");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (5, "session.dead_after_ms"),
+        "{e}"
+    );
+    assert!(
+        e.reason
+            .contains("must exceed session.ping_interval_ms (1000 ms)"),
+        "{e}"
+    );
+    // dead_after_ms at its default (45 s) below a longer interval: the line
+    // is the interval's, the only one in the file.
+    let e = Config::parse(
+        Path::new("t.toml"),
+        &with("[session]\nping_interval_ms = 60000", ""),
+    )
+    .expect_err("default dead_after below the interval");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (4, "session.dead_after_ms"),
+        "{e}"
+    );
+    assert!(e.reason.contains("not 45000 ms"), "{e}");
+    // The same for a cap left at its default below a larger base.
+    let e = Config::parse(
+        Path::new("t.toml"),
+        &with("[reconnect]\ninitial_backoff_ms = 70000", ""),
+    )
+    .expect_err("default cap below the base");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (4, "reconnect.max_backoff_ms"),
+        "{e}"
+    );
+}

@@ -46,7 +46,7 @@ fn config_errors_exit_64_naming_file_line_and_field() {
         (
             format!("{head}{ep}connect_timeout_ms = 0\n"),
             "7: endpoint[0].connect_timeout_ms: ",
-            "at least 1 ms",
+            "must be 100..=600000 ms (100 ms to 10 min), not 0",
         ),
         (
             format!("{head}{ep}{}", ep.replace("tcp", "udp")),
