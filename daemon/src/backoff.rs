@@ -5,11 +5,17 @@
 //! its edge at the same moment does not come back in lockstep. The attempt
 //! counter goes back to 0 once a session has been healthy for
 //! `healthy_after`. An edge's `retry_after_ms` hint is a floor on top of this
-//! (see [`Backoff::after_refusal`]).
+//! (see [`Backoff::after_refusal`]), capped at [`MAX_RETRY_AFTER`].
 //!
 //! Pure arithmetic over a caller-supplied random source: no clock, no I/O.
 
 use std::time::Duration;
+
+/// The longest an edge's `retry_after_ms` hint can hold off the next dial:
+/// 1 h. The wire field is a `u32` (up to 49 days); a device told to wait
+/// longer, by a bug or a bad edge, would stay offline for weeks with no way
+/// to reach it. An edge that still refuses after an hour is asked again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The backoff state of one dialer.
 #[derive(Clone, Debug)]
@@ -54,9 +60,11 @@ impl Backoff {
     }
 
     /// The sleep after the edge refused the session with `retry_after`
-    /// (0 = no hint): at least the hint, never less than the normal backoff,
-    /// plus up to 10% of the hint so refused devices spread out.
+    /// (0 = no hint): at least the hint (at most [`MAX_RETRY_AFTER`]), never
+    /// less than the normal backoff, plus up to 10% of the hint so refused
+    /// devices spread out.
     pub fn after_refusal(&mut self, retry_after: Duration, rng: &mut fastrand::Rng) -> Duration {
+        let retry_after = retry_after.min(MAX_RETRY_AFTER);
         let own = self.next_delay(rng);
         let hint = retry_after.as_millis().min(u64::MAX as u128) as u64;
         let spread = Duration::from_millis(rng.u64(0..=hint / 10));

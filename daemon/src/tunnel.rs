@@ -114,6 +114,21 @@ fn refusal_subject(code: ErrorCode) -> &'static str {
     }
 }
 
+/// An edge's `retry_after_ms` as a wait, capped at
+/// [`MAX_RETRY_AFTER`](crate::backoff::MAX_RETRY_AFTER) (the backoff caps it
+/// too); says so when it was longer.
+fn retry_hint(retry_after_ms: u32) -> Duration {
+    let hint = Duration::from_millis(retry_after_ms.into());
+    let cap = crate::backoff::MAX_RETRY_AFTER;
+    if hint > cap {
+        warn!(
+            "edge asked to wait {retry_after_ms} ms before the next dial; waiting at most {} ms",
+            cap.as_millis()
+        );
+    }
+    hint.min(cap)
+}
+
 enum First {
     Control(Option<Vec<u8>>),
     Stop,
@@ -219,7 +234,7 @@ pub(crate) async fn serve(
             let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Refused {
                 lived: None,
-                retry_after: Duration::from_millis(retry_after_ms.into()),
+                retry_after: retry_hint(retry_after_ms),
             };
         }
         other => {
@@ -376,7 +391,7 @@ async fn control_loop(sess: Session, session_no: u64, refused: Rc<Cell<Option<Du
                     "session {session_no}: {}: {code} ({message}); retry after {retry_after_ms} ms",
                     refusal_subject(code)
                 );
-                refused.set(Some(Duration::from_millis(retry_after_ms.into())));
+                refused.set(Some(retry_hint(retry_after_ms)));
             }
             Ok(Control::RotateOffer { token_id, .. }) => {
                 warn!("session {session_no}: credential rotation to {token_id} offered; not supported yet, ignored");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tetherd::backoff::Backoff;
+use tetherd::backoff::{Backoff, MAX_RETRY_AFTER};
 
 const BASE: Duration = Duration::from_millis(500);
 const CAP: Duration = Duration::from_millis(60_000);
@@ -97,4 +97,23 @@ fn a_refusal_waits_at_least_retry_after_plus_a_bounded_spread() {
     // No hint: the normal backoff.
     let mut b = Backoff::new(BASE, CAP, HEALTHY);
     assert!(b.after_refusal(Duration::ZERO, &mut rng) <= BASE);
+}
+
+#[test]
+fn a_retry_after_beyond_an_hour_is_capped_at_an_hour() {
+    assert_eq!(MAX_RETRY_AFTER, Duration::from_secs(3600));
+    let mut rng = fastrand::Rng::with_seed(11);
+    // The largest hint the wire carries (a u32 of ms, ~49.7 days), and one
+    // just above the cap.
+    for hint_ms in [u64::from(u32::MAX), 3_600_001] {
+        for _ in 0..1000 {
+            let mut b = Backoff::new(BASE, CAP, HEALTHY);
+            let d = b.after_refusal(Duration::from_millis(hint_ms), &mut rng);
+            assert!(d >= MAX_RETRY_AFTER, "{d:?}");
+            assert!(d <= MAX_RETRY_AFTER + MAX_RETRY_AFTER / 10, "{d:?}");
+        }
+    }
+    // At the cap, the hint is obeyed as is.
+    let mut b = Backoff::new(BASE, CAP, HEALTHY);
+    assert!(b.after_refusal(MAX_RETRY_AFTER, &mut rng) >= MAX_RETRY_AFTER);
 }
