@@ -89,12 +89,17 @@ pub struct Options {
     /// abandoned, the pipe is dropped and the driver resolves
     /// [`Closed::Lingered`]. Zero still makes one attempt to write and close.
     pub linger: Duration,
+    /// Refuse every stream the peer opens, from its first byte
+    /// ([`Session::refuse_peer_streams`]). The edge sets it: in this protocol
+    /// version only the edge opens streams.
+    pub refuse_peer_streams: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
         Options {
             linger: DEFAULT_LINGER,
+            refuse_peer_streams: false,
         }
     }
 }
@@ -357,7 +362,8 @@ impl Session {
     }
 
     /// [`Session::new`] with driver settings: the linger deadline
-    /// ([`Options::linger`]).
+    /// ([`Options::linger`]) and whether peer streams are refused
+    /// ([`Options::refuse_peer_streams`]).
     pub fn new_with<T>(
         io: T,
         cfg: Config,
@@ -367,12 +373,15 @@ impl Session {
         T: AsyncRead + AsyncWrite + Unpin,
     {
         let origin = Instant::now();
-        let mux = Mux::new(
+        let mut mux = Mux::new(
             cfg,
             vec![Slot::EMPTY; cfg.max_streams],
             vec![0u8; cfg.buffer_len()],
             Millis(0),
         )?;
+        if opts.refuse_peer_streams {
+            mux.refuse_peer_streams();
+        }
         let inner = Inner {
             mux,
             origin,
@@ -527,6 +536,20 @@ impl Session {
         inner.mux.goaway(code);
         inner.dispatch_events();
         inner.wake_driver();
+    }
+
+    /// Refuses every stream the peer opens from now on: each `OPEN` is
+    /// answered with `RESET(REFUSED_STREAM)` at once, takes no stream slot,
+    /// gets no credit and buffers nothing; [`Session::accept`] never returns
+    /// such a stream ([`Mux::refuse_peer_streams`], PROTOCOL.md 3.2).
+    ///
+    /// Call order: right after [`Session::new`] and before the [`Driver`]
+    /// is first polled (spawned), so that not even the peer's first frame
+    /// gets a slot; or pass [`Options::refuse_peer_streams`] to
+    /// [`Session::new_with`], which is the same. Called later, it applies to
+    /// the `OPEN`s the driver reads from then on.
+    pub fn refuse_peer_streams(&self) {
+        self.shared.lock().mux.refuse_peer_streams();
     }
 
     /// The peer's `GOAWAY`, if it sent one: its code and the last stream it accepted.

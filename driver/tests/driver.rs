@@ -380,6 +380,63 @@ fn dropping_a_stream_resets_it_for_the_peer() {
     });
 }
 
+#[test]
+fn refused_peer_streams_are_reset_and_never_accepted() {
+    for by_option in [false, true] {
+        smol::block_on(async {
+            let (c, s) = tcp_pair();
+            let (client, cdrv) = Session::new(c, cfg(Role::Client)).expect("client");
+            let (server, sdrv) = if by_option {
+                let opts = tether_driver::Options {
+                    refuse_peer_streams: true,
+                    ..tether_driver::Options::default()
+                };
+                Session::new_with(s, cfg(Role::Server), opts).expect("server")
+            } else {
+                let (server, sdrv) = Session::new(s, cfg(Role::Server)).expect("server");
+                // Before the driver runs: not even the first OPEN gets a slot.
+                server.refuse_peer_streams();
+                (server, sdrv)
+            };
+            smol::spawn(cdrv).detach();
+            smol::spawn(sdrv).detach();
+            for _ in 0..3 {
+                let mut st = client.open(&Meta::endpoint("a")).await.expect("open");
+                // Within the initial window; the RESET may already be back.
+                if let Err(e) = st.write_all(&[1u8; 16 * 1024]).await {
+                    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+                }
+                let mut buf = [0u8; 8];
+                let read = async { Some(st.read(&mut buf).await) };
+                let err = future::or(read, async {
+                    smol::Timer::after(Duration::from_secs(3)).await;
+                    None
+                })
+                .await
+                .expect("the stream was not refused")
+                .expect_err("a refused stream");
+                assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+                assert!(err.to_string().contains("REFUSED_STREAM"), "{err}");
+            }
+            assert_eq!(server.live_streams(), 0);
+            let accepted = future::or(async { server.accept().await.is_some() }, async {
+                smol::Timer::after(Duration::from_millis(100)).await;
+                false
+            })
+            .await;
+            assert!(!accepted, "a refused stream was accepted");
+            // The edge's own streams still work.
+            let mut st = server.open(&Meta::endpoint("e")).await.expect("edge open");
+            st.write_all(b"hello").await.expect("write");
+            st.close().await.expect("close");
+            let mut peer = client.accept().await.expect("agent accepts");
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, b"hello");
+        });
+    }
+}
+
 /// A pipe that takes only a few bytes per write and often says "not now"
 /// (waking itself), as a congested socket does: frames leave the driver in
 /// pieces and must be continued in order.

@@ -37,8 +37,6 @@ fn small_tcp_pair() -> (TcpStream, TcpStream) {
     (c, s)
 }
 
-// The form Options' doc recommends, which keeps compiling as fields are added.
-#[allow(clippy::needless_update)]
 fn opts(linger: Duration) -> Options {
     Options {
         linger,

@@ -491,6 +491,8 @@ pub struct Mux<S, B> {
 
     next_local: u32,
     last_remote: u32,
+    /// Every stream the peer opens is refused ([`Mux::refuse_peer_streams`]).
+    refuse_peer: bool,
     /// The slot a partly received `OPEN` will take.
     opening: Option<usize>,
     live: usize,
@@ -577,6 +579,7 @@ where
                 Role::Server => 2,
             },
             last_remote: 0,
+            refuse_peer: false,
             opening: None,
             live: 0,
             ev_slots: 0,
@@ -608,6 +611,53 @@ where
     /// Why the session closed, once it has.
     pub fn close_reason(&self) -> Option<CloseReason> {
         self.reason
+    }
+
+    /// Refuses every stream the peer opens from now on (PROTOCOL.md 1 and
+    /// 3.2: in this version only the edge opens streams, so the edge calls
+    /// this on each session). A peer's `OPEN` is then answered with
+    /// `RESET(REFUSED_STREAM)` at once: it takes no slot, is granted no
+    /// credit and produces no [`Event::Opened`]; its metadata is not kept
+    /// and its id counts as used. `DATA` that follows on that id is
+    /// discarded unbuffered, as for any stream that is gone (section 3.3).
+    /// The answers share the bounded queue of [`ORPHAN_RESETS`]: while it is
+    /// full, input is not consumed, so a flood of `OPEN`s waits for the
+    /// transport instead of growing a queue.
+    ///
+    /// Call it before the first [`Mux::handle_input`]; an `OPEN` consumed
+    /// before the call was handled as usual. There is no way back.
+    pub fn refuse_peer_streams(&mut self) {
+        self.refuse_peer = true;
+    }
+
+    /// Whether [`Mux::refuse_peer_streams`] was called.
+    pub fn refuses_peer_streams(&self) -> bool {
+        self.refuse_peer
+    }
+
+    /// Bytes of the session buffer (the `buf` given to [`Mux::new`]) in use
+    /// right now: the received bytes and metadata of held streams (and of an
+    /// `OPEN` being received), the transmit queue, the outbound control
+    /// queue and the inbound control message. Never more than
+    /// [`Config::buffer_len`]; each stream's share of received bytes never
+    /// exceeds its window. Costs one pass over the slots.
+    pub fn buffered(&self) -> usize {
+        let streams: usize = self
+            .slots
+            .as_ref()
+            .iter()
+            .filter(|s| s.id != 0)
+            .map(|s| s.recv.len() + s.meta_len as usize)
+            .sum();
+        let rx = match self.rx {
+            Rx::Open {
+                slot: Some(_), got, ..
+            } => got,
+            Rx::Control { got, .. } => got,
+            _ => 0,
+        };
+        let ctl_in = self.ctl_in_ready.unwrap_or(0);
+        streams + rx + ctl_in + self.tx.len() + (self.ctl_out.1 - self.ctl_out.0)
     }
 
     /// Whether the session is closed and every byte has been transmitted:
@@ -889,7 +939,7 @@ where
             return;
         }
         self.last_remote = id.get();
-        let refuse = self.state != SessionState::Open;
+        let refuse = self.state != SessionState::Open || self.refuse_peer;
         let free = if refuse { None } else { self.free_slot() };
         let Some(idx) = free else {
             self.queue_orphan(id, ErrorCode::REFUSED_STREAM);

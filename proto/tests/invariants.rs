@@ -218,6 +218,147 @@ fn too_many_streams_are_refused_with_reset() {
     assert_eq!(sim.sides[S].closed, None);
 }
 
+// ------------------------------------- 1, 3.2: the edge refuses every agent stream
+
+/// A server that refuses peer streams, with a client that opens anyway.
+fn refusing_pair() -> Sim {
+    let mut sim = Sim::small();
+    sim.mux(S).refuse_peer_streams();
+    assert!(sim.mux(S).refuses_peer_streams());
+    sim
+}
+
+#[test]
+fn refused_peer_streams_take_no_slot_no_credit_and_no_buffer() {
+    let mut sim = refusing_pair();
+    let max = sim.sides[S].mux.config().max_streams;
+    // More streams than the server could hold, each sending its whole
+    // initial window right behind its OPEN (what a hostile agent would do).
+    let ids: Vec<_> = (0..max).map(|_| sim.open(C).unwrap()).collect();
+    for id in &ids {
+        sim.write(C, *id, &pattern(id.get(), INITIAL_WINDOW as usize));
+        sim.finish(C, *id);
+    }
+    for _ in 0..sim.step_limit {
+        let moved = sim.step();
+        assert_eq!(sim.mux(S).live_streams(), 0, "a refused stream took a slot");
+        assert_eq!(sim.mux(S).buffered(), 0, "a refused stream buffered bytes");
+        if !moved && sim.next_arrival().is_none() {
+            break;
+        }
+    }
+    // Every OPEN was answered with RESET(REFUSED_STREAM), first, and nothing else.
+    let resets = sim.resets_sent(S);
+    for id in &ids {
+        let mine: Vec<_> = resets.iter().filter(|r| r.0 == id.get()).collect();
+        assert_eq!(
+            mine.first().map(|r| r.1),
+            Some(ErrorCode::REFUSED_STREAM),
+            "{id}: {resets:?}"
+        );
+        assert_eq!(sim.app(C, *id).reset, Some(ErrorCode::REFUSED_STREAM));
+    }
+    let sent = sim.sent_frames(S);
+    assert!(
+        sent.iter().all(|f| f.window().is_none()),
+        "the server granted credit to a refused stream: {sent:?}"
+    );
+    assert!(
+        !sim.sides[S]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Opened(_))),
+        "a refused stream was offered to the application"
+    );
+    assert_eq!(sim.mux(C).live_streams(), 0, "the opener released them");
+    // The session is fine: the server opens its own streams and they work.
+    assert_eq!(sim.sides[S].closed, None);
+    assert!(sim.goaways_sent(S).is_empty());
+    let own = sim.open(S).unwrap();
+    sim.write(S, own, b"from the edge");
+    sim.finish(S, own);
+    sim.drive();
+    assert_eq!(sim.app(C, own).received, b"from the edge");
+}
+
+#[test]
+fn a_flood_of_refused_opens_and_data_buffers_nothing_and_queues_bounded_answers() {
+    let mut s = new_mux(small_cfg(Role::Server), tether_proto::Millis(0));
+    s.refuse_peer_streams();
+    let n = 10 * ORPHAN_RESETS as u32;
+    let junk = pattern(5, MAX_PAYLOAD);
+    let mut flood = Vec::new();
+    for k in 0..n {
+        let id = 1 + 2 * k;
+        flood.extend_from_slice(&open_frame(id));
+        // Data within what the initial window would have allowed.
+        flood.extend_from_slice(&data_frame(id, false, &junk));
+    }
+    let now = tether_proto::Millis(1);
+    // Nobody transmits: the answers may not pile up, so input stops.
+    let mut pos = 0;
+    loop {
+        let end = (pos + 1000).min(flood.len());
+        let c = s.handle_input(now, &flood[pos..end]);
+        assert_eq!(s.live_streams(), 0);
+        assert_eq!(s.buffered(), 0);
+        pos += c;
+        if c == 0 || pos == flood.len() {
+            break;
+        }
+    }
+    assert!(
+        pos < flood.len(),
+        "all input consumed without sending one answer"
+    );
+    let mut out = vec![0u8; 64 * 1024];
+    let first = s.poll_transmit(&mut out);
+    let answers = parse_all(&out[..first]);
+    assert!(
+        answers.len() <= ORPHAN_RESETS,
+        "{} answers queued, bound {ORPHAN_RESETS}",
+        answers.len()
+    );
+    // Now with a transport that takes everything: the whole flood goes through.
+    let mut wire = out[..first].to_vec();
+    while pos < flood.len() {
+        let end = (pos + 777).min(flood.len());
+        pos += s.handle_input(now, &flood[pos..end]);
+        assert_eq!(s.live_streams(), 0);
+        assert_eq!(s.buffered(), 0);
+        let k = s.poll_transmit(&mut out);
+        wire.extend_from_slice(&out[..k]);
+    }
+    loop {
+        let k = s.poll_transmit(&mut out);
+        if k == 0 {
+            break;
+        }
+        wire.extend_from_slice(&out[..k]);
+    }
+    let resets: Vec<_> = parse_all(&wire)
+        .iter()
+        .map(|p| p.frame().and_then(Frame::reset).expect("only RESETs"))
+        .collect();
+    for k in 0..n {
+        let id = 1 + 2 * k;
+        let mine: Vec<_> = resets.iter().filter(|r| r.0 == id).collect();
+        assert_eq!(
+            mine.first().map(|r| r.1),
+            Some(ErrorCode::REFUSED_STREAM),
+            "stream {id}"
+        );
+        assert!(
+            mine.iter().skip(1).all(|r| r.1 == ErrorCode::STREAM_CLOSED) && mine.len() <= 2,
+            "stream {id}: {mine:?}"
+        );
+    }
+    // The refused ids count as used: reopening one is a session error.
+    assert!(!s.is_closed());
+    s.handle_input(now, &open_frame(1));
+    assert_eq!(s.close_reason(), Some(CloseReason::BadOpen(sid(1))));
+}
+
 // ----------------------------------------------------------- session errors
 
 #[test]
