@@ -5,7 +5,18 @@
 //! It owns process lifecycles (killed on drop), the machine-readable stdout
 //! lines both programs print (`LISTEN`, `BOUND`, `CONNECTED`), log capture for
 //! assertions, and small network tools (an echo upstream, a pausable proxy).
-//! It does not own any tunnel logic: that is what it tests.
+//! Beside it: [`raw`], an agent that speaks the wire format frame by frame
+//! (the hostile or stalled peer), [`flood`], the admission flood of issue 6,
+//! and [`sys`], what a process holds (fds, RSS, limits) and connects from a
+//! chosen source address. It does not own any tunnel logic: that is what it
+//! tests.
+//!
+//! `TETHER_TEST_BIN_DIR` points the tests at binaries built elsewhere (for
+//! example an older commit's, to see a test fail before a fix).
+
+pub mod flood;
+pub mod raw;
+pub mod sys;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -16,15 +27,20 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// The directory that holds the workspace's built binaries (`target/debug`).
+/// The directory that holds the workspace's built binaries (`target/debug`,
+/// or `$TETHER_TEST_BIN_DIR`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/debug/deps/<test>-<hash> -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
+    let dir = match std::env::var_os("TETHER_TEST_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            // target/debug/deps/<test>-<hash> -> target/debug
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        }
+    };
     for b in ["tetherd", "tether-edge"] {
         assert!(
             dir.join(b).exists(),
@@ -91,17 +107,26 @@ impl Pki {
     }
 }
 
-/// Lines a child printed, shared with the thread that reads them.
+/// Lines a child printed, shared with the thread that reads them, each with
+/// the moment it was read.
 #[derive(Clone, Default)]
 pub struct Lines {
     inner: Arc<(Mutex<Vec<String>>, Condvar)>,
+    times: Arc<Mutex<Vec<Instant>>>,
 }
 
 impl Lines {
     /// Appends a line and wakes the waiters.
     pub fn push(&self, line: String) {
         let (m, c) = &*self.inner;
-        m.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the lines' lock, so that times[i] is always line i's.
+        self.times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Instant::now());
+        g.push(line);
+        drop(g);
         c.notify_all();
     }
 
@@ -112,6 +137,39 @@ impl Lines {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// How many lines so far.
+    pub fn len(&self) -> usize {
+        self.inner.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether no line came yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits up to `timeout` for a line at index `from` or later that
+    /// contains `needle`; returns it with the moment it was read.
+    pub fn wait_contains_after(
+        &self,
+        from: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> Option<(String, Instant)> {
+        let (i, text) = self.wait_map(timeout, |ls| {
+            ls.iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+                .map(|(i, l)| (i, l.clone()))
+        })?;
+        let at = *self
+            .times
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(i)?;
+        Some((text, at))
     }
 
     /// How many lines contain `needle`.
@@ -125,12 +183,17 @@ impl Lines {
         timeout: Duration,
         find: impl Fn(&[String]) -> Option<String>,
     ) -> Option<String> {
+        self.wait_map(timeout, find)
+    }
+
+    /// Waits up to `timeout` until `f` gets something out of all lines so far.
+    pub fn wait_map<T>(&self, timeout: Duration, f: impl Fn(&[String]) -> Option<T>) -> Option<T> {
         let (m, c) = &*self.inner;
         let deadline = Instant::now() + timeout;
         let mut g = m.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(l) = find(&g) {
-                return Some(l);
+            if let Some(v) = f(&g) {
+                return Some(v);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -194,8 +257,25 @@ fn pump(r: impl Read + Send + 'static, lines: Lines, echo: Option<&'static str>)
 impl Proc {
     /// Starts `bin` (a workspace binary) with `args`.
     pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
-        let mut child = Command::new(bin_dir().join(name))
-            .args(args)
+        let mut cmd = Command::new(bin_dir().join(name));
+        cmd.args(args);
+        Proc::spawn_command(name, cmd)
+    }
+
+    /// Starts `bin` with `args` and its open-file soft limit lowered to
+    /// `soft` (through `sh -c 'ulimit -S -n ...; exec ...'`: the binary
+    /// itself is the process, with that limit inherited).
+    pub fn spawn_with_nofile(name: &'static str, args: &[&str], soft: u64) -> Proc {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -S -n {soft} && exec \"$0\" \"$@\""))
+            .arg(bin_dir().join(name))
+            .args(args);
+        Proc::spawn_command(name, cmd)
+    }
+
+    fn spawn_command(name: &'static str, mut cmd: Command) -> Proc {
+        let mut child = cmd
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -223,6 +303,16 @@ impl Proc {
             err,
             name,
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Sends SIGTERM and waits for the exit code (None if killed by a signal).
@@ -285,6 +375,13 @@ pub struct EdgeOpts {
     pub dead_after_ms: u64,
     /// Fixed agent listen address (for restart tests); None = port 0.
     pub agent_listen: Option<SocketAddr>,
+    /// `[session] max_streams`; None = not written (the edge's default, 64).
+    pub max_streams: Option<usize>,
+    /// `[session] linger_ms`; None = not written (the edge's default,
+    /// [`Limits::DEFAULT_LINGER_MS`]).
+    pub linger_ms: Option<u64>,
+    /// `[limits]`: only the values that are set are written.
+    pub limits: Limits,
 }
 
 impl Default for EdgeOpts {
@@ -293,6 +390,93 @@ impl Default for EdgeOpts {
             ping_interval_ms: 15_000,
             dead_after_ms: 45_000,
             agent_listen: None,
+            max_streams: None,
+            linger_ms: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The edge's `[limits]` table (DESIGN.md invariant 11). A `None` is not
+/// written, so the edge applies its default (the `DEFAULT_*` constants: the
+/// documented contract). A test that can run on the defaults leaves them
+/// unset: it then also runs, and fails for its own reason, against an edge
+/// that does not know the table yet.
+#[derive(Clone, Debug, Default)]
+pub struct Limits {
+    /// Agent port: time for the TLS handshake.
+    pub tls_handshake_timeout_ms: Option<u64>,
+    /// Agent port: time for `Hello` after TLS.
+    pub hello_timeout_ms: Option<u64>,
+    /// Unfinished agent handshakes per IPv4 address / IPv6 /64.
+    pub pending_per_source: Option<usize>,
+    /// Unfinished agent handshakes in all.
+    pub pending_total: Option<usize>,
+    /// Sessions per token; a new one past it evicts the oldest.
+    pub sessions_per_token: Option<usize>,
+    /// Endpoints one session may bind.
+    pub endpoints_per_session: Option<usize>,
+    /// Public connections of one endpoint waiting for a stream.
+    pub public_waiting_per_endpoint: Option<usize>,
+    /// Public connections in all.
+    pub public_connections: Option<usize>,
+    /// Public TLS handshake deadline.
+    pub public_tls_handshake_timeout_ms: Option<u64>,
+    /// Idle established public connections are closed after this.
+    pub idle_timeout_ms: Option<u64>,
+}
+
+impl Limits {
+    /// `[session] linger_ms` default.
+    pub const DEFAULT_LINGER_MS: u64 = 2_000;
+    /// Default agent TLS handshake deadline.
+    pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+    /// Default `Hello` deadline.
+    pub const DEFAULT_HELLO_TIMEOUT_MS: u64 = 5_000;
+    /// Default unfinished handshakes per source.
+    pub const DEFAULT_PENDING_PER_SOURCE: usize = 8;
+    /// Default unfinished handshakes in all.
+    pub const DEFAULT_PENDING_TOTAL: usize = 512;
+    /// Default sessions per token.
+    pub const DEFAULT_SESSIONS_PER_TOKEN: usize = 4;
+    /// Default endpoints per session.
+    pub const DEFAULT_ENDPOINTS_PER_SESSION: usize = 32;
+    /// Default public connections waiting per endpoint.
+    pub const DEFAULT_PUBLIC_WAITING_PER_ENDPOINT: usize = 64;
+    /// Default public connections in all.
+    pub const DEFAULT_PUBLIC_CONNECTIONS: usize = 8_192;
+    /// Default idle timeout of public connections.
+    pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 600_000;
+
+    /// The `[limits]` table with the values that are set; empty when none is.
+    pub fn toml(&self) -> String {
+        let mut t = String::new();
+        let mut put = |k: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                t.push_str(&format!("{k} = {v}\n"));
+            }
+        };
+        let u = |v: Option<usize>| v.map(|v| v as u64);
+        put("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms);
+        put("hello_timeout_ms", self.hello_timeout_ms);
+        put("pending_per_source", u(self.pending_per_source));
+        put("pending_total", u(self.pending_total));
+        put("sessions_per_token", u(self.sessions_per_token));
+        put("endpoints_per_session", u(self.endpoints_per_session));
+        put(
+            "public_waiting_per_endpoint",
+            u(self.public_waiting_per_endpoint),
+        );
+        put("public_connections", u(self.public_connections));
+        put(
+            "public_tls_handshake_timeout_ms",
+            self.public_tls_handshake_timeout_ms,
+        );
+        put("idle_timeout_ms", self.idle_timeout_ms);
+        if t.is_empty() {
+            t
+        } else {
+            format!("\n[limits]\n{t}")
         }
     }
 }
@@ -304,6 +488,13 @@ pub fn write_edge_config(dir: &Path, pki: &Pki, opts: &EdgeOpts) -> PathBuf {
     let agent = opts
         .agent_listen
         .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+    let mut session_extra = String::new();
+    if let Some(n) = opts.max_streams {
+        session_extra.push_str(&format!("max_streams = {n}\n"));
+    }
+    if let Some(ms) = opts.linger_ms {
+        session_extra.push_str(&format!("linger_ms = {ms}\n"));
+    }
     let body = format!(
         r#"state_dir = "{state}"
 
@@ -326,7 +517,7 @@ key = "{wk}"
 ping_interval_ms = {pi}
 dead_after_ms = {da}
 shutdown_grace_ms = 3000
-"#,
+{session_extra}{limits}"#,
         state = state.display(),
         ac = pki.agent_cert.display(),
         ak = pki.agent_key.display(),
@@ -334,6 +525,7 @@ shutdown_grace_ms = 3000
         wk = pki.wild_key.display(),
         pi = opts.ping_interval_ms,
         da = opts.dead_after_ms,
+        limits = opts.limits.toml(),
     );
     let path = dir.join("edge.toml");
     std::fs::write(&path, body).expect("write edge.toml");
@@ -363,19 +555,61 @@ impl Edge {
     /// Starts `tether-edge serve` with `config` and waits for its listeners.
     pub fn start(config: &Path) -> Edge {
         let cfg = config.to_str().expect("utf-8 path");
-        let proc = Proc::spawn("tether-edge", &["--config", cfg, "serve"]);
-        let t = Duration::from_secs(20);
-        let agent = proc
+        Edge::wait_listening(
+            Proc::spawn("tether-edge", &["--config", cfg, "serve"]),
+            config,
+        )
+    }
+
+    /// [`Edge::start`] with the edge's open-file soft limit lowered to `soft`
+    /// when it starts.
+    pub fn start_with_nofile(config: &Path, soft: u64) -> Edge {
+        let cfg = config.to_str().expect("utf-8 path");
+        Edge::wait_listening(
+            Proc::spawn_with_nofile("tether-edge", &["--config", cfg, "serve"], soft),
+            config,
+        )
+    }
+
+    fn wait_listening(mut proc: Proc, config: &Path) -> Edge {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let agent = loop {
+            if let Some(l) = proc.out.wait("LISTEN agent", Duration::from_millis(100)) {
+                break l;
+            }
+            // An edge that refused its config exits at once: say why now.
+            if !proc.is_running() || Instant::now() >= deadline {
+                thread::sleep(Duration::from_millis(50));
+                panic!(
+                    "edge did not listen (config {}): {:#?}",
+                    config.display(),
+                    proc.err.all()
+                );
+            }
+        };
+        let tls = proc
             .out
-            .wait("LISTEN agent", t)
-            .unwrap_or_else(|| panic!("edge did not listen: {:#?}", proc.err.all()));
-        let tls = proc.out.wait("LISTEN tls", t).expect("edge tls listener");
+            .wait("LISTEN tls", Duration::from_secs(5))
+            .expect("edge tls listener");
         Edge {
             agent: parse_addr(&agent),
             tls: parse_addr(&tls),
             proc,
             config: config.to_path_buf(),
         }
+    }
+
+    /// The edge's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    /// Runs `tether-edge --config <this config> ARGS...` (a CLI command
+    /// against the same store) and returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let mut all = vec!["--config", self.config.to_str().expect("utf-8")];
+        all.extend_from_slice(args);
+        run("tether-edge", &all)
     }
 
     /// `token create` against this edge's store; returns (token, id). An

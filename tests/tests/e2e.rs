@@ -338,44 +338,97 @@ fn silent_network_is_detected_within_the_heartbeat_deadline() {
     drop(edge);
 }
 
+/// The number after `prefix` in `line` ("retry after 300000 ms" -> 300000).
+fn number_after(line: &str, prefix: &str) -> Option<u64> {
+    let rest = &line[line.find(prefix)? + prefix.len()..];
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+}
+
 #[test]
 fn revoked_token_closes_the_session_within_a_second_without_a_reconnect_storm() {
-    let w = World::start(
+    let mut w = World::start(
         &[("echo", "tcp", echo_upstream())],
         EdgeOpts::default(),
         (15_000, 45_000),
     );
-    let cfg = w.edge.config.to_str().expect("utf-8").to_owned();
-    let t0 = Instant::now();
-    let (code, _, err) = run(
-        "tether-edge",
-        &["--config", &cfg, "token", "revoke", &w.token_id],
-    );
+    let daemon_from = w.daemon.err.len();
+    let edge_from = w.edge.proc.out.len();
+    let (code, _, err) = w.edge.cli(&["token", "revoke", &w.token_id]);
+    // The CLI has committed the revocation: the invariant's second starts here.
+    let revoked = Instant::now();
     assert_eq!(code, Some(0), "{err}");
-    w.edge
+    let second = Duration::from_secs(1);
+
+    // The daemon's side of the session is over once its supervisor has
+    // scheduled the next dial (it logs that only after the session ended).
+    let (next, next_at) = w
+        .daemon
+        .err
+        .wait_contains_after(daemon_from, "next dial in", Duration::from_secs(5))
+        .unwrap_or_else(|| {
+            panic!(
+                "the daemon never scheduled a redial: {:#?}",
+                w.daemon.err.all()
+            )
+        });
+    let took = next_at.saturating_duration_since(revoked);
+    assert!(
+        took <= second,
+        "the daemon's session ended {took:?} after the revocation: {next}"
+    );
+    // The edge's side too: the endpoint is gone.
+    let (_, unbound_at) = w
+        .edge
         .proc
-        .err
-        .wait_contains(
-            &format!("token {} revoked", w.token_id),
-            Duration::from_secs(2),
-        )
-        .expect("edge logs the revocation");
-    w.daemon
-        .err
-        .wait_contains("TOKEN_REVOKED", Duration::from_secs(2))
-        .unwrap_or_else(|| panic!("{:#?}", w.daemon.err.all()));
+        .out
+        .wait_contains_after(edge_from, "UNBOUND echo", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the edge kept the endpoint: {:#?}", w.edge.proc.out.all()));
+    let took = unbound_at.saturating_duration_since(revoked);
     assert!(
-        t0.elapsed() < Duration::from_millis(1500),
-        "closed after {:?}",
-        t0.elapsed()
+        took <= second,
+        "the edge unbound echo {took:?} after the revocation"
     );
-    // Over the next 3 s the daemon dials at most once more (it backs off long).
-    std::thread::sleep(Duration::from_secs(3));
-    let refused = w.edge.proc.err.count("handshake refused");
+
+    // The daemon was told why and how long to wait, and waits at least that:
+    // a storm would redial sooner, a dead daemon would not be running.
+    let (refusal, _) = w
+        .daemon
+        .err
+        .wait_contains_after(daemon_from, "TOKEN_REVOKED", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("no TOKEN_REVOKED: {:#?}", w.daemon.err.all()));
+    let hint = number_after(&refusal, "retry after ")
+        .unwrap_or_else(|| panic!("no retry hint in {refusal:?}"));
+    let delay =
+        number_after(&next, "next dial in ").unwrap_or_else(|| panic!("no delay in {next:?}"));
     assert!(
-        refused <= 1,
-        "reconnect storm: {refused} refused handshakes in 3 s"
+        hint > 0,
+        "the edge gives a revoked device a retry hint: {refusal}"
     );
+    assert!(
+        delay >= hint,
+        "the daemon redials after {delay} ms, sooner than the edge's hint of {hint} ms: {next}"
+    );
+    assert!(
+        w.daemon.is_running(),
+        "the daemon died after the revocation"
+    );
+    // And nothing else is scheduled meanwhile: one refusal, one redial plan.
+    let second_plan = w.daemon.err.wait_map(Duration::from_secs(2), |ls| {
+        (ls[daemon_from..]
+            .iter()
+            .filter(|l| l.contains("next dial in"))
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    assert!(
+        second_plan.is_none(),
+        "the daemon scheduled another dial within 2 s: {:#?}",
+        &w.daemon.err.all()[daemon_from..]
+    );
+    assert!(w.daemon.is_running(), "the daemon is still running");
 }
 
 #[test]
