@@ -45,7 +45,11 @@ pub(crate) async fn serve_agent(
     let Some((tls, auth)) = authenticate(&state, tcp, peer).await else {
         return;
     };
-    let (session, driver) = match Session::new(tls, state.cfg.session.mux()) {
+    let options = tether_driver::Options {
+        linger: ms(state.cfg.session.linger_ms),
+        refuse_peer_streams: true,
+    };
+    let (session, driver) = match Session::new_with(tls, state.cfg.session.mux(), options) {
         Ok(s) => s,
         Err(e) => {
             // Config::load validated these settings; only a hand-built Config gets here.
@@ -74,6 +78,9 @@ pub(crate) async fn serve_agent(
     }
 
     let closed = driver.await;
+    if closed.lingered() {
+        state.counters.refuse(Refusal::Lingered);
+    }
     let gone = state.registry().remove_session(tunnel.no);
     for (name, _) in &gone {
         emit(format!("UNBOUND {name}"));
