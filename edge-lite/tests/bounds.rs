@@ -321,3 +321,33 @@ fn an_idle_public_connection_is_closed_after_the_idle_timeout() {
         env.finish().await.expect("clean stop");
     });
 }
+
+#[test]
+fn streams_an_agent_opens_are_refused_and_the_session_serves_on() {
+    smol::block_on(async {
+        let mut env = Env::start("agent-streams", "").await;
+        let (token, _) = env.token(&["web"]);
+        let a = Agent::welcome(&env, &token).await;
+        // More streams than the edge's max_streams (64), each with data.
+        for _ in 0..100 {
+            let mut st = within(T, a.session.open(&tether_driver::Meta::endpoint("web")))
+                .await
+                .unwrap();
+            let _ = st.write_all(&[0u8; 1024]).await;
+            let mut b = [0u8; 1];
+            let r = within(T, st.read(&mut b)).await;
+            assert!(r.is_err(), "refused, not accepted: {r:?}");
+        }
+        assert!(!a.session.is_closing(), "refusing is not a session error");
+        // The edge's own streams are unaffected.
+        let url = a.bind_ok("web", EndpointKind::Tcp).await;
+        let mut c = TcpStream::connect(url_addr(&url)).await.unwrap();
+        let mut st = within(T, a.session.accept()).await.expect("edge stream");
+        c.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        within(T, st.read_exact(&mut got)).await.unwrap();
+        assert_eq!(&got, b"ping");
+        drop((c, st));
+        env.finish().await.expect("clean stop");
+    });
+}
