@@ -25,6 +25,13 @@
 //! While the edge
 //! drains a session (`GOAWAY(NO_ERROR)`) the old and the new session both
 //! hold their buffers until the old one's streams are done: plan for two.
+//! At most one session drains beside the live one: when the edge drains the
+//! live session while an older one still drains, the older is cut
+//! (`GOAWAY(CANCEL)`) and its driver awaited, at most [`CUT_DEADLINE`], before
+//! the next session is dialed. The driver's linger deadline
+//! ([`SESSION_LINGER`]) ends a cut session even when its edge stops reading;
+//! past [`CUT_DEADLINE`] its task is dropped, which drops its connection.
+//! [`Stats`] counts the session drivers alive.
 //!
 //! Not here (yet): credential rotation, PROXY protocol v2, systemd
 //! notification.
@@ -33,6 +40,8 @@ use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_executor::{LocalExecutor, Task};
@@ -79,6 +88,74 @@ pub fn arch() -> &'static str {
 
 /// How long a stop waits for open streams to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Once a session's multiplexer is closed, its driver has this long to
+/// write its last frames (`GOAWAY`, TLS `close_notify`) before it drops the
+/// connection unflushed ([`tether_driver::Options::linger`]).
+pub const SESSION_LINGER: Duration = tether_driver::DEFAULT_LINGER;
+
+/// How long the supervisor waits for a cut draining session's driver to end
+/// before it drops the task (and with it the connection): the linger plus a
+/// margin. The next session is dialed only after that.
+pub const CUT_DEADLINE: Duration = SESSION_LINGER.saturating_add(Duration::from_secs(1));
+
+/// Counters of a running daemon, shared with the thread that started it
+/// ([`run_with_stats`]): for tests and diagnostics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    drivers: AtomicUsize,
+    peak_drivers: AtomicUsize,
+    started: AtomicU64,
+}
+
+impl Stats {
+    /// Session drivers alive now: the live session, a draining one, and one
+    /// that is closing. Each holds a connection and a session's buffers.
+    pub fn sessions_open(&self) -> usize {
+        self.drivers.load(Ordering::SeqCst)
+    }
+
+    /// The most [`Stats::sessions_open`] ever was in this run.
+    pub fn peak_sessions_open(&self) -> usize {
+        self.peak_drivers.load(Ordering::SeqCst)
+    }
+
+    /// Sessions started (a TLS connection with a driver) in this run.
+    pub fn sessions_started(&self) -> u64 {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// `driver`, counted in [`Stats::sessions_open`] from now until it
+    /// ends or is dropped.
+    pub(crate) fn track<F: Future>(
+        self: &Arc<Stats>,
+        driver: F,
+    ) -> impl Future<Output = F::Output> {
+        let guard = DriverGuard::new(self.clone());
+        async move {
+            let _guard = guard;
+            driver.await
+        }
+    }
+}
+
+/// One counted session driver; uncounted on drop.
+struct DriverGuard(Arc<Stats>);
+
+impl DriverGuard {
+    fn new(stats: Arc<Stats>) -> DriverGuard {
+        let now = stats.drivers.fetch_add(1, Ordering::SeqCst) + 1;
+        stats.peak_drivers.fetch_max(now, Ordering::SeqCst);
+        stats.started.fetch_add(1, Ordering::SeqCst);
+        DriverGuard(stats)
+    }
+}
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        self.0.drivers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The exit code for a configuration problem (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
@@ -148,15 +225,28 @@ pub(crate) fn spawn<T: 'static>(f: impl Future<Output = T> + 'static) -> Task<T>
 /// graceful stop and an error only when it cannot start. Every task it
 /// spawned is dropped before it returns.
 pub fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with_stats(config, shutdown, Arc::default())
+}
+
+/// [`run`], counting into `stats`, which another thread may read meanwhile.
+pub fn run_with_stats(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
     let ex = Rc::new(LocalExecutor::new());
     let previous = EXECUTOR.with(|e| e.borrow_mut().replace(ex.clone()));
-    let result = async_io::block_on(ex.run(run_inner(config, shutdown)));
+    let result = async_io::block_on(ex.run(run_inner(config, shutdown, stats)));
     EXECUTOR.with(|e| *e.borrow_mut() = previous);
     drop(ex); // cancels what is left: streams past the grace period
     result
 }
 
-async fn run_inner(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+async fn run_inner(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
     let credential = Credential::load(&config.credential)?;
     let tls = TlsConnector::from(dial::client_config(config.ca_file.as_deref())?);
     let name = config.tls_name().map_err(RunError::ServerName)?;
@@ -182,6 +272,7 @@ async fn run_inner(config: Config, shutdown: impl Future<Output = ()>) -> Result
         endpoints: config.endpoints,
         credential,
         mux: config.session.mux_config(),
+        stats,
     });
     let stop = Rc::new(Stop::default());
     let watch = async {
@@ -199,6 +290,32 @@ async fn run_inner(config: Config, shutdown: impl Future<Output = ()>) -> Result
     Ok(())
 }
 
+/// Waits for a cut session's driver to end, at most [`CUT_DEADLINE`], then
+/// drops the task (its connection with it). `false` when `stop` fired
+/// meanwhile.
+async fn cut(task: Task<Closed>, stop: &Stop) -> bool {
+    let ended = async { Some(proxy::with_timeout(CUT_DEADLINE, task).await) }
+        .or(async {
+            stop.wait().await;
+            None
+        })
+        .await;
+    match ended {
+        Some(Some(closed)) => {
+            info!("cut session closed: {closed}");
+            true
+        }
+        Some(None) => {
+            warn!(
+                "cut session still running after {} ms: dropped",
+                CUT_DEADLINE.as_millis()
+            );
+            true
+        }
+        None => false,
+    }
+}
+
 /// Dials, serves, backs off; on stop, drains every session.
 async fn supervise(
     edge: config::HostPort,
@@ -210,10 +327,12 @@ async fn supervise(
 ) {
     let mut rng = fastrand::Rng::new();
 
-    // Sessions that are draining (the edge's GOAWAY, or our stop).
+    // The session that is draining (the edge's GOAWAY), at most one; on
+    // stop, the live one joins it.
     let mut draining: Vec<(Session, Task<Closed>)> = Vec::new();
     while !stop.is_fired() {
         draining.retain(|(_, t)| !t.is_finished());
+        debug_assert!(draining.len() <= 1, "at most one session drains");
         let dialed = async { Some(dial::dial(&edge, &name, &tls).await) }
             .or(async {
                 stop.wait().await;
@@ -241,13 +360,17 @@ async fn supervise(
                     backoff.session_lived(lived);
                     // At most one session drains beside the live one, so memory
                     // stays at two sessions' buffers however often the edge
-                    // drains us: an older drain is cut (its streams reset).
+                    // drains us: an older drain is cut (its streams reset) and
+                    // is gone before the next session is dialed.
                     for (old, task) in draining.drain(..) {
-                        if !task.is_finished() {
-                            warn!("a second drain began: cutting the older draining session");
-                            old.goaway(ErrorCode::CANCEL);
+                        if task.is_finished() {
+                            continue;
                         }
-                        task.detach();
+                        warn!("a second drain began: cutting the older draining session");
+                        old.goaway(ErrorCode::CANCEL);
+                        if !cut(task, &stop).await {
+                            break;
+                        }
                     }
                     draining.push((session, driver));
                     // At once, unless the previous session was drained early

@@ -34,6 +34,7 @@ pub(crate) struct Runtime {
     pub endpoints: Vec<Endpoint>,
     pub credential: Credential,
     pub mux: tether_proto::Config,
+    pub stats: std::sync::Arc<crate::Stats>,
 }
 
 /// A one-shot stop signal that many tasks can wait on.
@@ -149,7 +150,11 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     stop: &Rc<Stop>,
 ) -> Outcome {
-    let (sess, driver) = match Session::new(tls, rt.mux) {
+    let opts = tether_driver::Options {
+        linger: crate::SESSION_LINGER,
+        ..tether_driver::Options::default()
+    };
+    let (sess, driver) = match Session::new_with(tls, rt.mux, opts) {
         Ok(x) => x,
         Err(e) => {
             // The config was validated at load time; this cannot happen.
@@ -157,7 +162,7 @@ pub(crate) async fn serve(
             return Outcome::Ended { lived: None };
         }
     };
-    let mut driver = crate::spawn(driver);
+    let mut driver = crate::spawn(rt.stats.track(driver));
 
     let hello = Control::Hello {
         version: PROTOCOL_VERSION,

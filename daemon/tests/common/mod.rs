@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -113,6 +113,53 @@ pub struct EdgeSession {
     pub hello_agent: String,
     pub hello_version: u16,
     pub number: u64,
+    /// Set it and the edge stops reading this session's connection (it
+    /// still writes): the daemon's writes back up once the TCP buffers fill.
+    pub stop_reading: Arc<AtomicBool>,
+}
+
+/// A pipe whose reads stop for good once `stop` is set (`Pending` with no
+/// wake-up, as a peer that stopped reading); writes pass through.
+struct StallableReads<T> {
+    inner: T,
+    stop: Arc<AtomicBool>,
+}
+
+impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for StallableReads<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.stop.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for StallableReads<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
 }
 
 /// A fake edge on 127.0.0.1:0 running in its own thread.
@@ -128,6 +175,11 @@ pub struct FakeEdge {
 
 impl FakeEdge {
     pub fn start(pki: &Pki, answer: Answer) -> FakeEdge {
+        FakeEdge::start_with(pki, answer, Config::new(Role::Server))
+    }
+
+    /// A fake edge whose sessions use `mux` (a larger window, say).
+    pub fn start_with(pki: &Pki, answer: Answer, mux: Config) -> FakeEdge {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let acceptor = TlsAcceptor::from(pki.server_config());
@@ -160,7 +212,7 @@ impl FakeEdge {
                             drop(tls);
                             return;
                         }
-                        edge_session(tls, answer, number, tx).await;
+                        edge_session(tls, answer, mux, number, tx).await;
                     })
                     .detach();
                 }
@@ -189,11 +241,21 @@ impl FakeEdge {
     }
 }
 
-async fn edge_session<T>(tls: T, answer: Answer, number: u64, tx: mpsc::Sender<EdgeSession>)
-where
+async fn edge_session<T>(
+    tls: T,
+    answer: Answer,
+    mux: Config,
+    number: u64,
+    tx: mpsc::Sender<EdgeSession>,
+) where
     T: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
 {
-    let (sess, driver) = Session::new(tls, Config::new(Role::Server)).expect("edge session");
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let tls = StallableReads {
+        inner: tls,
+        stop: stop_reading.clone(),
+    };
+    let (sess, driver) = Session::new(tls, mux).expect("edge session");
     // The driver runs beside the session's logic; both end with the session.
     let logic = async {
         let Some(bytes) = sess.recv_control().await else {
@@ -232,6 +294,7 @@ where
                     hello_agent: agent,
                     hello_version: version,
                     number,
+                    stop_reading: stop_reading.clone(),
                 });
                 while let Some(bytes) = sess.recv_control().await {
                     if let Ok(Control::Bind { endpoint, .. }) = Control::decode(&bytes) {
@@ -314,6 +377,47 @@ pub fn echo_upstream() -> (SocketAddr, mpsc::Receiver<Vec<u8>>) {
                 }
                 let _ = tx.send(all);
                 let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A local upstream on 127.0.0.1:0 that, on each connection, writes zeros
+/// as fast as it is read and never reads. Once a write has been blocked for
+/// 200 ms (everything between it and the reader is full), it sends the
+/// connection's number on the channel, once, and keeps writing.
+pub fn firehose_upstream() -> (SocketAddr, mpsc::Receiver<usize>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        for (n, conn) in l.incoming().enumerate() {
+            let Ok(mut c) = conn else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+                let buf = [0u8; 16 * 1024];
+                let mut told = false;
+                loop {
+                    match c.write(&buf) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            if !told {
+                                told = true;
+                                let _ = tx.send(n);
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
             });
         }
     });
