@@ -635,6 +635,13 @@ where
         self.refuse_peer
     }
 
+    /// The storage given to [`Mux::new`], for inspection (tests, diagnostics):
+    /// the slots and the byte buffer. The mux only ever indexes into them
+    /// (`AsMut<[_]>`), so their size never changes.
+    pub fn storage(&self) -> (&S, &B) {
+        (&self.slots, &self.buf)
+    }
+
     /// Bytes of the session buffer (the `buf` given to [`Mux::new`]) in use
     /// right now: the received bytes and metadata of held streams (and of an
     /// `OPEN` being received), the transmit queue, the outbound control

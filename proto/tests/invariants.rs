@@ -11,7 +11,7 @@ mod sim;
 
 use sim::*;
 use tether_proto::control::Control;
-use tether_proto::mux::{CloseReason, ORPHAN_RESETS, TX_CAPACITY};
+use tether_proto::mux::{CloseReason, CONTROL_OUT_CAPACITY, ORPHAN_RESETS, TX_CAPACITY};
 use tether_proto::{
     Config, ErrorCode, Event, FrameKind, Role, HEADER_LEN, INITIAL_WINDOW, MAX_CONTROL, MAX_META,
     MAX_PAYLOAD, MAX_WINDOW,
@@ -72,23 +72,214 @@ fn assert_session_error(sim: &mut Sim, answer: &[Frame], code: ErrorCode) {
 
 // ----------------------------------------------------------- memory bound
 
-#[test]
-fn memory_is_fixed_by_configuration() {
-    // PROTOCOL.md 3.5: max_streams × (W + MAX_META) of receive buffers, the
-    // transmit queue, the outbound control queue and one inbound control buffer.
-    for (streams, window) in [(1usize, INITIAL_WINDOW), (64, 128 * 1024), (8, 1 << 20)] {
-        let cfg = Config {
-            max_streams: streams,
-            window,
-            ..Config::new(Role::Client)
-        };
-        let expected = streams * (window as usize + MAX_META)
-            + 4 * (HEADER_LEN + MAX_PAYLOAD)
-            + (HEADER_LEN + MAX_CONTROL)
-            + MAX_CONTROL;
-        assert_eq!(cfg.buffer_len(), expected);
-        assert_eq!(TX_CAPACITY, 4 * (HEADER_LEN + MAX_PAYLOAD));
+/// The storage a mux was given, as it was at the start: the slot `Vec`
+/// and the byte buffer `Vec`, by length, capacity and address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Storage {
+    slots: (usize, usize, usize),
+    buf: (usize, usize, usize),
+}
+
+fn storage(m: &M) -> Storage {
+    let (slots, buf) = m.storage();
+    Storage {
+        slots: (slots.len(), slots.capacity(), slots.as_ptr() as usize),
+        buf: (buf.len(), buf.capacity(), buf.as_ptr() as usize),
     }
+}
+
+/// What the victim holds, checked after every step: the same storage as at
+/// the start, and every occupancy within its bound. Returns the buffer use.
+fn assert_within_storage(sim: &mut Sim, side: usize, at_start: Storage) -> usize {
+    let m = &sim.sides[side].mux;
+    let cfg = *m.config();
+    assert_eq!(storage(m), at_start, "the mux's storage changed");
+    assert_eq!(at_start.slots.0, cfg.max_streams);
+    assert_eq!(at_start.buf.0, cfg.buffer_len());
+    let live = m.live_streams();
+    assert!(live <= cfg.max_streams, "{live} streams held");
+    let in_use = m.buffered();
+    // Tighter than buffer_len when fewer streams are held: only held streams
+    // have bytes, each at most its window and metadata.
+    let bound = live * cfg.stream_region() + TX_CAPACITY + CONTROL_OUT_CAPACITY + MAX_CONTROL;
+    assert!(
+        in_use <= bound && in_use <= cfg.buffer_len(),
+        "{in_use} bytes buffered with {live} streams, bound {bound}"
+    );
+    for (&raw, app) in &sim.sides[side].apps {
+        if !app.released {
+            assert!(m.readable_len(sid(raw)) <= cfg.window as usize);
+        }
+    }
+    in_use
+}
+
+/// `drive`, with [`assert_within_storage`] after every step; returns the
+/// highest buffer use seen.
+fn drive_checked(sim: &mut Sim, side: usize, at_start: Storage) -> usize {
+    let mut peak = 0;
+    for _ in 0..sim.step_limit {
+        let moved = sim.step();
+        peak = peak.max(assert_within_storage(sim, side, at_start));
+        if moved {
+            continue;
+        }
+        match sim.next_arrival() {
+            Some(t) if t > sim.now => sim.now = t,
+            _ => return peak,
+        }
+    }
+    panic!("did not settle");
+}
+
+/// DESIGN.md invariant 1, measured: a peer that opens more streams than
+/// allowed, sends past its window, floods control messages and pings, sends
+/// on streams that are gone and finally an oversized frame, to a victim
+/// whose application never reads, never makes the victim use more than the
+/// storage it was given; and every violation gets the code PROTOCOL.md
+/// prescribes.
+#[test]
+fn hostile_peer_never_makes_the_mux_exceed_its_storage() {
+    for delivery in [
+        Delivery::Whole,
+        Delivery::Chunks(1000),
+        Delivery::Random(3000),
+    ] {
+        let mut sim = Sim::small();
+        sim.delivery = delivery;
+        // The victim's application reads nothing and takes no control message
+        // until told; its answers go nowhere (the attacker is the raw bytes).
+        sim.sides[S].read_new_streams = false;
+        sim.sides[S].auto_take_control = false;
+        sim.sides[S].mute = true;
+        let at_start = storage(&sim.sides[S].mux);
+        let cfg = *sim.sides[S].mux.config();
+        let (max, window) = (cfg.max_streams as u32, cfg.window as usize);
+        let mut peak = 0;
+
+        // 1. Every stream slot, each filled to its whole window: the initial
+        // window behind the OPEN, the rest once the victim's grant is out.
+        let ids: Vec<u32> = (0..max).map(|k| 1 + 2 * k).collect();
+        let mut wire = Vec::new();
+        for &id in &ids {
+            wire.extend_from_slice(&open_frame(id));
+            wire.extend_from_slice(&data_frame(
+                id,
+                false,
+                &pattern(id, INITIAL_WINDOW as usize),
+            ));
+        }
+        sim.inject(S, &wire);
+        peak = peak.max(drive_checked(&mut sim, S, at_start));
+        let mut wire = Vec::new();
+        for &id in &ids {
+            let rest = window - INITIAL_WINDOW as usize;
+            for chunk in pattern(id, rest).chunks(MAX_PAYLOAD) {
+                wire.extend_from_slice(&data_frame(id, false, chunk));
+            }
+        }
+        // 2. More streams than allowed, each with data behind its OPEN.
+        let extra: Vec<u32> = (max..max + 3 * ORPHAN_RESETS as u32)
+            .map(|k| 1 + 2 * k)
+            .collect();
+        for &id in &extra {
+            wire.extend_from_slice(&open_frame(id));
+            wire.extend_from_slice(&data_frame(id, false, &pattern(id, MAX_PAYLOAD)));
+        }
+        // 3. Data past the window of a full stream.
+        wire.extend_from_slice(&data_frame(1, false, &pattern(0, MAX_PAYLOAD)));
+        sim.inject(S, &wire);
+        peak = peak.max(drive_checked(&mut sim, S, at_start));
+        assert_eq!(sim.mux(S).live_streams(), max as usize - 1, "{delivery:?}");
+        let resets = sim.resets_sent(S);
+        for id in &extra {
+            assert_eq!(
+                resets.iter().find(|r| r.0 == *id).map(|r| r.1),
+                Some(ErrorCode::REFUSED_STREAM),
+                "{delivery:?}: stream {id} beyond the limit: {resets:?}"
+            );
+        }
+        assert!(
+            resets.contains(&(1, ErrorCode::FLOW_CONTROL)),
+            "{delivery:?}: data past the window: {resets:?}"
+        );
+        assert!(
+            peak >= (max as usize - 1) * window,
+            "{delivery:?}: the flood never filled the windows (peak {peak})"
+        );
+
+        // 4. A flood of control messages the application does not take:
+        // one is held, the rest wait in the transport.
+        let policy = "x".repeat(8000);
+        let bind = Control::Bind {
+            endpoint: "web",
+            kind: tether_proto::EndpointKind::Tcp,
+            url: "",
+            upstream: "127.0.0.1:1",
+            policy: &policy,
+        };
+        let mut wire = Vec::new();
+        for _ in 0..50 {
+            wire.extend_from_slice(&control_frame(&bind));
+        }
+        // 5. A ping flood, and data on the streams that were refused.
+        for k in 0..1000u64 {
+            wire.extend_from_slice(&ping_frame(false, k.to_be_bytes()));
+        }
+        for &id in &extra {
+            wire.extend_from_slice(&data_frame(id, true, b"late"));
+        }
+        sim.inject(S, &wire);
+        peak = peak.max(drive_checked(&mut sim, S, at_start));
+        assert_eq!(sim.sides[S].controls.len(), 1, "{delivery:?}");
+        assert!(
+            sim.sides[S].has_input(),
+            "{delivery:?}: input did not wait for the control message"
+        );
+        sim.sides[S].auto_take_control = true;
+        sim.mux(S).take_control();
+        peak = peak.max(drive_checked(&mut sim, S, at_start));
+        assert_eq!(sim.sides[S].controls.len(), 50, "{delivery:?}");
+        let acks = sim
+            .sent_frames(S)
+            .iter()
+            .filter(|f| f.kind == FrameKind::Ping)
+            .count();
+        assert!((1..=1000).contains(&acks), "{delivery:?}: {acks} PING ACKs");
+        let resets = sim.resets_sent(S);
+        for id in &extra {
+            assert!(
+                resets
+                    .iter()
+                    .filter(|r| r.0 == *id)
+                    .all(|r| r.1 == ErrorCode::REFUSED_STREAM || r.1 == ErrorCode::STREAM_CLOSED),
+                "{delivery:?}: stream {id}: {resets:?}"
+            );
+        }
+        assert_eq!(sim.sides[S].closed, None, "{delivery:?}");
+
+        // 6. An oversized frame ends the session with GOAWAY(FRAME_SIZE).
+        let mut wire = raw_header(FrameKind::Data as u8, 0, MAX_PAYLOAD as u16 + 1, 3);
+        wire.extend_from_slice(&pattern(3, MAX_PAYLOAD + 1));
+        sim.inject(S, &wire);
+        peak = peak.max(drive_checked(&mut sim, S, at_start));
+        assert_eq!(
+            sim.goaways_sent(S),
+            vec![(extra[extra.len() - 1], ErrorCode::FRAME_SIZE)],
+            "{delivery:?}"
+        );
+        assert_eq!(sim.sides[S].closed, Some(ErrorCode::FRAME_SIZE));
+        assert!(peak <= cfg.buffer_len());
+        assert_eq!(
+            sim.mux(S).buffered(),
+            0,
+            "{delivery:?}: a closed mux holds bytes"
+        );
+    }
+}
+
+#[test]
+fn storage_of_the_wrong_size_is_refused() {
     let cfg = small_cfg(Role::Server);
     let bad = tether_proto::Mux::new(
         cfg,
@@ -97,6 +288,13 @@ fn memory_is_fixed_by_configuration() {
         Default::default(),
     );
     assert!(bad.is_err(), "a buffer of the wrong size is refused");
+    let bad = tether_proto::Mux::new(
+        cfg,
+        vec![tether_proto::Slot::EMPTY; 7],
+        vec![0u8; cfg.buffer_len()],
+        Default::default(),
+    );
+    assert!(bad.is_err(), "a slot slice of the wrong size is refused");
 }
 
 #[test]

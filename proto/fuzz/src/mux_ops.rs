@@ -11,7 +11,8 @@
 //! Invariants checked after every step, in both modes:
 //! - nothing panics (debug assertions and overflow checks are on);
 //! - `readable_len(id) <= config.window` for every stream that may be held,
-//!   and `live_streams() <= max_streams`;
+//!   `live_streams() <= max_streams`, and `buffered() <= buffer_len()` over
+//!   storage whose size never changes;
 //! - `poll_transmit` returns at most the buffer's length and writes only whole
 //!   frames that `FrameHeader::decode` accepts, whose payloads are legal
 //!   (`OPEN` metadata and `CONTROL` messages decode, `WINDOW` > 0), with
@@ -655,6 +656,18 @@ impl Side {
             "{}: {} live streams",
             self.name,
             m.live_streams()
+        );
+        // DESIGN.md invariant 1: the storage is what was given, and its use
+        // stays within it.
+        let (slots, buf) = m.storage();
+        assert_eq!(slots.len(), self.cfg.max_streams, "{}: slots", self.name);
+        assert_eq!(buf.len(), self.cfg.buffer_len(), "{}: buffer", self.name);
+        assert!(
+            m.buffered() <= self.cfg.buffer_len(),
+            "{}: {} bytes buffered, bound {}",
+            self.name,
+            m.buffered(),
+            self.cfg.buffer_len()
         );
         let window = self.cfg.window as usize;
         let ids = self

@@ -830,6 +830,12 @@ impl Sim {
             budget -= n;
             sd.consumed += n;
             // Memory bound, checked after every call, not only every step.
+            let in_use = sd.mux.buffered();
+            let bound = sd.mux.config().buffer_len();
+            assert!(
+                in_use <= bound,
+                "side {side} uses {in_use} bytes of its buffer, bound {bound}"
+            );
             let window = sd.mux.config().window as usize;
             for (&raw, app) in sd.apps.iter_mut().filter(|(_, a)| !a.released) {
                 let buffered = sd.mux.readable_len(sid(raw));
@@ -917,6 +923,11 @@ impl Sim {
             assert!(
                 sd.mux.live_streams() <= sd.mux.config().max_streams,
                 "side {side} holds more streams than configured"
+            );
+            let (in_use, bound) = (sd.mux.buffered(), sd.mux.config().buffer_len());
+            assert!(
+                in_use <= bound,
+                "side {side} uses {in_use} bytes of its buffer, bound {bound}"
             );
         }
     }
