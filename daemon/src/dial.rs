@@ -3,8 +3,11 @@
 //! Every dial resolves the edge's name again (through async-net, whose
 //! lookups run on the `blocking` thread pool that `main` bounds with
 //! `BLOCKING_MAX_THREADS=2`), tries the addresses in order with a timeout
-//! each, and runs a rustls client handshake that offers TLS 1.3 only and the
-//! ALPN id `tether/1`. The edge's certificate is always verified, against
+//! each, tunes the connected TCP socket so the kernel too drops a dead edge
+//! after about the session's `dead_after` (keepalive probes and
+//! `TCP_USER_TIMEOUT`, [`tether_driver::tune_tunnel_socket`]; a failure is
+//! logged, not fatal), and runs a rustls client handshake that offers TLS
+//! 1.3 only and the ALPN id `tether/1`. The edge's certificate is always verified, against
 //! the public web PKI (webpki-roots) or the CA pinned by `ca_file`: there is
 //! no way to turn verification off, in the config or in this API.
 //!
@@ -151,11 +154,13 @@ async fn timeout<T>(
         .await
 }
 
-/// Resolves `edge`, connects over TCP and runs the TLS handshake.
+/// Resolves `edge`, connects over TCP, tunes the socket for `dead_after`
+/// (the session's dead-peer deadline) and runs the TLS handshake.
 pub async fn dial(
     edge: &HostPort,
     name: &ServerName<'static>,
     tls: &TlsConnector,
+    dead_after: Duration,
 ) -> Result<(EdgeStream, SocketAddr), DialError> {
     let addrs = timeout(
         "resolving",
@@ -181,6 +186,16 @@ pub async fn dial(
     };
     // Frames are small and latency matters more than packet count.
     let _ = tcp.set_nodelay(true);
+    // The heartbeat cannot free a socket whose sent bytes the edge never
+    // acknowledges; the kernel can. Without it the session still works.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(e) = tether_driver::tune_tunnel_socket(&tcp, dead_after) {
+        log::warn!(
+            "cannot set TCP keepalive and TCP_USER_TIMEOUT on the connection to {addr}: {e}"
+        );
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = dead_after;
     let stream = timeout(
         "TLS handshake with",
         addr.to_string(),

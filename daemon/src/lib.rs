@@ -333,7 +333,8 @@ async fn supervise(
     while !stop.is_fired() {
         draining.retain(|(_, t)| !t.is_finished());
         debug_assert!(draining.len() <= 1, "at most one session drains");
-        let dialed = async { Some(dial::dial(&edge, &name, &tls).await) }
+        let dead_after = Duration::from_millis(rt.mux.dead_after_ms);
+        let dialed = async { Some(dial::dial(&edge, &name, &tls, dead_after).await) }
             .or(async {
                 stop.wait().await;
                 None
