@@ -540,3 +540,54 @@ fn abandoned_waits_for_a_stream_slot_leave_nothing_behind() {
         assert_eq!(edge.waiting_tasks(), 0);
     });
 }
+
+/// PROTOCOL.md 1.3: the agent writes no frame before `Hello`. A fresh
+/// session's driver, however long it runs, writes nothing on its own; the
+/// first control message queued is the first frame on the wire.
+#[test]
+fn a_fresh_session_writes_nothing_before_its_first_control_message() {
+    use std::io::Read;
+    use tether_proto::control::Secret;
+    use tether_proto::{Control, FrameHeader, FrameKind};
+
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let c = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+    let (mut peer, _) = l.accept().expect("accept");
+    smol::block_on(async {
+        let (client, cdrv) =
+            Session::new(Async::new(c).expect("async"), cfg(Role::Client)).expect("client");
+        let _drv = smol::spawn(cdrv);
+        // The driver runs (and reads) for a while with nothing queued.
+        smol::Timer::after(Duration::from_millis(200)).await;
+        peer.set_nonblocking(true).expect("nonblocking");
+        let mut b = [0u8; 64];
+        match peer.read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("the session wrote before Hello: {other:?}"),
+        }
+        peer.set_nonblocking(false).expect("blocking");
+        let hello = Control::Hello {
+            version: 1,
+            min_version: 1,
+            token: Secret("tok_1.s3cr3t"),
+            agent: "tetherd/test",
+            arch: "x86_64",
+        };
+        client.send_control(&hello).await.expect("hello");
+        let mut h = [0u8; 8];
+        smol::unblock(move || {
+            peer.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            peer.read_exact(&mut h).expect("first header");
+            let h = FrameHeader::decode(&h).expect("valid header");
+            assert_eq!(h.kind, FrameKind::Control, "the first frame is {h:?}");
+            let mut body = vec![0u8; h.len as usize];
+            peer.read_exact(&mut body).expect("body");
+            assert!(matches!(
+                Control::decode(&body).expect("decodes"),
+                Control::Hello { .. }
+            ));
+        })
+        .await;
+    });
+}
