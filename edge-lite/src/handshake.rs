@@ -49,15 +49,20 @@ struct Refused {
     why: Refusal,
     code: ErrorCode,
     retry_after_ms: u32,
-    message: &'static str,
+    message: std::borrow::Cow<'static, str>,
 }
 
-fn refused(why: Refusal, code: ErrorCode, retry_after_ms: u32, message: &'static str) -> Refused {
+fn refused(
+    why: Refusal,
+    code: ErrorCode,
+    retry_after_ms: u32,
+    message: impl Into<std::borrow::Cow<'static, str>>,
+) -> Refused {
     Refused {
         why,
         code,
         retry_after_ms,
-        message,
+        message: message.into(),
     }
 }
 
@@ -117,7 +122,7 @@ pub(crate) async fn authenticate(
             let error = Control::Error {
                 code: r.code.0,
                 retry_after_ms: r.retry_after_ms,
-                message: r.message,
+                message: &r.message,
             };
             goaway(state, &mut tls, r.code, Some(&error)).await;
             None
@@ -177,7 +182,11 @@ async fn check_hello(state: &State, payload: &[u8]) -> Result<Authenticated, Ref
             Refusal::Version,
             ErrorCode::VERSION_UNSUPPORTED,
             RETRY_VERSION_MS,
-            "no common protocol version: this edge speaks 1..=1",
+            format!(
+                "no common protocol version: this edge speaks {}..={}, the agent {min_version}..={version}",
+                ours.start(),
+                ours.end()
+            ),
         ));
     }
     // The token's form costs nothing to check; the store is asked only
