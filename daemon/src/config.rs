@@ -81,6 +81,8 @@ pub mod limits {
     pub const DEAD_AFTER_MAX_MS: u64 = 86_400_000;
     /// `endpoint[].connect_timeout_ms`: 100 ms to 10 min.
     pub const CONNECT_TIMEOUT_MS: RangeInclusive<u64> = 100..=600_000;
+    /// `endpoint[].idle_timeout_ms`: 1 s to 24 h.
+    pub const IDLE_TIMEOUT_MS: RangeInclusive<u64> = 1000..=86_400_000;
 }
 
 /// `[reconnect]`.
@@ -177,6 +179,17 @@ pub struct Endpoint {
         deserialize_with = "connect_timeout"
     )]
     pub connect_timeout_ms: u64,
+    /// `idle_timeout_ms`: a proxied connection that carries no byte in
+    /// either direction (nothing read from or written to the public
+    /// client's stream or the upstream) for this long is closed on both
+    /// sides: the stream is reset with `CANCEL`, the upstream connection
+    /// shut down. Default 600000 (10 min, like nginx's `proxy_timeout`),
+    /// range [`limits::IDLE_TIMEOUT_MS`] (1 s to 24 h). A half-closed
+    /// connection waiting for an answer counts as idle too: set it above the
+    /// longest silence the service has (a long poll, an idle SSH session
+    /// without keepalives).
+    #[serde(default = "default_idle_timeout", deserialize_with = "idle_timeout")]
+    pub idle_timeout_ms: u64,
 }
 
 impl Endpoint {
@@ -188,6 +201,10 @@ impl Endpoint {
 
 fn default_connect_timeout() -> u64 {
     5000
+}
+
+fn default_idle_timeout() -> u64 {
+    600_000
 }
 
 /// An endpoint name: 1 to 63 characters of `a-z`, `0-9` and `-`, usable as a
@@ -378,6 +395,10 @@ fn dead_after<'de, D: Deserializer<'de>>(d: D) -> Result<Spanned<u64>, D::Error>
 
 fn connect_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     in_range(d, limits::CONNECT_TIMEOUT_MS, Unit::Ms)
+}
+
+fn idle_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    in_range(d, limits::IDLE_TIMEOUT_MS, Unit::Ms)
 }
 
 fn max_streams<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {

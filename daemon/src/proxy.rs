@@ -6,7 +6,11 @@
 //! half-close: EOF from the upstream closes the stream's write half (a `FIN`
 //! to the edge), EOF from the stream shuts down the write half of the TCP
 //! connection. When both directions are done, or either side fails, both are
-//! dropped.
+//! dropped. A connection that moves no byte in either direction (no read,
+//! no write on either side) for the endpoint's `idle_timeout_ms` is closed
+//! on both sides: the stream is reset with `CANCEL` and the upstream
+//! connection shut down. The idle timer is one async-io `Timer` per stream,
+//! moved only when it fires (activity just records the time).
 //!
 //! Memory: each stream owns two copy buffers of [`COPY_BUFFER`] bytes (one per
 //! direction), allocated when the stream starts and freed when it ends. The
@@ -20,7 +24,7 @@ use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_io::Timer;
 use async_net::TcpStream;
@@ -35,8 +39,30 @@ use crate::config::HostPort;
 /// Bytes of each of the two copy buffers of a stream.
 pub const COPY_BUFFER: usize = 16 * 1024;
 
-/// Serves one stream: connect to `upstream`, then copy until both ways end.
-pub async fn serve(mut stream: Stream, upstream: &HostPort, connect_timeout: Duration) {
+/// How long a stream may wait for its upstream, and stay silent once joined.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Connecting to the upstream; on expiry the stream is reset with
+    /// `CONNECT_FAILED`.
+    pub connect: Duration,
+    /// No byte in either direction; on expiry both sides are closed.
+    pub idle: Duration,
+}
+
+/// How the copy ended.
+enum End {
+    /// Both directions reached EOF and were closed.
+    Done,
+    /// One side failed.
+    Failed(&'static str, io::Error),
+    /// Nothing moved for the idle timeout.
+    Idle,
+}
+
+/// Serves one stream: connect to `upstream`, then copy until both ways end
+/// or nothing moves for `timeouts.idle`.
+pub async fn serve(mut stream: Stream, upstream: &HostPort, timeouts: Timeouts) {
+    let connect_timeout = timeouts.connect;
     let meta = stream.meta();
     let id = stream.id();
     let peer = meta
@@ -76,25 +102,49 @@ pub async fn serve(mut stream: Stream, upstream: &HostPort, connect_timeout: Dur
 
     let mut down = Pump::new(); // upstream -> stream (towards the public client)
     let mut up = Pump::new(); // stream -> upstream
+    let idle = timeouts.idle;
+    let mut idle_timer = Timer::after(idle);
+    let mut last_moved = Instant::now();
     let result = std::future::poll_fn(|cx| {
+        let before = down.moves + up.moves;
         let d = down.poll(cx, &mut tcp, &mut stream);
         let u = up.poll(cx, &mut stream, &mut tcp);
         match (d, u) {
-            (Poll::Ready(Err(e)), _) => Poll::Ready(Err(("upstream", e))),
-            (_, Poll::Ready(Err(e))) => Poll::Ready(Err(("stream", e))),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
-            _ => Poll::Pending,
+            (Poll::Ready(Err(e)), _) => return Poll::Ready(End::Failed("upstream", e)),
+            (_, Poll::Ready(Err(e))) => return Poll::Ready(End::Failed("stream", e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(End::Done),
+            _ => {}
         }
+        if down.moves + up.moves != before {
+            last_moved = Instant::now();
+        }
+        // The timer is re-armed only when it fires, at the last move + idle.
+        while Pin::new(&mut idle_timer).poll(cx).is_ready() {
+            let deadline = last_moved + idle;
+            if Instant::now() >= deadline {
+                return Poll::Ready(End::Idle);
+            }
+            idle_timer.set_at(deadline);
+        }
+        Poll::Pending
     })
     .await;
     match result {
-        Ok(()) => debug!(
+        End::Done => debug!(
             "{endpoint} {id} from {peer}: done, {} bytes to the client, {} to the upstream",
             down.total, up.total
         ),
-        Err((side, e)) => {
+        End::Failed(side, e) => {
             info!("{endpoint} {id} from {peer}: ended on {side} error: {e}");
             // Dropping an unfinished stream resets it with CANCEL; say so at once.
+            stream.reset(ErrorCode::CANCEL);
+            let _ = tcp.shutdown(Shutdown::Both);
+        }
+        End::Idle => {
+            info!(
+                "{endpoint} {id} from {peer}: idle for {} ms (idle_timeout_ms); closing both sides",
+                idle.as_millis()
+            );
             stream.reset(ErrorCode::CANCEL);
             let _ = tcp.shutdown(Shutdown::Both);
         }
@@ -110,6 +160,8 @@ struct Pump {
     eof: bool,
     done: bool,
     total: u64,
+    /// Reads, writes and closes that completed: activity, for the idle timer.
+    moves: u64,
 }
 
 impl Pump {
@@ -121,6 +173,7 @@ impl Pump {
             eof: false,
             done: false,
             total: 0,
+            moves: 0,
         }
     }
 
@@ -141,6 +194,7 @@ impl Pump {
                     Poll::Ready(Ok(n)) => {
                         self.pos += n;
                         self.total += n as u64;
+                        self.moves += 1;
                         continue;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -151,16 +205,21 @@ impl Pump {
                 return match Pin::new(&mut *w).poll_close(cx) {
                     Poll::Ready(Ok(())) => {
                         self.done = true;
+                        self.moves += 1;
                         Poll::Ready(Ok(()))
                     }
                     other => other,
                 };
             }
             match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
-                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    self.moves += 1;
+                }
                 Poll::Ready(Ok(n)) => {
                     self.pos = 0;
                     self.end = n;
+                    self.moves += 1;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {

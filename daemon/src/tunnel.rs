@@ -433,12 +433,11 @@ async fn accept_loop(sess: Session, rt: Rc<Runtime>, session_no: u64) {
         let rt = rt.clone();
         crate::spawn(async move {
             let ep = &rt.endpoints[index];
-            crate::proxy::serve(
-                stream,
-                &ep.upstream,
-                Duration::from_millis(ep.connect_timeout_ms),
-            )
-            .await;
+            let timeouts = crate::proxy::Timeouts {
+                connect: Duration::from_millis(ep.connect_timeout_ms),
+                idle: Duration::from_millis(ep.idle_timeout_ms),
+            };
+            crate::proxy::serve(stream, &ep.upstream, timeouts).await;
         })
         .detach();
     }

@@ -65,6 +65,7 @@ fn optional_tables_take_the_documented_defaults() {
         (500, 60000, 30000)
     );
     assert_eq!(c.endpoints[0].connect_timeout_ms, 5000);
+    assert_eq!(c.endpoints[0].idle_timeout_ms, 600_000, "10 min");
     let m = c.session.mux_config();
     assert_eq!(
         (m.max_streams, m.window, m.ping_interval_ms, m.dead_after_ms),
@@ -259,6 +260,8 @@ const RANGES: &[Range] = &[
             text: "more than session.ping_interval_ms and at most 86400000 ms (24 h)" },
     Range { table: "endpoint", key: "connect_timeout_ms", lowest: 100, highest: 600_000,
             too_low: Some(99), too_high: 600_001, text: "100..=600000 ms (100 ms to 10 min)" },
+    Range { table: "endpoint", key: "idle_timeout_ms", lowest: 1000, highest: 86_400_000,
+            too_low: Some(999), too_high: 86_400_001, text: "1000..=86400000 ms (1 s to 24 h)" },
 ];
 
 /// A config that sets `r`'s field to `v`, the line of that key and its field path.

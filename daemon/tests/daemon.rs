@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    daemon_config, echo_upstream, half_close_upstream, tetherd, Answer, Daemon, FakeEdge, Pki,
-    TempDir, TOKEN,
+    daemon_config, daemon_config_with_endpoint, echo_upstream, half_close_upstream, tetherd,
+    Answer, Daemon, FakeEdge, Pki, TempDir, TOKEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use tether_driver::Meta;
@@ -693,6 +693,73 @@ fn at_most_one_session_drains_beside_the_live_one() {
     });
     assert!(
         daemon.wait_stderr("cutting the older draining session", SECOND),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn an_idle_proxied_connection_is_closed_on_both_sides_after_idle_timeout_ms() {
+    const IDLE: Duration = Duration::from_millis(1000);
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = echo_upstream();
+    let dir = TempDir::new("idle");
+    let config = daemon_config_with_endpoint(
+        &dir,
+        edge.addr,
+        &pki.ca_pem,
+        upstream,
+        "",
+        &format!("idle_timeout_ms = {}", IDLE.as_millis()),
+    );
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let (quiet_for, read) = async_io::block_on(async {
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        // Traffic every 300 ms keeps it open well past the timeout.
+        let t0 = Instant::now();
+        echo(&mut st, b"k").await;
+        while t0.elapsed() < 2 * IDLE {
+            async_io::Timer::after(Duration::from_millis(300)).await;
+            echo(&mut st, b"k").await;
+        }
+        // Then silence: both sides are closed after IDLE.
+        let quiet = Instant::now();
+        let mut buf = [0u8; 8];
+        let read = futures_lite::future::or(async { Some(st.read(&mut buf).await) }, async {
+            async_io::Timer::after(5 * IDLE).await;
+            None
+        })
+        .await;
+        (quiet.elapsed(), read)
+    });
+    let err = match read {
+        Some(Err(e)) => e,
+        other => panic!(
+            "the idle stream was not reset within {:?}: {other:?}\n{}",
+            5 * IDLE,
+            daemon.stderr()
+        ),
+    };
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(err.to_string().contains("CANCEL"), "{err}");
+    assert!(
+        quiet_for >= IDLE - Duration::from_millis(100) && quiet_for < IDLE + SECOND,
+        "closed after {quiet_for:?} of silence, want about {IDLE:?}"
+    );
+    // The upstream's connection ended too (it reports what it read at EOF).
+    let got = seen
+        .recv_timeout(2 * SECOND)
+        .expect("the upstream connection was closed");
+    assert!(got.len() >= 7 && got.iter().all(|b| *b == b'k'), "{got:?}");
+    assert!(
+        daemon.wait_stderr(
+            "idle for 1000 ms (idle_timeout_ms); closing both sides",
+            SECOND
+        ),
         "{}",
         daemon.stderr()
     );

@@ -428,7 +428,7 @@ pub fn firehose_upstream() -> (SocketAddr, mpsc::Receiver<usize>) {
 pub const TOKEN: &str = "tk_0123456789ab.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
 /// Writes a daemon config for `edge` (`host:port`) with one tcp endpoint
-/// `web` -> `upstream`.
+/// `web` -> `upstream`; `extra` goes before the endpoint.
 pub fn daemon_config(
     dir: &TempDir,
     edge: impl std::fmt::Display,
@@ -436,11 +436,23 @@ pub fn daemon_config(
     upstream: SocketAddr,
     extra: &str,
 ) -> PathBuf {
+    daemon_config_with_endpoint(dir, edge, ca_pem, upstream, extra, "")
+}
+
+/// [`daemon_config`] with `endpoint_extra` added to the `web` endpoint.
+pub fn daemon_config_with_endpoint(
+    dir: &TempDir,
+    edge: impl std::fmt::Display,
+    ca_pem: &str,
+    upstream: SocketAddr,
+    extra: &str,
+    endpoint_extra: &str,
+) -> PathBuf {
     let cred = dir.write("credential", &format!("{TOKEN}\n"), 0o600);
     let ca = dir.write("ca.pem", ca_pem, 0o644);
     let text = format!(
         "edge = \"{edge}\"\nserver_name = \"edge.test\"\nca_file = \"{}\"\ncredential = \"{}\"\n{extra}\n\
-         [[endpoint]]\nname = \"web\"\nkind = \"tcp\"\nupstream = \"{upstream}\"\nconnect_timeout_ms = 2000\n",
+         [[endpoint]]\nname = \"web\"\nkind = \"tcp\"\nupstream = \"{upstream}\"\nconnect_timeout_ms = 2000\n{endpoint_extra}\n",
         ca.display(),
         cred.display()
     );
