@@ -1,6 +1,7 @@
 //! `tether-bench tunnel`: the whole tunnel on loopback, next to a direct TCP
 //! baseline. Run it through `scripts/bench tunnel`, which builds the release
-//! binaries and passes their paths.
+//! binaries and passes their paths. `tether-bench bounds` (module [`bounds`],
+//! `scripts/bench bounds`) measures what hostile peers can hold on the edge.
 //!
 //! What it starts (127.0.0.1 only, every port chosen by the OS and read back
 //! from the programs' stdout lines, as `scripts/demo` does):
@@ -52,7 +53,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tether_proto::{Config, Role};
+use tether_tests::sys::{big_mappings, vm};
 use tether_tests::Lines;
+
+mod bounds;
 
 /// The domain of the TLS endpoints.
 const DOMAIN: &str = "tether.bench";
@@ -83,11 +87,18 @@ struct Args {
     pidfile: Option<PathBuf>,
 }
 
-fn parse_args() -> Res<Args> {
+/// Which benchmark the arguments name.
+enum Bench {
+    Tunnel,
+    Bounds,
+}
+
+fn parse_args() -> Res<(Bench, Args)> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: tether-bench tunnel --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
-    match it.next().as_deref() {
-        Some("tunnel") => {}
+    let usage = "usage: tether-bench tunnel|bounds --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
+    let bench = match it.next().as_deref() {
+        Some("tunnel") => Bench::Tunnel,
+        Some("bounds") => Bench::Bounds,
         Some("buffer-len") => {
             println!(
                 "{}",
@@ -96,7 +107,7 @@ fn parse_args() -> Res<Args> {
             std::process::exit(0);
         }
         _ => return Err(usage.into()),
-    }
+    };
     let (mut edge, mut tetherd, mut out, mut pidfile) = (None, None, None, None);
     while let Some(a) = it.next() {
         let v = it
@@ -110,12 +121,15 @@ fn parse_args() -> Res<Args> {
             _ => return Err(format!("unknown argument {a}\n{usage}")),
         }
     }
-    Ok(Args {
-        edge: edge.ok_or(usage)?,
-        tetherd: tetherd.ok_or(usage)?,
-        out: out.ok_or(usage)?,
-        pidfile,
-    })
+    Ok((
+        bench,
+        Args {
+            edge: edge.ok_or(usage)?,
+            tetherd: tetherd.ok_or(usage)?,
+            out: out.ok_or(usage)?,
+            pidfile,
+        },
+    ))
 }
 
 fn env_num(name: &str, default: u64) -> u64 {
@@ -247,45 +261,6 @@ fn sys_secs(pid: &str, tck: f64) -> f64 {
     let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
     f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / tck
-}
-
-/// A `Vm*` line of /proc/PID/status, in bytes.
-fn vm(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// The mappings of `pid` holding at least 256 KiB resident, largest first:
-/// (size, rss, name) in bytes, to see where a high RSS lives.
-fn big_mappings(pid: u32) -> Vec<(u64, u64, String)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let mut out = Vec::new();
-    let mut cur: Option<(u64, String)> = None;
-    for l in s.lines() {
-        let mut f = l.split_whitespace();
-        let first = f.next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                let name = f.nth(4).unwrap_or("[anon]").to_owned();
-                cur = Some((b - a, name));
-                continue;
-            }
-        }
-        if first == "Rss:" {
-            let kb: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            if let Some((size, name)) = cur.take() {
-                if kb >= 256 {
-                    out.push((size, kb * 1024, name));
-                }
-            }
-        }
-    }
-    out.sort_by_key(|m| std::cmp::Reverse(m.1));
-    out
 }
 
 // ---------------------------------------------------------------- upstreams
@@ -775,7 +750,14 @@ fn med(s: &Samples, r: Route) -> f64 {
 }
 
 fn real_main() -> Res<()> {
-    let args = parse_args()?;
+    let (bench, args) = parse_args()?;
+    match bench {
+        Bench::Tunnel => tunnel(args),
+        Bench::Bounds => bounds::run(args),
+    }
+}
+
+fn tunnel(args: Args) -> Res<()> {
     let mb = env_num("TETHER_BENCH_MB", 2048);
     let reps = env_num("TETHER_BENCH_REPS", 5) as usize;
     let rtts = env_num("TETHER_BENCH_RTT", 5000) as usize;
