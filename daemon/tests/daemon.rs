@@ -7,8 +7,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    daemon_config, daemon_config_with_endpoint, echo_upstream, half_close_upstream, tetherd,
-    Answer, Daemon, FakeEdge, Pki, TempDir, TOKEN,
+    daemon_config, daemon_config_with_endpoint, echo_upstream, half_close_upstream, output_within,
+    tetherd, tetherd_as_userns_root, Answer, Daemon, FakeEdge, Pki, TempDir, EXIT_WITHIN, TOKEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use tether_driver::Meta;
@@ -80,9 +80,10 @@ fn config_errors_exit_64_naming_file_line_and_field() {
     ];
     for (i, (text, want, reason)) in cases.iter().enumerate() {
         let path = dir.write(&format!("bad{i}.toml"), text, 0o644);
-        let out = tetherd(&["--config", path.to_str().expect("utf-8"), "--allow-root"])
-            .output()
-            .expect("run tetherd");
+        let out = output_within(
+            &mut tetherd(&["--config", path.to_str().expect("utf-8"), "--allow-root"]),
+            EXIT_WITHIN,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -107,15 +108,16 @@ fn config_errors_exit_64_naming_file_line_and_field() {
 
 #[test]
 fn missing_config_file_and_bad_arguments_exit_64() {
-    let out = tetherd(&["--config", "/nonexistent/tetherd.toml"])
-        .output()
-        .expect("run");
+    let out = output_within(
+        &mut tetherd(&["--config", "/nonexistent/tetherd.toml"]),
+        EXIT_WITHIN,
+    );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("error: /nonexistent/tetherd.toml:1: -: cannot read"));
-    let out = tetherd(&["--frobnicate"]).output().expect("run");
+    let out = output_within(&mut tetherd(&["--frobnicate"]), EXIT_WITHIN);
     assert_eq!(out.status.code(), Some(64));
-    let out = tetherd(&[]).output().expect("run");
+    let out = output_within(&mut tetherd(&[]), EXIT_WITHIN);
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
@@ -129,9 +131,12 @@ fn credential_readable_by_group_or_others_is_refused() {
         let cred = dir.path("credential");
         std::fs::set_permissions(&cred, std::os::unix::fs::PermissionsExt::from_mode(mode))
             .expect("chmod");
-        let out = tetherd(&["--config", config.to_str().expect("utf-8"), "--allow-root"])
-            .output()
-            .expect("run");
+        // Without the check the daemon would run (and retry its dials)
+        // forever: fail at the deadline instead of hanging.
+        let out = output_within(
+            &mut tetherd(&["--config", config.to_str().expect("utf-8"), "--allow-root"]),
+            EXIT_WITHIN,
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "mode {mode:o}: {stderr}");
         assert!(
@@ -145,24 +150,43 @@ fn credential_readable_by_group_or_others_is_refused() {
     }
 }
 
+/// A `tetherd` command that runs as uid 0 for real: in a user namespace
+/// where the test's user is root, or directly when the test runs as root.
+fn tetherd_as_root(args: &[&str]) -> std::process::Command {
+    match tetherd_as_userns_root(args) {
+        Some(cmd) => cmd,
+        None if rustix::process::geteuid().is_root() => tetherd(args),
+        None => panic!(
+            "cannot run tetherd as uid 0 here: this test needs user namespaces \
+             (`unshare --user --map-root-user`, util-linux) or to run as root"
+        ),
+    }
+}
+
 #[test]
 fn running_as_root_without_allow_root_is_refused() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("not root: the refusal cannot be observed here (CI runs as root)");
-        return;
-    }
     let pki = Pki::new("tether test CA");
     let dir = TempDir::new("root");
     let config = daemon_config(&dir, closed_port(), &pki.ca_pem, closed_port(), "");
-    let out = tetherd(&["--config", config.to_str().expect("utf-8")])
-        .output()
-        .expect("run");
+    let config = config.to_str().expect("utf-8");
+    let out = output_within(&mut tetherd_as_root(&["--config", config]), EXIT_WITHIN);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
-    assert!(stderr.contains("refusing to run as root"), "{stderr}");
+    assert!(
+        stderr.contains("refusing to run as root (euid 0)"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("--allow-root"),
         "says how to override: {stderr}"
+    );
+    // The same uid 0 with --allow-root gets past the check and runs: it is
+    // the root check that refused, not the environment.
+    let daemon = Daemon::spawn(tetherd_as_root(&["--config", config, "--allow-root"]));
+    assert!(
+        daemon.wait_stderr("credential tk_0123456789ab, 1 endpoint(s)", 5 * SECOND),
+        "{}",
+        daemon.stderr()
     );
 }
 
@@ -367,16 +391,33 @@ fn session_settings_bound_the_streams_the_daemon_holds() {
         let mut buf = [0u8; 2];
         let err = st.read(&mut buf).await.expect_err("refused");
         assert!(err.to_string().contains("REFUSED_STREAM"), "{err}");
-        // Releasing one makes room again.
+        // Releasing one makes room again, as soon as the daemon has seen
+        // the RESET: retry until then (a refusal costs nothing), not after
+        // a guessed pause.
         drop(held.pop());
-        async_io::Timer::after(Duration::from_millis(200)).await;
-        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
-        st.write_all(b"ok").await.expect("write");
+        let released = Instant::now();
         let mut echo = [0u8; 2];
-        st.read_exact(&mut echo)
-            .await
-            .expect("echo once a slot is free");
+        loop {
+            let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+            st.write_all(b"ok").await.expect("write");
+            match st.read_exact(&mut echo).await {
+                Ok(()) => break,
+                Err(e) if e.to_string().contains("REFUSED_STREAM") => {
+                    assert!(
+                        released.elapsed() < 5 * SECOND,
+                        "the released slot was never reused: {e}"
+                    );
+                    async_io::Timer::after(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("echo once a slot is free: {e}"),
+            }
+        }
         assert_eq!(&echo, b"ok");
+        // Still two at most: a third beside these two is refused again.
+        let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
+        let _ = st.write_all(b"hi").await;
+        let err = st.read(&mut buf).await.expect_err("refused");
+        assert!(err.to_string().contains("REFUSED_STREAM"), "{err}");
     });
     assert!(daemon.terminate(7 * SECOND).success());
 }
@@ -418,12 +459,27 @@ fn an_unreachable_upstream_resets_the_stream_with_connect_failed() {
 
 #[test]
 fn an_edge_error_with_retry_after_holds_off_the_next_dial() {
+    refusal_is_logged_and_holds_off_the_next_dial(
+        ErrorCode::AUTH_FAILED,
+        "edge refused the credential: AUTH_FAILED (fake edge says no)",
+    );
+}
+
+#[test]
+fn version_unsupported_is_logged_as_such_and_its_retry_hint_is_honoured() {
+    refusal_is_logged_and_holds_off_the_next_dial(
+        ErrorCode::VERSION_UNSUPPORTED,
+        "edge refused the protocol version: VERSION_UNSUPPORTED (fake edge says no)",
+    );
+}
+
+/// The edge answers every `Hello` with `Error{code, retry_after_ms: 1500}`:
+/// the daemon logs `logged` (subject, code name, message) with the
+/// credential's id and the hint, and dials again only after the hint.
+fn refusal_is_logged_and_holds_off_the_next_dial(code: ErrorCode, logged: &str) {
     const RETRY_MS: u64 = 1500;
     let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(
-        &pki,
-        Answer::Refuse(ErrorCode::AUTH_FAILED, RETRY_MS as u32),
-    );
+    let edge = FakeEdge::start(&pki, Answer::Refuse(code, RETRY_MS as u32));
     let dir = TempDir::new("refused");
     // A tiny own backoff: any wait of the order of RETRY_MS comes from the hint.
     let extra = "[reconnect]\ninitial_backoff_ms = 10\nmax_backoff_ms = 20\n";
@@ -433,12 +489,10 @@ fn an_edge_error_with_retry_after_holds_off_the_next_dial() {
     let config = daemon_config(&dir, edge_name, &pki.ca_pem, closed_port(), extra);
     let mut daemon = Daemon::start(&config);
 
+    let line = format!("{logged}; credential tk_0123456789ab, retry after {RETRY_MS} ms");
     assert!(
-        daemon.wait_stderr(
-            "edge refused the credential: AUTH_FAILED (fake edge says no)",
-            10 * SECOND
-        ),
-        "the refusal is logged with its code and message:\n{}",
+        daemon.wait_stderr(&line, 10 * SECOND),
+        "the refusal is logged with its code, message and hint (`{line}`):\n{}",
         daemon.stderr()
     );
     // Count handshakes over a window: one, then nothing for RETRY_MS, then one more.
@@ -475,9 +529,42 @@ fn an_edge_error_with_retry_after_holds_off_the_next_dial() {
         "no dial stopped before its handshake"
     );
     assert!(
+        !daemon.stderr().contains("CONNECTED"),
+        "no session after a refusal"
+    );
+    assert!(
         daemon.terminate(7 * SECOND).success(),
         "stops while waiting"
     );
+}
+
+#[test]
+fn a_welcome_with_a_version_the_daemon_does_not_speak_is_a_protocol_error() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(
+        &pki,
+        Answer::WelcomeVersion(tether_proto::PROTOCOL_VERSION + 1),
+    );
+    let dir = TempDir::new("welcome-version");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), "");
+    let mut daemon = Daemon::start(&config);
+    let es = edge.next_session(10 * SECOND);
+    let t0 = Instant::now();
+    while es.session.peer_goaway().is_none() && t0.elapsed() < 5 * SECOND {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        es.session.peer_goaway().map(|g| g.0),
+        Some(ErrorCode::PROTOCOL),
+        "GOAWAY(PROTOCOL) to an edge that welcomed with another version"
+    );
+    assert!(
+        daemon.wait_stderr("broke the protocol: expected Welcome or Error", SECOND),
+        "{}",
+        daemon.stderr()
+    );
+    assert!(!daemon.stderr().contains("connected to"), "no session");
+    assert!(daemon.terminate(7 * SECOND).success());
 }
 
 #[test]

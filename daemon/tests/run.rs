@@ -47,7 +47,12 @@ fn run_returns_ok_once_shutdown_resolves() {
 #[test]
 fn run_refuses_to_start_with_an_open_credential_file() {
     let (dir, config) = setup("open", 0o644);
-    match tetherd::run(config, std::future::pending()) {
+    // A run that starts despite the open file returns Ok at this deadline
+    // (and fails below) instead of running forever.
+    let shutdown = async_io::Timer::after(Duration::from_secs(5));
+    match tetherd::run(config, async move {
+        shutdown.await;
+    }) {
         Err(e @ RunError::Credential(_)) => {
             assert_eq!(e.exit_code(), 64);
             assert!(e.to_string().contains("mode 0644"), "{e}");

@@ -102,6 +102,8 @@ pub enum Answer {
     Welcome,
     /// `Error{code, retry_after_ms}` then `GOAWAY(code)`.
     Refuse(ErrorCode, u32),
+    /// Like `Welcome`, but the `Welcome` names this protocol version.
+    WelcomeVersion(u16),
     /// Completes the TLS handshake, then never reads or writes again.
     Silent,
 }
@@ -281,9 +283,13 @@ async fn edge_session<T>(
                 sess.goaway(code);
             }
             Answer::Silent => unreachable!("handled before the session starts"),
-            Answer::Welcome => {
+            Answer::Welcome | Answer::WelcomeVersion(_) => {
+                let welcome_version = match answer {
+                    Answer::WelcomeVersion(v) => v,
+                    _ => 1,
+                };
                 let welcome = Control::Welcome {
-                    version: 1,
+                    version: welcome_version,
                     session: number,
                     edge: "fake-edge/0",
                 };
@@ -459,6 +465,79 @@ pub fn daemon_config_with_endpoint(
     dir.write("tetherd.toml", &text, 0o644)
 }
 
+/// Runs `cmd` to its exit with stdout and stderr captured, like
+/// `Command::output`, but kills it and panics once `within` has passed: a
+/// daemon that should have refused to start would otherwise run (and the
+/// test hang) forever.
+pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tetherd");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} still running after {within:?} (it should have exited); stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// How long a run that must exit at once (a refusal) may take.
+pub const EXIT_WITHIN: Duration = Duration::from_secs(10);
+
+/// The `tetherd` binary as [`tetherd`] builds it, run in a new user
+/// namespace where it is uid 0 (`unshare --user --map-root-user`, from
+/// util-linux): it really is root there, whoever runs the test. `None`
+/// when user namespaces are not available.
+pub fn tetherd_as_userns_root(args: &[&str]) -> Option<Command> {
+    let probe = Command::new("unshare")
+        .args(["--user", "--map-root-user", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !matches!(probe, Ok(st) if st.success()) {
+        return None;
+    }
+    let inner = tetherd(args);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--user", "--map-root-user"])
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null());
+    Some(cmd)
+}
+
 /// The real binary, running.
 pub struct Daemon {
     pub child: Child,
@@ -487,15 +566,20 @@ pub fn tetherd(args: &[&str]) -> Command {
 
 impl Daemon {
     pub fn start(config: &Path) -> Daemon {
-        let mut child = tetherd(&[
+        Daemon::spawn(tetherd(&[
             "--config",
             config.to_str().expect("utf-8 path"),
             "--allow-root",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tetherd");
+        ]))
+    }
+
+    /// Runs `cmd` (a [`tetherd`] command) with its output captured.
+    pub fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tetherd");
         let (tx, lines) = mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
