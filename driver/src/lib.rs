@@ -73,7 +73,47 @@ const COALESCE_MAX: usize = 64;
 /// The buffer that gathers them.
 const COALESCE_BUFFER: usize = 1024;
 
-type SessionMux = Mux<Vec<Slot>, Vec<u8>>;
+type SessionMux = Mux<Vec<Slot>, SessionBuffer>;
+
+/// The one buffer of a session's mux ([`Config::buffer_len`] bytes): an
+/// anonymous mapping of its own, so that dropping the session returns its
+/// pages to the OS at once (an allocator keeps freed blocks of this size in
+/// its arenas). Its pages become resident only as the mux touches them. If
+/// the system refuses the mapping, a heap allocation of the same size.
+enum SessionBuffer {
+    Mapped(memmap2::MmapMut),
+    Heap(Vec<u8>),
+}
+
+impl SessionBuffer {
+    fn new(len: usize) -> SessionBuffer {
+        match memmap2::MmapMut::map_anon(len) {
+            Ok(m) => SessionBuffer::Mapped(m),
+            Err(e) => {
+                log::debug!("session buffer: no anonymous mapping ({e}); using the heap");
+                SessionBuffer::Heap(vec![0u8; len])
+            }
+        }
+    }
+}
+
+impl AsRef<[u8]> for SessionBuffer {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            SessionBuffer::Mapped(m) => m,
+            SessionBuffer::Heap(v) => v,
+        }
+    }
+}
+
+impl AsMut<[u8]> for SessionBuffer {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            SessionBuffer::Mapped(m) => m,
+            SessionBuffer::Heap(v) => v,
+        }
+    }
+}
 
 /// How long a closed session may take to flush its last frames and close
 /// the pipe unless [`Options::linger`] says otherwise.
@@ -376,7 +416,7 @@ impl Session {
         let mut mux = Mux::new(
             cfg,
             vec![Slot::EMPTY; cfg.max_streams],
-            vec![0u8; cfg.buffer_len()],
+            SessionBuffer::new(cfg.buffer_len()),
             Millis(0),
         )?;
         if opts.refuse_peer_streams {
