@@ -69,15 +69,23 @@ pub(crate) async fn bind(
     check_request(state, tunnel, token, endpoint, kind, policy)?;
     let rule = || format!("token {} allow={}", token.id(), token.allow());
 
-    // Ownership: from the registry's cache, else claimed in the store.
-    let known_owner = state.registry().owner(endpoint).cloned();
+    // Ownership: from the registry's cache, else claimed in the store (a
+    // bind of another kind than the binding held is recorded too, for
+    // `endpoint list`).
+    let (known_owner, same_kind) = {
+        let reg = state.registry();
+        let same = reg
+            .get(endpoint)
+            .is_some_and(|b| b.tunnel.token == tunnel.token && b.kind == kind);
+        (reg.owner(endpoint).cloned(), same)
+    };
     match known_owner {
         Some(owner) if owner != *token.id() => return Err(taken(endpoint, &owner)),
-        Some(_) => {}
-        None => {
-            let (name, id) = (endpoint.to_owned(), token.id().clone());
+        Some(_) if same_kind => {}
+        _ => {
+            let (name, id, kind) = (endpoint.to_owned(), token.id().clone(), kind_name(kind));
             match state
-                .store_call(move |s| s.claim_endpoint(&name, &id))
+                .store_call(move |s| s.claim_endpoint(&name, &id, kind))
                 .await
             {
                 Ok(Claim::Owner) => state.registry().set_owner(endpoint, token.id()),
@@ -262,6 +270,14 @@ fn check_request(
         EndpointKind::Tls if state.cfg.tls.is_none() => Err(no_listener("[tls]")),
         EndpointKind::Tcp if state.cfg.tcp.is_none() => Err(no_listener("[tcp]")),
         _ => Ok(()),
+    }
+}
+
+/// `tcp` or `tls`.
+fn kind_name(kind: EndpointKind) -> &'static str {
+    match kind {
+        EndpointKind::Tcp => "tcp",
+        EndpointKind::Tls => "tls",
     }
 }
 

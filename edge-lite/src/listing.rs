@@ -63,14 +63,19 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
     table(&header, &rows)
 }
 
-/// The `endpoint list` table: name, owner token, since.
+/// The `endpoint list` table: name, kind, owner token, since.
 pub fn endpoint_table(endpoints: &[EndpointInfo]) -> String {
-    let header = ["ENDPOINT", "OWNER", "SINCE"].map(str::to_owned);
-    let rows: Vec<[String; 3]> = endpoints
+    let header = ["ENDPOINT", "KIND", "OWNER", "SINCE"].map(str::to_owned);
+    let rows: Vec<[String; 4]> = endpoints
         .iter()
         .map(|e| {
             [
                 e.name.clone(),
+                if e.kind.is_empty() {
+                    "-".to_owned()
+                } else {
+                    e.kind.clone()
+                },
                 e.owner.to_string(),
                 format_time(e.claimed_at),
             ]

@@ -295,6 +295,8 @@ pub struct EndpointInfo {
     pub name: String,
     /// The token that first bound it.
     pub owner: TokenId,
+    /// The kind (`tcp` or `tls`) its owner last bound it as.
+    pub kind: String,
     /// Unix seconds of that first bind.
     pub claimed_at: i64,
 }
@@ -364,6 +366,7 @@ impl Store {
             CREATE TABLE IF NOT EXISTS endpoints (
                 name TEXT PRIMARY KEY,
                 token_id TEXT NOT NULL,
+                kind TEXT NOT NULL DEFAULT '',
                 claimed_at INTEGER NOT NULL
             );",
         )?;
@@ -491,10 +494,19 @@ impl Store {
     /// already (the first token to bind an endpoint owns it until an
     /// operator releases it): one atomic statement, so two edges sharing a
     /// database agree.
-    pub fn claim_endpoint(&self, endpoint: &str, token: &TokenId) -> Result<Claim, StoreError> {
+    /// `kind` (`tcp` or `tls`) is recorded for `endpoint list` when the
+    /// token owns it.
+    pub fn claim_endpoint(
+        &self,
+        endpoint: &str,
+        token: &TokenId,
+        kind: &str,
+    ) -> Result<Claim, StoreError> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO endpoints (name, token_id, claimed_at) VALUES (?1, ?2, ?3)",
-            params![endpoint, token.as_str(), unix_now()],
+            "INSERT INTO endpoints (name, token_id, kind, claimed_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET kind = excluded.kind
+             WHERE endpoints.token_id = excluded.token_id",
+            params![endpoint, token.as_str(), kind, unix_now()],
         )?;
         let owner: String = self.conn.query_row(
             "SELECT token_id FROM endpoints WHERE name = ?1",
@@ -521,12 +533,13 @@ impl Store {
     pub fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError> {
         let mut st = self
             .conn
-            .prepare("SELECT name, token_id, claimed_at FROM endpoints ORDER BY name")?;
+            .prepare("SELECT name, token_id, kind, claimed_at FROM endpoints ORDER BY name")?;
         let rows = st.query_map([], |r| {
             Ok(EndpointInfo {
                 name: r.get(0)?,
                 owner: TokenId(r.get(1)?),
-                claimed_at: r.get(2)?,
+                kind: r.get(2)?,
+                claimed_at: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

@@ -688,10 +688,19 @@ fn an_offline_owners_endpoint_cannot_be_taken_by_another_token_until_released() 
     let (code, _, err) = bed.edge.cli(&["endpoint", "release", "web"]);
     assert_eq!(code, Some(0), "endpoint release web: {err}");
 
-    let url = b
-        .bind("web", EndpointKind::Tcp, T)
-        .expect("bind answer")
-        .unwrap_or_else(|r| panic!("after the release B's bind is still refused: {r:?}"));
+    // Running edges see the release at their next store poll (REVOCATION_POLL,
+    // 200 ms): B's bind succeeds within a second.
+    let released = Instant::now();
+    let url = loop {
+        match b.bind("web", EndpointKind::Tcp, T).expect("bind answer") {
+            Ok(url) => break url,
+            Err(r) if released.elapsed() < Duration::from_secs(1) => {
+                assert_eq!(r.code, ErrorCode::ENDPOINT_TAKEN, "{r:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(r) => panic!("1 s after the release B's bind is still refused: {r:?}"),
+        }
+    };
     assert!(url.starts_with("tcp://"), "{url}");
     let (_, out, _) = bed.edge.cli(&["endpoint", "list"]);
     assert!(
