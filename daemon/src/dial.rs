@@ -21,9 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_io::Timer;
 use async_net::TcpStream;
-use futures_lite::FutureExt;
 use futures_rustls::client::TlsStream;
 use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
@@ -146,12 +144,9 @@ async fn timeout<T>(
     to: String,
     f: impl std::future::Future<Output = T>,
 ) -> Result<T, DialError> {
-    async { Ok(f.await) }
-        .or(async {
-            Timer::after(DIAL_TIMEOUT).await;
-            Err(DialError::Timeout(what, to))
-        })
+    tether_driver::timeout(DIAL_TIMEOUT, f)
         .await
+        .ok_or(DialError::Timeout(what, to))
 }
 
 /// Resolves `edge`, connects over TCP, tunes the socket for `dead_after`

@@ -294,7 +294,7 @@ async fn run_inner(
 /// drops the task (its connection with it). `false` when `stop` fired
 /// meanwhile.
 async fn cut(task: Task<Closed>, stop: &Stop) -> bool {
-    let ended = async { Some(proxy::with_timeout(CUT_DEADLINE, task).await) }
+    let ended = async { Some(tether_driver::timeout(CUT_DEADLINE, task).await) }
         .or(async {
             stop.wait().await;
             None
@@ -436,7 +436,7 @@ async fn supervise(
             info!("session closed: {end}");
         }
     };
-    if proxy::with_timeout(SHUTDOWN_GRACE, all).await.is_none() {
+    if tether_driver::timeout(SHUTDOWN_GRACE, all).await.is_none() {
         warn!(
             "streams still open after {} s; closing anyway",
             SHUTDOWN_GRACE.as_secs()

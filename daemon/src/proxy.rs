@@ -231,13 +231,3 @@ impl Pump {
         }
     }
 }
-
-/// Runs `f` with a deadline; `None` when it passed.
-pub async fn with_timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
-    async { Some(f.await) }
-        .or(async {
-            Timer::after(d).await;
-            None
-        })
-        .await
-}

@@ -180,9 +180,11 @@ pub(crate) async fn serve(
         rt.credential.id()
     );
 
-    // Wait for Welcome or Error. A silent edge is caught by the heartbeat;
-    // one that answers pings but never Welcome, by this deadline.
-    let welcome_deadline = Duration::from_millis(rt.mux.dead_after_ms);
+    // Wait for Welcome or Error. A silent edge is caught by the heartbeat
+    // (at dead_after); one that answers pings but never Welcome, by this
+    // deadline, one ping interval later, so that the two never race.
+    let welcome_deadline =
+        Duration::from_millis(rt.mux.dead_after_ms.saturating_add(rt.mux.ping_interval_ms));
     let first = async { First::Control(sess.recv_control().await) }
         .or(async {
             stop.wait().await;
@@ -209,7 +211,7 @@ pub(crate) async fn serve(
                 welcome_deadline.as_millis()
             );
             sess.goaway(ErrorCode::TIMEOUT);
-            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            let _ = tether_driver::timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Ended { lived: None };
         }
     };
@@ -236,7 +238,7 @@ pub(crate) async fn serve(
                 retry_after_ms
             );
             // The edge follows with GOAWAY and closes; give it a moment.
-            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            let _ = tether_driver::timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Refused {
                 lived: None,
                 retry_after: retry_hint(retry_after_ms),
@@ -245,7 +247,7 @@ pub(crate) async fn serve(
         other => {
             error!("{addr} broke the protocol: expected Welcome or Error, got {other:?}");
             sess.goaway(ErrorCode::PROTOCOL);
-            let _ = crate::proxy::with_timeout(Duration::from_secs(1), &mut driver).await;
+            let _ = tether_driver::timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Ended { lived: None };
         }
     };
@@ -290,7 +292,7 @@ pub(crate) async fn serve(
             // An `Error` may still sit unread in the control slot: the mux
             // acts on the GOAWAY that follows it without waiting. The control
             // loop reads what is left, then ends with the session.
-            let _ = crate::proxy::with_timeout(Duration::from_secs(1), control).await;
+            let _ = tether_driver::timeout(Duration::from_secs(1), control).await;
         }
     }
     match event {
@@ -339,7 +341,7 @@ pub(crate) async fn serve(
 
 /// The session ended before `Welcome`: log how.
 async fn ended_early(sess: &Session, driver: Task<Closed>) -> Outcome {
-    let closed = crate::proxy::with_timeout(Duration::from_secs(1), driver).await;
+    let closed = tether_driver::timeout(Duration::from_secs(1), driver).await;
     match closed {
         Some(c) => warn!("session ended before Welcome: {c}"),
         None => warn!(

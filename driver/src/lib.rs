@@ -55,6 +55,16 @@ pub mod socket;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub use socket::{tune_tunnel_socket, TunnelSocketTimes};
 
+/// `f`'s output, or `None` if `d` passes first (on async-io's timer). The
+/// one deadline helper of both programs.
+pub async fn timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        Timer::after(d).await;
+        None
+    })
+    .await
+}
+
 use async_io::Timer;
 use futures_io::{AsyncRead, AsyncWrite};
 use tether_proto::mux::{CloseReason, ControlError, OpenError, Recv, StreamError};

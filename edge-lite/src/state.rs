@@ -8,13 +8,11 @@
 //! Nothing below imports anything above it.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use smol::Timer;
 use tether_proto::{Control, ErrorCode};
 
 use crate::admission::Admission;
@@ -27,14 +25,7 @@ use crate::store::Store;
 /// session is closed without it.
 pub(crate) const ERROR_QUEUE_TIMEOUT: Duration = Duration::from_millis(200);
 
-/// `f`'s output, or `None` if `d` passes first.
-pub(crate) async fn timeout<T>(d: Duration, f: impl Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(f.await) }, async {
-        Timer::after(d).await;
-        None
-    })
-    .await
-}
+pub(crate) use tether_driver::timeout;
 
 /// Agent strings (`agent`, `arch`, `upstream`, endpoint names that failed
 /// their check) as they go into a log line: at most 64 characters, with
