@@ -85,8 +85,8 @@ const COALESCE_BUFFER: usize = 1024;
 
 type SessionMux = Mux<Vec<Slot>, SessionBuffer>;
 
-/// The one buffer of a session's mux ([`Config::buffer_len`] bytes): an
-/// anonymous mapping of its own, so that dropping the session returns its
+/// The one buffer of a session's mux ([`Config::buffer_len`] bytes), and the
+/// driver's read buffer: each an anonymous mapping of its own, so that dropping the session returns its
 /// pages to the OS at once (an allocator keeps freed blocks of this size in
 /// its arenas). Its pages become resident only as the mux touches them. If
 /// the system refuses the mapping, a heap allocation of the same size.
@@ -451,7 +451,7 @@ impl Session {
         let driver = Driver {
             shared: shared.clone(),
             io: Some(io),
-            rbuf: vec![0u8; IO_BUFFER].into_boxed_slice(),
+            rbuf: SessionBuffer::new(IO_BUFFER),
             rpos: 0,
             rend: 0,
             read_done: false,
@@ -785,7 +785,8 @@ pub struct Driver<T> {
     shared: Arc<Shared>,
     /// The pipe; `None` once the driver has resolved.
     io: Option<T>,
-    rbuf: Box<[u8]>,
+    /// The read buffer, mapped like the mux's buffer (and for the same reason).
+    rbuf: SessionBuffer,
     rpos: usize,
     rend: usize,
     read_done: bool,
@@ -970,7 +971,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
             if this.rpos < this.rend {
                 let n = inner
                     .mux
-                    .handle_input(now, &this.rbuf[this.rpos..this.rend]);
+                    .handle_input(now, &this.rbuf.as_ref()[this.rpos..this.rend]);
                 this.rpos += n;
                 progress |= n > 0;
             } else if !inner.mux.is_closed() {
@@ -984,7 +985,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                     .io
                     .as_mut()
                     .unwrap_or_else(|| unreachable!("checked above"));
-                match Pin::new(io).poll_read(cx, &mut this.rbuf) {
+                match Pin::new(io).poll_read(cx, this.rbuf.as_mut()) {
                     Poll::Ready(Ok(0)) => {
                         this.read_done = true;
                         let e = io::Error::new(
@@ -995,7 +996,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                     }
                     Poll::Ready(Ok(n)) => {
                         this.rend = n;
-                        let c = inner.mux.handle_input(now, &this.rbuf[..n]);
+                        let c = inner.mux.handle_input(now, &this.rbuf.as_ref()[..n]);
                         this.rpos = c;
                         progress = true;
                     }

@@ -74,11 +74,14 @@ async fn fill(sess: &Session) -> Arc<AtomicUsize> {
     for _ in 0..64 {
         streams.push(sess.open(&Meta::endpoint("fill")).await.expect("open"));
     }
+    let started = Arc::new(AtomicUsize::new(0));
     for (k, st) in streams.into_iter().enumerate() {
         let done = done.clone();
+        let started = started.clone();
         smol::spawn(async move {
             let mut st = st;
             let data = vec![k as u8; tether_proto::INITIAL_WINDOW as usize];
+            started.fetch_add(1, Ordering::SeqCst);
             if st.write_all(&data).await.is_ok() {
                 done.fetch_add(1, Ordering::SeqCst);
             }
@@ -88,7 +91,12 @@ async fn fill(sess: &Session) -> Arc<AtomicUsize> {
         })
         .detach();
     }
-    // Let the driver write until the pipe is full.
+    // Every writer has run (a loaded machine may take a while), then the
+    // driver writes until the pipe is full.
+    let t0 = Instant::now();
+    while started.load(Ordering::SeqCst) < 64 && t0.elapsed() < Duration::from_secs(10) {
+        Timer::after(Duration::from_millis(5)).await;
+    }
     Timer::after(Duration::from_millis(300)).await;
     done
 }

@@ -74,8 +74,37 @@ pub(crate) async fn authenticate(
     peer: SocketAddr,
 ) -> Option<(TlsStream<TcpStream>, Authenticated)> {
     let limits = &state.cfg.limits;
+    let tls_deadline = ms(limits.tls_handshake_timeout_ms);
+    let started = std::time::Instant::now();
+    // Until its first byte arrives, a connection holds only its socket and
+    // this small future: no TLS state is allocated for an idle socket.
+    let mut first = [0u8; 1];
+    match timeout(tls_deadline, tcp.peek(&mut first)).await {
+        Some(Ok(n)) if n > 0 => {}
+        Some(_) => {
+            state.counters.refuse(Refusal::AgentTlsFailed);
+            return None;
+        }
+        None => {
+            state.counters.refuse(Refusal::AgentTimeout);
+            return None;
+        }
+    }
+    let left = tls_deadline.saturating_sub(started.elapsed());
+    Box::pin(authenticate_tls(state, tcp, peer, left)).await
+}
+
+/// The rest of [`authenticate`], once the peer has sent a byte: TLS with
+/// `tls_deadline` left, then the first frame and `Hello`.
+async fn authenticate_tls(
+    state: &State,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls_deadline: Duration,
+) -> Option<(TlsStream<TcpStream>, Authenticated)> {
+    let limits = &state.cfg.limits;
     let acceptor = TlsAcceptor::from(state.agent_tls.clone());
-    let mut tls = match timeout(ms(limits.tls_handshake_timeout_ms), acceptor.accept(tcp)).await {
+    let mut tls = match timeout(tls_deadline, acceptor.accept(tcp)).await {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
             log::debug!("agent tls handshake failed: peer={peer}: {e}");
