@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use rustls::ClientConfig;
 use tether_tests::flood::{Flood, FloodConfig, FloodCounts};
 use tether_tests::raw::{self, Dial, RawAgent};
-use tether_tests::sys;
+use tether_tests::sys::{self, Usage};
 
 use crate::{echo, is_root, jnum, make_pki, median, percentile, upstream, Args, Proc, Res};
 
@@ -62,21 +62,13 @@ const LINGER_MS: u64 = 2_000;
 /// "Back to idle": within this share of the idle value.
 const WITHIN: f64 = 0.05;
 
-/// What the edge holds at one moment.
-#[derive(Clone, Copy, Debug)]
-struct Usage {
-    fds: usize,
-    rss: u64,
+/// How the bench judges a [`Usage`] against idle and writes it out.
+trait Judged {
+    fn within(&self, idle: &Usage) -> bool;
+    fn json(&self, idle: &Usage) -> String;
 }
 
-impl Usage {
-    fn of(pid: u32) -> Usage {
-        Usage {
-            fds: sys::fd_count(pid),
-            rss: sys::rss(pid),
-        }
-    }
-
+impl Judged for Usage {
     fn within(&self, idle: &Usage) -> bool {
         self.fds as f64 <= idle.fds as f64 * (1.0 + WITHIN)
             && self.rss as f64 <= idle.rss as f64 * (1.0 + WITHIN)
@@ -257,21 +249,11 @@ pub(crate) fn run(args: Args) -> Res<()> {
     let dir = tmp.path();
     eprintln!("work dir {}", dir.display());
     let pki = make_pki(dir)?;
-    let state = dir.join("edge-state");
-    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
-    let edge_toml = dir.join("edge.toml");
-    std::fs::write(
-        &edge_toml,
-        format!(
-            "state_dir = \"{}\"\n\n[agent]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
-             [tcp]\nlisten_ip = \"127.0.0.1\"\nport_range = [0, 0]\n\n\
-             [session]\nping_interval_ms = {PING_MS}\ndead_after_ms = {DEAD_AFTER_MS}\n",
-            state.display(),
-            pki.agent_cert.display(),
-            pki.agent_key.display(),
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+    let edge_toml = crate::write_edge_toml(
+        dir,
+        &pki,
+        &format!("[session]\nping_interval_ms = {PING_MS}\ndead_after_ms = {DEAD_AFTER_MS}\n"),
+    )?;
     let cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
     let device_token = token(&args.edge, cfg, "echo")?;
     let peer_tokens: Vec<String> = (0..STALLED.div_ceil(SESSIONS_PER_TOKEN))

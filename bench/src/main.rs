@@ -639,6 +639,27 @@ struct Pki {
     wild_key: PathBuf,
 }
 
+/// Writes `<dir>/edge.toml` for an edge on 127.0.0.1 port 0 (agent port and
+/// OS-chosen tcp ports, state in `<dir>/edge-state`), with `tail` appended
+/// (more tables), and returns its path.
+fn write_edge_toml(dir: &Path, pki: &Pki, tail: &str) -> Res<PathBuf> {
+    let state = dir.join("edge-state");
+    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
+    let path = dir.join("edge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "state_dir = \"{}\"\n\n[agent]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             [tcp]\nlisten_ip = \"127.0.0.1\"\nport_range = [0, 0]\n\n{tail}",
+            state.display(),
+            pki.agent_cert.display(),
+            pki.agent_key.display(),
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
 fn make_pki(dir: &Path) -> Res<Pki> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let e = |e: rcgen::Error| e.to_string();
@@ -786,23 +807,15 @@ fn tunnel(args: Args) -> Res<()> {
     let pki = make_pki(dir)?;
 
     // The edge: config, a token for the four endpoints, serve.
-    let state = dir.join("edge-state");
-    std::fs::create_dir_all(&state).map_err(|e| e.to_string())?;
-    let edge_toml = dir.join("edge.toml");
-    std::fs::write(
-        &edge_toml,
-        format!(
-            "state_dir = \"{}\"\n\n[agent]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
-             [tcp]\nlisten_ip = \"127.0.0.1\"\nport_range = [0, 0]\n\n\
-             [tls]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\ncert = \"{}\"\nkey = \"{}\"\n{session_toml}",
-            state.display(),
-            pki.agent_cert.display(),
-            pki.agent_key.display(),
+    let edge_toml = write_edge_toml(
+        dir,
+        &pki,
+        &format!(
+            "[tls]\nlisten = \"127.0.0.1:0\"\ndomain = \"{DOMAIN}\"\ncert = \"{}\"\nkey = \"{}\"\n{session_toml}",
             pki.wild_cert.display(),
             pki.wild_key.display()
         ),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let edge_cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
     let endpoints = [
         ("sink", "tcp"),

@@ -1,14 +1,16 @@
 //! The driver over real pipes: loopback TCP and rustls TLS 1.3 with a test
 //! PKI generated at test time (rcgen). Each test is named after what it proves.
 
+mod common;
+
+use common::test_pki;
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_io::Async;
 use futures_lite::{future, AsyncReadExt, AsyncWriteExt};
 use futures_rustls::{TlsAcceptor, TlsConnector};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tether_driver::{Closed, Meta, Session};
 use tether_proto::mux::CloseReason;
 use tether_proto::{Config, ErrorCode, Role};
@@ -272,27 +274,6 @@ fn goaway_lets_open_streams_finish_and_refuses_new_ones() {
             "ended with {end}"
         );
     });
-}
-
-fn test_pki() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["edge.test".to_owned()]).expect("rcgen");
-    let cert: CertificateDer<'static> = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .expect("server cert");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).expect("root");
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
 }
 
 #[test]

@@ -4,6 +4,9 @@
 //! last frames. Real loopback TCP (and TLS) peers, no mocks except a pipe
 //! whose `poll_close` never completes.
 
+mod common;
+
+use common::test_pki;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::pin::Pin;
@@ -14,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_io::{Async, Timer};
 use futures_lite::{future, AsyncWriteExt};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tether_driver::{Closed, Driver, Meta, Options, Session};
 use tether_proto::frame::FrameHeader;
 use tether_proto::mux::CloseReason;
@@ -275,27 +278,6 @@ fn a_close_that_blocks_ends_at_the_linger_after_the_goaway_was_delivered() {
         );
         assert!(took >= linger && took <= linger + MARGIN, "took {took:?}");
     });
-}
-
-fn test_pki() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
-    let ck = rcgen::generate_simple_self_signed(vec!["edge.test".to_owned()]).expect("rcgen");
-    let cert: CertificateDer<'static> = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)
-        .expect("server cert");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert).expect("root");
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    (Arc::new(server), Arc::new(client))
 }
 
 #[test]

@@ -217,3 +217,33 @@ pub fn tcp_queues(local: SocketAddr, remote: SocketAddr) -> Option<(u64, u64)> {
         ))
     })
 }
+
+/// What a process holds at one moment: open fds and resident bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Resident bytes (VmRSS).
+    pub rss: u64,
+}
+
+impl Usage {
+    /// The usage of process `pid` now.
+    pub fn of(pid: u32) -> Usage {
+        Usage {
+            fds: fd_count(pid),
+            rss: rss(pid),
+        }
+    }
+}
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} fds, {:.1} MiB RSS",
+            self.fds,
+            self.rss as f64 / 1048576.0
+        )
+    }
+}

@@ -21,7 +21,7 @@ use rustls::ClientConfig;
 use tether_proto::{EndpointKind, ErrorCode, FrameKind, StreamId};
 use tether_tests::flood::{Flood, FloodConfig, MALFORMED_TOKEN, UNKNOWN_TOKEN};
 use tether_tests::raw::{client_config, Dial, RawAgent};
-use tether_tests::sys::{self, fd_count, rss};
+use tether_tests::sys::{self, fd_count, Usage};
 use tether_tests::*;
 
 /// Deadline for an answer the edge gives at once (Welcome, BindOk).
@@ -147,33 +147,6 @@ impl Bed {
             }
             thread::sleep(ms(100));
         }
-    }
-}
-
-/// What the edge holds: open fds and resident bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Usage {
-    fds: usize,
-    rss: u64,
-}
-
-impl Usage {
-    fn of(pid: u32) -> Usage {
-        Usage {
-            fds: fd_count(pid),
-            rss: rss(pid),
-        }
-    }
-}
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} fds, {:.1} MiB RSS",
-            self.fds,
-            self.rss as f64 / 1048576.0
-        )
     }
 }
 
