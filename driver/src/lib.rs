@@ -69,7 +69,8 @@ use async_io::Timer;
 use futures_io::{AsyncRead, AsyncWrite};
 use tether_proto::mux::{CloseReason, ControlError, OpenError, Recv, StreamError};
 use tether_proto::{
-    Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId, StreamMeta,
+    ClientCert, Config, Control, ErrorCode, Event, Millis, Mux, PeerAddr, Slot, StreamId,
+    StreamMeta,
 };
 
 /// Size of the driver's read buffer towards the pipe. Output is written to
@@ -163,8 +164,29 @@ pub struct Meta {
     pub peer: Option<SocketAddr>,
     /// TLS server name the client asked for.
     pub sni: Option<String>,
-    /// Subject of the verified client certificate.
-    pub client_subject: Option<String>,
+    /// The verified client certificate, if the client presented one.
+    pub client: Option<ClientIdentity>,
+}
+
+/// Who a verified client certificate names, with owned strings (see
+/// [`tether_proto::ClientCert`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The subject, RFC 4514 (`CN=cam-7,O=Acme`).
+    pub subject: String,
+    /// The subject's common name; empty when it has none.
+    pub common_name: String,
+    /// DNS and URI subject alternative names, `DNS:a,URI:b`.
+    pub names: String,
+    /// SHA-256 of the leaf certificate's DER.
+    pub sha256: [u8; 32],
+}
+
+impl ClientIdentity {
+    /// The fingerprint as lowercase hex.
+    pub fn fingerprint(&self) -> String {
+        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl Meta {
@@ -174,7 +196,7 @@ impl Meta {
             endpoint: endpoint.to_owned(),
             peer: None,
             sni: None,
-            client_subject: None,
+            client: None,
         }
     }
 
@@ -188,7 +210,12 @@ impl Meta {
             endpoint: m.endpoint.to_owned(),
             peer,
             sni: m.sni.map(str::to_owned),
-            client_subject: m.client_subject.map(str::to_owned),
+            client: m.client.as_ref().map(|c| ClientIdentity {
+                subject: c.subject.to_owned(),
+                common_name: c.common_name.to_owned(),
+                names: c.names.to_owned(),
+                sha256: c.sha256,
+            }),
         }
     }
 
@@ -202,7 +229,12 @@ impl Meta {
             endpoint: &self.endpoint,
             peer,
             sni: self.sni.as_deref(),
-            client_subject: self.client_subject.as_deref(),
+            client: self.client.as_ref().map(|c| ClientCert {
+                subject: &c.subject,
+                common_name: &c.common_name,
+                names: &c.names,
+                sha256: c.sha256,
+            }),
         }
     }
 }

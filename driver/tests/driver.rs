@@ -186,7 +186,12 @@ fn stream_metadata_reaches_the_acceptor() {
             endpoint: "web".into(),
             peer: Some("203.0.113.7:51000".parse().expect("addr")),
             sni: Some("web.example.com".into()),
-            client_subject: Some("CN=client".into()),
+            client: Some(tether_driver::ClientIdentity {
+                subject: "CN=client".into(),
+                common_name: "client".into(),
+                names: "DNS:client.example".into(),
+                sha256: [9; 32],
+            }),
         };
         let st = client.open(&meta).await.expect("open");
         let peer = server.accept().await.expect("accept");

@@ -168,7 +168,7 @@ fn run_mux(case: Case, pat: &Pattern, client_st: &mut Storage, server_st: &mut S
         endpoint: "bench",
         peer: PeerAddr::Unknown,
         sni: None,
-        client_subject: None,
+        client: None,
     };
     let mut writers: Vec<Writer> = (0..case.streams)
         .map(|s| Writer {

@@ -27,8 +27,12 @@ impl fmt::Debug for Secret<'_> {
 pub enum EndpointKind {
     /// One public TCP port per endpoint.
     Tcp,
-    /// A shared TLS port, routed by SNI.
+    /// A shared TLS port, routed by SNI; the edge terminates TLS.
     Tls,
+    /// The shared TLS port, routed by SNI without terminating: the edge
+    /// forwards the raw bytes, ClientHello included, and the device's own
+    /// service terminates TLS.
+    TlsPassthrough,
 }
 
 /// A control message (PROTOCOL.md section 5.3). Variant order is the wire
@@ -148,8 +152,23 @@ pub struct StreamMeta<'a> {
     pub peer: PeerAddr,
     /// TLS server name the client asked for.
     pub sni: Option<&'a str>,
-    /// Subject of the verified client certificate.
-    pub client_subject: Option<&'a str>,
+    /// The verified client certificate, when the endpoint asked for one and
+    /// the client presented it.
+    pub client: Option<ClientCert<'a>>,
+}
+
+/// Who a verified client certificate names (its leaf), as `OPEN` carries it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCert<'a> {
+    /// The subject, as an RFC 4514 string (`CN=cam-7,O=Acme`).
+    pub subject: &'a str,
+    /// The subject's common name (empty when it has none).
+    pub common_name: &'a str,
+    /// The DNS and URI subject alternative names, `DNS:a,URI:b` (may be cut
+    /// short to fit `MAX_META`).
+    pub names: &'a str,
+    /// SHA-256 of the leaf certificate's DER.
+    pub sha256: [u8; 32],
 }
 
 /// Why a control message or stream metadata could not be encoded or decoded.
@@ -329,7 +348,12 @@ mod tests {
             endpoint: "web",
             peer: PeerAddr::V6([1; 16], 443),
             sni: Some("web.example.com"),
-            client_subject: None,
+            client: Some(ClientCert {
+                subject: "CN=cam-7,O=Acme",
+                common_name: "cam-7",
+                names: "DNS:cam-7.example.com",
+                sha256: [7; 32],
+            }),
         };
         let mut buf = [0u8; crate::MAX_META];
         let bytes = m.encode(&mut buf).unwrap().to_vec();
@@ -339,7 +363,7 @@ mod tests {
             endpoint: &long,
             peer: PeerAddr::Unknown,
             sni: None,
-            client_subject: None,
+            client: None,
         };
         let mut buf = [0u8; 1024];
         assert_eq!(big.encode(&mut buf), Err(CodecError::TooLarge));

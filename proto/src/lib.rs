@@ -20,7 +20,7 @@ pub mod frame;
 pub mod mux;
 mod ring;
 
-pub use control::{Control, EndpointKind, PeerAddr, StreamMeta};
+pub use control::{ClientCert, Control, EndpointKind, PeerAddr, StreamMeta};
 pub use frame::{ErrorCode, FrameHeader, FrameKind, StreamId};
 pub use mux::{Config, Event, Mux, Role, Slot};
 

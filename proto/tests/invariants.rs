@@ -1142,7 +1142,7 @@ fn web_meta() -> (tether_proto::StreamMeta<'static>, Vec<u8>) {
         endpoint: "web",
         peer: tether_proto::PeerAddr::Unknown,
         sni: None,
-        client_subject: None,
+        client: None,
     };
     let mut mb = [0u8; 64];
     let m = meta.encode(&mut mb).expect("encode").to_vec();

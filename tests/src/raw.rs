@@ -268,7 +268,7 @@ impl RawAgent {
             endpoint,
             peer: PeerAddr::Unknown,
             sni: None,
-            client_subject: None,
+            client: None,
         };
         let mut buf = [0u8; tether_proto::MAX_META];
         let len = meta

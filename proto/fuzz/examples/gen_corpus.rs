@@ -18,7 +18,7 @@ use std::path::Path;
 use arbitrary::{Arbitrary, Unstructured};
 use tether_proto::control::Secret;
 use tether_proto::frame::{write_frame, FrameHeader, FrameKind, StreamId, FLAG_FIN};
-use tether_proto::{Control, EndpointKind, ErrorCode, PeerAddr, StreamMeta, MAX_FRAME};
+use tether_proto::{ClientCert, Control, EndpointKind, ErrorCode, PeerAddr, StreamMeta, MAX_FRAME};
 use tether_proto_fuzz::mux_ops::{
     AppOp, CfgSpec, CtlSpec, FrameSpec, Input, MetaSpec, Mutation, PairOp, PeerSpec, Sel, SoloOp,
 };
@@ -63,7 +63,7 @@ fn web_meta() -> StreamMeta<'static> {
         endpoint: "web",
         peer: PeerAddr::V4([192, 0, 2, 7], 50_000),
         sni: Some("web.example.com"),
-        client_subject: None,
+        client: None,
     }
 }
 
@@ -736,7 +736,12 @@ fn main() {
                 443,
             ),
             sni: None,
-            client_subject: Some("CN=client"),
+            client: Some(ClientCert {
+                subject: "CN=client",
+                common_name: "client",
+                names: "DNS:client.example",
+                sha256: [1; 32],
+            }),
         }),
     );
 

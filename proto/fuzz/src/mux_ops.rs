@@ -34,6 +34,7 @@ use tether_proto::control::Secret;
 use tether_proto::frame::{FrameHeader, FrameKind, FLAG_FIN};
 use tether_proto::mux::{CloseReason, Recv};
 use tether_proto::{
+    ClientCert,
     Config, Control, EndpointKind, ErrorCode, Event, Millis, Mux, PeerAddr, Role, Slot, StreamId,
     StreamMeta, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, MAX_WINDOW,
 };
@@ -133,7 +134,12 @@ impl MetaSpec {
                 PeerSpec::Unknown => PeerAddr::Unknown,
             },
             sni: self.sni.as_deref(),
-            client_subject: self.subject.as_deref(),
+            client: self.subject.as_deref().map(|subject| ClientCert {
+                subject,
+                common_name: subject,
+                names: "",
+                sha256: [0; 32],
+            }),
         }
     }
 }
@@ -975,7 +981,7 @@ impl Side {
                 endpoint: "x",
                 peer: PeerAddr::Unknown,
                 sni: None,
-                client_subject: None,
+                client: None,
             };
             assert!(
                 self.mux.open(&meta).is_err(),

@@ -65,7 +65,7 @@ pub fn meta() -> StreamMeta<'static> {
         endpoint: "web",
         peer: PeerAddr::V4([203, 0, 113, 7], 40_000),
         sni: Some("web.example.com"),
-        client_subject: None,
+        client: None,
     }
 }
 
