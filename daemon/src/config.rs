@@ -19,7 +19,7 @@ use futures_rustls::rustls::pki_types::ServerName;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use tether_conf::{line_of, line_of_key, locate_error};
-use tether_proto::{EndpointKind, Role};
+use tether_proto::{Control, EndpointKind, Role, MAX_CONTROL};
 use toml::Spanned;
 
 /// The whole configuration, as typed values.
@@ -190,12 +190,100 @@ pub struct Endpoint {
     /// without keepalives).
     #[serde(default = "default_idle_timeout", deserialize_with = "idle_timeout")]
     pub idle_timeout_ms: u64,
+    /// `traffic_policy`: the policy this agent declares for the endpoint, in
+    /// the shape of ngrok's Traffic Policy (`on_tcp_connect` rules of
+    /// `actions`). The daemon only requires a table; the edge is the
+    /// authority on what it means, adds it to its own policies (it can only
+    /// narrow them) and answers `BindErr` naming the field it refuses.
+    /// Absent or empty: no policy of the agent's own.
+    #[serde(default)]
+    pub traffic_policy: Policy,
+    /// `proxy_protocol = "v2"`: start every upstream connection with a
+    /// PROXY protocol v2 header ([`crate::proxy_header`]). Absent: none.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
 
 impl Endpoint {
     /// The endpoint's name.
     pub fn name(&self) -> &str {
         &self.name.get_ref().0
+    }
+
+    /// The `Bind` that publishes this endpoint; `upstream` is
+    /// [`Endpoint::upstream`] as text (the caller owns the string).
+    pub fn bind<'a>(&'a self, upstream: &'a str) -> Control<'a> {
+        self.bind_with(upstream, self.traffic_policy.as_str())
+    }
+
+    fn bind_with<'a>(&'a self, upstream: &'a str, policy: &'a str) -> Control<'a> {
+        Control::Bind {
+            endpoint: self.name(),
+            kind: self.kind,
+            url: "",
+            upstream,
+            policy,
+        }
+    }
+
+    /// The most bytes of policy TOML that fit in this endpoint's `Bind`
+    /// beside its other fields, within [`MAX_CONTROL`]. Postcard writes a
+    /// string as a varint length and the bytes: the empty policy takes one
+    /// byte, one of 128 to 16383 bytes its length plus two (the other fields
+    /// are a few hundred bytes at most, so the room is always in that range).
+    pub fn policy_room(&self) -> usize {
+        let upstream = self.upstream.to_string();
+        let bare = self.bind_with(&upstream, "");
+        let mut buf = vec![0u8; MAX_CONTROL];
+        // A Bind that does not fit even without a policy leaves no room.
+        let base = bare.encode(&mut buf).map_or(MAX_CONTROL, |b| b.len());
+        MAX_CONTROL.saturating_sub(base + 1)
+    }
+}
+
+/// `traffic_policy`, as the TOML document sent in `Bind.policy` (empty for
+/// none). Only a table is accepted; what it says is the edge's to check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy(String);
+
+impl Policy {
+    /// The TOML document; empty when the endpoint declares no policy.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Policy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Policy, D::Error> {
+        match toml::Value::deserialize(d)? {
+            toml::Value::Table(t) if t.is_empty() => Ok(Policy::default()),
+            toml::Value::Table(t) => toml::to_string(&t).map(Policy).map_err(|e| {
+                de::Error::custom(format!("cannot be written as a TOML document: {e}"))
+            }),
+            other => Err(de::Error::custom(format!(
+                "must be a table (on_tcp_connect = [{{ actions = [...] }}]), not a {}",
+                other.type_str()
+            ))),
+        }
+    }
+}
+
+/// `proxy_protocol`: the PROXY protocol version written to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// Version 2, the binary header ([`crate::proxy_header`]).
+    V2,
+}
+
+impl<'de> Deserialize<'de> for ProxyProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<ProxyProtocol, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "v2" => Ok(ProxyProtocol::V2),
+            _ => Err(de::Error::custom(format!(
+                "`{s}` is not a PROXY protocol version tetherd writes: only \"v2\" is accepted (omit the field for none)"
+            ))),
+        }
     }
 }
 
@@ -310,8 +398,9 @@ fn endpoint_kind<'de, D: Deserializer<'de>>(d: D) -> Result<EndpointKind, D::Err
     match s.as_str() {
         "tcp" => Ok(EndpointKind::Tcp),
         "tls" => Ok(EndpointKind::Tls),
+        "tls-passthrough" => Ok(EndpointKind::TlsPassthrough),
         _ => Err(de::Error::custom(format!(
-            "`{s}` is not an endpoint kind (tcp or tls)"
+            "`{s}` is not an endpoint kind (tcp, tls or tls-passthrough)"
         ))),
     }
 }
@@ -554,6 +643,20 @@ impl Config {
                     ),
                 ));
             }
+            let policy = ep.traffic_policy.as_str().len();
+            let room = ep.policy_room();
+            if policy > room {
+                let field = format!("endpoint[{i}].traffic_policy");
+                let line = line_of_key(text, &field)
+                    .unwrap_or_else(|| line_of(text, ep.name.span().start));
+                return Err(err(
+                    line,
+                    &field,
+                    format!(
+                        "is {policy} bytes as TOML; at most {room} fit in the endpoint's Bind (one {MAX_CONTROL}-byte control message)"
+                    ),
+                ));
+            }
         }
         Ok(cfg)
     }
@@ -651,6 +754,7 @@ impl Credential {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -671,6 +775,213 @@ mod tests {
         m.max_streams = 1;
         m.window = tether_proto::INITIAL_WINDOW;
         assert!(two_sessions_fit(&m, i32::MAX as u64).is_some());
+    }
+
+    const HEAD: &str =
+        "edge = \"edge.example.com:7443\"\ncredential = \"/etc/tether/credential\"\n";
+
+    /// `HEAD`, then one `[[endpoint]]` named `web` (line 4) with `extra` after
+    /// its upstream (from line 7 on).
+    fn with_endpoint(extra: &str) -> String {
+        format!("{HEAD}\n[[endpoint]]\nname = \"web\"\nupstream = \"127.0.0.1:8080\"\n{extra}")
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("tetherd.toml"), text)
+    }
+
+    #[track_caller]
+    fn parse_err(text: &str) -> ConfigError {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn kind_accepts_tcp_tls_and_tls_passthrough() {
+        for (word, kind) in [
+            ("tcp", EndpointKind::Tcp),
+            ("tls", EndpointKind::Tls),
+            ("tls-passthrough", EndpointKind::TlsPassthrough),
+        ] {
+            let cfg = parse(&with_endpoint(&format!("kind = \"{word}\"\n"))).unwrap();
+            assert_eq!(cfg.endpoints[0].kind, kind, "{word}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_names_file_line_field_and_every_kind() {
+        let e = parse_err(&with_endpoint("kind = \"udp\"\n"));
+        assert_eq!((e.line, e.field.as_str()), (7, "endpoint[0].kind"), "{e}");
+        assert!(
+            e.reason.contains("`udp`") && e.reason.contains("tcp, tls or tls-passthrough"),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("tetherd.toml:7: endpoint[0].kind: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proxy_protocol_is_v2_or_absent() {
+        let cfg = parse(&with_endpoint("kind = \"tcp\"\nproxy_protocol = \"v2\"\n")).unwrap();
+        assert_eq!(cfg.endpoints[0].proxy_protocol, Some(ProxyProtocol::V2));
+        let cfg = parse(&with_endpoint("kind = \"tcp\"\n")).unwrap();
+        assert_eq!(cfg.endpoints[0].proxy_protocol, None);
+    }
+
+    #[test]
+    fn any_other_proxy_protocol_names_the_field_and_what_is_accepted() {
+        for bad in ["\"v1\"", "\"V2\"", "\"\"", "2", "true"] {
+            let e = parse_err(&with_endpoint(&format!(
+                "kind = \"tcp\"\nproxy_protocol = {bad}\n"
+            )));
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (8, "endpoint[0].proxy_protocol"),
+                "{bad}: {e}"
+            );
+            if bad.starts_with('"') {
+                assert!(e.reason.contains("only \"v2\" is accepted"), "{bad}: {e}");
+            }
+        }
+    }
+
+    /// The endpoint's policy as a TOML value, parsed back from what Bind carries.
+    fn policy_value(cfg: &Config) -> toml::Table {
+        toml::from_str(cfg.endpoints[0].traffic_policy.as_str()).unwrap()
+    }
+
+    #[test]
+    fn traffic_policy_is_sent_as_the_same_table_whichever_way_it_is_written() {
+        let inline = with_endpoint(
+            "kind = \"tcp\"\ntraffic_policy = { on_tcp_connect = [ { name = \"lan\", actions = [ \
+             { type = \"restrict-ips\", config = { allow = [\"192.168.1.0/24\", \"::1\"], deny = [], enforce = true } }, \
+             { type = \"terminate-tls\", config = { min_version = \"1.3\" } } ] } ] }\n",
+        );
+        let tables = with_endpoint(
+            "kind = \"tcp\"\n\
+             [[endpoint.traffic_policy.on_tcp_connect]]\n\
+             name = \"lan\"\n\
+             [[endpoint.traffic_policy.on_tcp_connect.actions]]\n\
+             type = \"restrict-ips\"\n\
+             config = { allow = [\"192.168.1.0/24\", \"::1\"], deny = [], enforce = true }\n\
+             [[endpoint.traffic_policy.on_tcp_connect.actions]]\n\
+             type = \"terminate-tls\"\n\
+             [endpoint.traffic_policy.on_tcp_connect.actions.config]\n\
+             min_version = \"1.3\"\n",
+        );
+        let a = parse(&inline).unwrap();
+        let b = parse(&tables).unwrap();
+        let want: toml::Table = toml::from_str(
+            "[[on_tcp_connect]]\nname = \"lan\"\n\
+             [[on_tcp_connect.actions]]\ntype = \"restrict-ips\"\n\
+             config = { allow = [\"192.168.1.0/24\", \"::1\"], deny = [], enforce = true }\n\
+             [[on_tcp_connect.actions]]\ntype = \"terminate-tls\"\nconfig = { min_version = \"1.3\" }\n",
+        )
+        .unwrap();
+        assert_eq!(policy_value(&a), want);
+        assert_eq!(policy_value(&b), want);
+        // And it is what Bind carries.
+        let up = a.endpoints[0].upstream.to_string();
+        match a.endpoints[0].bind(&up) {
+            Control::Bind { policy, kind, .. } => {
+                assert_eq!(policy, a.endpoints[0].traffic_policy.as_str());
+                assert_eq!(kind, EndpointKind::Tcp);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_daemon_does_not_judge_what_a_policy_says() {
+        // An unknown action is the edge's to refuse (BindErr naming the field).
+        let cfg = parse(&with_endpoint(
+            "kind = \"tcp\"\ntraffic_policy = { on_tcp_connect = [ { actions = [ { type = \"no-such-action\" } ] } ] }\n",
+        ))
+        .unwrap();
+        assert!(cfg.endpoints[0]
+            .traffic_policy
+            .as_str()
+            .contains("no-such-action"));
+    }
+
+    #[test]
+    fn an_absent_or_empty_policy_is_sent_as_no_policy() {
+        let cfg = parse(&with_endpoint("kind = \"tcp\"\n")).unwrap();
+        assert_eq!(cfg.endpoints[0].traffic_policy.as_str(), "");
+        let cfg = parse(&with_endpoint("kind = \"tcp\"\ntraffic_policy = {}\n")).unwrap();
+        assert_eq!(cfg.endpoints[0].traffic_policy.as_str(), "");
+    }
+
+    #[test]
+    fn a_policy_that_is_not_a_table_names_the_field() {
+        for bad in ["\"allow all\"", "[1, 2]", "true"] {
+            let e = parse_err(&with_endpoint(&format!(
+                "kind = \"tcp\"\ntraffic_policy = {bad}\n"
+            )));
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (8, "endpoint[0].traffic_policy"),
+                "{bad}: {e}"
+            );
+            assert!(e.reason.contains("must be a table"), "{bad}: {e}");
+        }
+    }
+
+    /// A policy whose TOML is about `n` bytes: one allow list of addresses.
+    fn big_policy(n: usize) -> String {
+        let list: Vec<String> = (0..n / 14)
+            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256 % 256, i % 256))
+            .collect();
+        format!(
+            "kind = \"tcp\"\ntraffic_policy = {{ on_tcp_connect = [ {{ actions = [ {{ type = \"restrict-ips\", config = {{ allow = [{}] }} }} ] }} ] }}\n",
+            list.join(", ")
+        )
+    }
+
+    #[test]
+    fn a_policy_too_large_for_one_control_message_is_refused_at_load_with_its_size() {
+        let e = parse_err(&with_endpoint(&big_policy(20_000)));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (8, "endpoint[0].traffic_policy"),
+            "{e}"
+        );
+        assert!(
+            e.reason.contains("bytes as TOML") && e.reason.contains("16384"),
+            "{e}"
+        );
+        // One that fits is loaded, and its Bind encodes.
+        let cfg = parse(&with_endpoint(&big_policy(8_000))).unwrap();
+        let ep = &cfg.endpoints[0];
+        assert!(ep.traffic_policy.as_str().len() > 4_000);
+        let up = ep.upstream.to_string();
+        let mut buf = vec![0u8; MAX_CONTROL];
+        assert!(ep.bind(&up).encode(&mut buf).is_ok());
+    }
+
+    #[test]
+    fn the_policy_room_is_exact() {
+        let cfg = parse(&with_endpoint("kind = \"tls\"\n")).unwrap();
+        let mut ep = cfg.endpoints[0].clone();
+        let room = ep.policy_room();
+        let up = ep.upstream.to_string();
+        let mut buf = vec![0u8; MAX_CONTROL + 64];
+        ep.traffic_policy = Policy("x".repeat(room));
+        assert!(ep.bind(&up).encode(&mut buf).is_ok(), "room {room} fits");
+        ep.traffic_policy = Policy("x".repeat(room + 1));
+        assert!(ep.bind(&up).encode(&mut buf).is_err(), "room + 1 does not");
+    }
+
+    #[test]
+    fn endpoint_still_refuses_unknown_fields() {
+        let e = parse_err(&with_endpoint("kind = \"tcp\"\nproxy = \"v2\"\n"));
+        assert_eq!(e.field, "endpoint[0].proxy", "{e}");
+        assert_eq!(e.line, 8, "{e}");
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   one async driver, `tether-driver`;
 //! - [`proxy`]: a stream joined to its upstream, with half-close and fixed
 //!   copy buffers;
+//! - [`proxy_header`]: the PROXY protocol v2 header written to an upstream
+//!   first when its endpoint asks for it;
 //! - [`backoff`]: the reconnect timing;
 //! - [`run`]: the supervisor that ties them together.
 //!
@@ -33,8 +35,7 @@
 //! past [`CUT_DEADLINE`] its task is dropped, which drops its connection.
 //! [`Stats`] counts the session drivers alive.
 //!
-//! Not here (yet): credential rotation, PROXY protocol v2, systemd
-//! notification.
+//! Not here (yet): credential rotation, systemd notification.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -57,6 +58,7 @@ pub mod backoff;
 pub mod config;
 pub mod dial;
 pub mod proxy;
+pub mod proxy_header;
 mod tunnel;
 
 pub use config::{Config, ConfigError, Credential, CredentialError};
@@ -72,6 +74,26 @@ pub fn session_memory_bound(session: &tether_proto::Config) -> usize {
 
 use backoff::Backoff;
 use tunnel::{Outcome, Runtime, Stop};
+
+/// `s` for a log line: control characters (a newline that could forge a
+/// line, an escape sequence) escaped, everything else as it is. For strings
+/// the edge sends: messages, certificate names.
+pub(crate) fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
+}
 
 /// `tetherd/<version>`, sent in `Hello`.
 pub const AGENT: &str = concat!("tetherd/", env!("CARGO_PKG_VERSION"));
@@ -440,6 +462,21 @@ async fn supervise(
         warn!(
             "streams still open after {} s; closing anyway",
             SHUTDOWN_GRACE.as_secs()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn printable_escapes_control_characters_only() {
+        assert_eq!(
+            super::printable("CN=cam-7,O=Acme \"x\""),
+            "CN=cam-7,O=Acme \"x\""
+        );
+        assert_eq!(
+            super::printable("evil\nINFO forged\u{1b}[2J"),
+            "evil\\nINFO forged\\u{1b}[2J"
         );
     }
 }

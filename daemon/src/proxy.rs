@@ -12,6 +12,12 @@
 //! connection shut down. The idle timer is one async-io `Timer` per stream,
 //! moved only when it fires (activity just records the time).
 //!
+//! With `proxy_protocol = "v2"` the upstream direction's copy buffer starts
+//! out holding the PROXY v2 header ([`crate::proxy_header`]: the public
+//! client from the stream's metadata, the upstream's address, the SNI and a
+//! verified client certificate's CN), so it reaches the upstream before any
+//! of the stream's bytes, with no buffer of its own.
+//!
 //! Memory: each stream owns two copy buffers of [`COPY_BUFFER`] bytes (one per
 //! direction), allocated when the stream starts and freed when it ends. The
 //! multiplexer refuses streams past `max_streams`, so the copy buffers add at
@@ -31,10 +37,11 @@ use async_net::TcpStream;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use futures_lite::FutureExt;
 use log::{debug, info, warn};
-use tether_driver::Stream;
+use tether_driver::{Meta, Stream};
 use tether_proto::ErrorCode;
 
-use crate::config::HostPort;
+use crate::config::{HostPort, ProxyProtocol};
+use crate::proxy_header::Header;
 
 /// Bytes of each of the two copy buffers of a stream.
 pub const COPY_BUFFER: usize = 16 * 1024;
@@ -59,9 +66,15 @@ enum End {
     Idle,
 }
 
-/// Serves one stream: connect to `upstream`, then copy until both ways end
-/// or nothing moves for `timeouts.idle`.
-pub async fn serve(mut stream: Stream, upstream: &HostPort, timeouts: Timeouts) {
+/// Serves one stream: connect to `upstream`, write the PROXY header if
+/// `proxy_protocol` asks for one, then copy until both ways end or nothing
+/// moves for `timeouts.idle`.
+pub async fn serve(
+    mut stream: Stream,
+    upstream: &HostPort,
+    timeouts: Timeouts,
+    proxy_protocol: Option<ProxyProtocol>,
+) {
     let connect_timeout = timeouts.connect;
     let meta = stream.meta();
     let id = stream.id();
@@ -95,13 +108,37 @@ pub async fn serve(mut stream: Stream, upstream: &HostPort, timeouts: Timeouts) 
         }
     };
     let _ = tcp.set_nodelay(true);
-    match meta.as_ref().and_then(|m| m.client_subject.as_deref()) {
-        Some(subject) => info!("{endpoint} {id} from {peer} ({subject}): connected to {upstream}"),
-        None => info!("{endpoint} {id} from {peer}: connected to {upstream}"),
-    }
 
     let mut down = Pump::new(); // upstream -> stream (towards the public client)
     let mut up = Pump::new(); // stream -> upstream
+                              // The header goes first in the upstream direction's buffer: the pump
+                              // writes it before it reads the stream's first byte.
+    let header = match proxy_protocol {
+        None => Ok(0),
+        Some(ProxyProtocol::V2) => proxy_v2_header(meta.as_ref(), &tcp, &mut up.buf),
+    };
+    let header_len = match header {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("{endpoint} {id} from {peer}: cannot write the PROXY v2 header to {upstream}: {e}; resetting with CONNECT_FAILED");
+            stream.reset(ErrorCode::CONNECT_FAILED);
+            let _ = tcp.shutdown(Shutdown::Both);
+            return;
+        }
+    };
+    up.end = header_len;
+    let with_header = if header_len > 0 { " (PROXY v2)" } else { "" };
+    match meta.as_ref().and_then(|m| m.client.as_ref()) {
+        // The edge verified the certificate; its names are still escaped,
+        // so that none can forge a log line.
+        Some(c) => info!(
+            "{endpoint} {id} from {peer}: connected to {upstream}{with_header}; client certificate subject {}, names {}, sha256 {}",
+            crate::printable(&c.subject),
+            if c.names.is_empty() { "-".into() } else { crate::printable(&c.names) },
+            c.fingerprint()
+        ),
+        None => info!("{endpoint} {id} from {peer}: connected to {upstream}{with_header}"),
+    }
     let idle = timeouts.idle;
     let mut idle_timer = Timer::after(idle);
     let mut last_moved = Instant::now();
@@ -132,7 +169,8 @@ pub async fn serve(mut stream: Stream, upstream: &HostPort, timeouts: Timeouts) 
     match result {
         End::Done => debug!(
             "{endpoint} {id} from {peer}: done, {} bytes to the client, {} to the upstream",
-            down.total, up.total
+            down.total,
+            up.total.saturating_sub(header_len as u64)
         ),
         End::Failed(side, e) => {
             info!("{endpoint} {id} from {peer}: ended on {side} error: {e}");
@@ -149,6 +187,25 @@ pub async fn serve(mut stream: Stream, upstream: &HostPort, timeouts: Timeouts) 
             let _ = tcp.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Writes the PROXY v2 header of a stream into `buf`: the public client
+/// (`meta.peer`) as source, the upstream `tcp` is connected to as
+/// destination, the SNI and a verified client certificate's CN as records.
+fn proxy_v2_header(meta: Option<&Meta>, tcp: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let source = meta.and_then(|m| m.peer);
+    let addresses = match source {
+        Some(src) => Some((src, tcp.peer_addr()?)),
+        None => None,
+    };
+    let header = Header {
+        addresses,
+        authority: meta.and_then(|m| m.sni.as_deref()),
+        verified_client_cn: meta
+            .and_then(|m| m.client.as_ref())
+            .map(|c| c.common_name.as_str()),
+    };
+    header.encode(buf).map_err(io::Error::other)
 }
 
 /// One direction of a copy: a fixed buffer, read until EOF, then close the

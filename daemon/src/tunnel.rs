@@ -255,14 +255,8 @@ pub(crate) async fn serve(
 
     for ep in &rt.endpoints {
         let upstream = ep.upstream.to_string();
-        let bind = Control::Bind {
-            endpoint: ep.name(),
-            kind: ep.kind,
-            url: "",
-            upstream: &upstream,
-            policy: "",
-        };
-        if let Err(e) = sess.send_control(&bind).await {
+        // Fits one control message: the policy's size was checked at load.
+        if let Err(e) = sess.send_control(&ep.bind(&upstream)).await {
             warn!(
                 "session {session_no}: cannot send Bind for {}: {e}",
                 ep.name()
@@ -383,10 +377,17 @@ async fn control_loop(sess: Session, session_no: u64, refused: Rc<Cell<Option<Du
                 rule,
                 message,
             }) => {
-                error!(
-                    "session {session_no}: edge refused endpoint {endpoint}: {} by rule `{rule}`: {message}",
-                    ErrorCode(code)
-                );
+                // The rule names what refused it: an ACL entry, or the
+                // field of the declared traffic_policy the edge rejects.
+                let code = ErrorCode(code);
+                let message = crate::printable(message);
+                if rule.is_empty() {
+                    error!(
+                        "session {session_no}: edge refused endpoint {endpoint}: {code}: {message}"
+                    );
+                } else {
+                    error!("session {session_no}: edge refused endpoint {endpoint}: {code} by rule `{}`: {message}", crate::printable(rule));
+                }
             }
             Ok(Control::Error {
                 code,
@@ -439,7 +440,7 @@ async fn accept_loop(sess: Session, rt: Rc<Runtime>, session_no: u64) {
                 connect: Duration::from_millis(ep.connect_timeout_ms),
                 idle: Duration::from_millis(ep.idle_timeout_ms),
             };
-            crate::proxy::serve(stream, &ep.upstream, timeouts).await;
+            crate::proxy::serve(stream, &ep.upstream, timeouts, ep.proxy_protocol).await;
         })
         .detach();
     }

@@ -25,7 +25,7 @@ dead_after_ms = 45000
 
 [[endpoint]]
 name = "web"
-kind = "tls"                                # tcp | tls
+kind = "tls"                                # tcp | tls | tls-passthrough
 upstream = "127.0.0.1:8080"
 connect_timeout_ms = 5000
 "#;

@@ -11,7 +11,7 @@ use common::{
     tetherd, tetherd_as_userns_root, Answer, Daemon, FakeEdge, Pki, TempDir, EXIT_WITHIN, TOKEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use tether_driver::Meta;
+use tether_driver::{ClientIdentity, Meta};
 use tether_proto::{Control, ErrorCode};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -77,6 +77,29 @@ fn config_errors_exit_64_naming_file_line_and_field() {
             "missing field",
         ),
         (format!("{head}[[endpoint]\n"), "3: ", "expected"),
+        (
+            format!("{head}{ep}proxy_protocol = \"v1\"\n"),
+            "7: endpoint[0].proxy_protocol: ",
+            "only \"v2\" is accepted",
+        ),
+        (
+            format!("{head}{ep}traffic_policy = \"allow all\"\n"),
+            "7: endpoint[0].traffic_policy: ",
+            "must be a table",
+        ),
+        (
+            format!(
+                "{head}{ep}[endpoint.traffic_policy]\nnote = \"{}\"\n",
+                "x".repeat(20_000)
+            ),
+            "7: endpoint[0].traffic_policy: ",
+            "at most",
+        ),
+        (
+            format!("{head}{}", ep.replace("tcp", "tls-passthru")),
+            "5: endpoint[0].kind: ",
+            "tcp, tls or tls-passthrough",
+        ),
     ];
     for (i, (text, want, reason)) in cases.iter().enumerate() {
         let path = dir.write(&format!("bad{i}.toml"), text, 0o644);
@@ -859,4 +882,144 @@ async fn echo(st: &mut tether_driver::Stream, msg: &[u8]) {
     let mut back = vec![0u8; msg.len()];
     st.read_exact(&mut back).await.expect("echo");
     assert_eq!(back, msg);
+}
+
+#[test]
+fn a_proxy_v2_endpoint_writes_the_header_with_sni_and_client_cn_before_the_streams_bytes() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = half_close_upstream();
+    let dir = TempDir::new("proxyv2");
+    let config = daemon_config_with_endpoint(
+        &dir,
+        edge.addr,
+        &pki.ca_pem,
+        upstream,
+        "",
+        "proxy_protocol = \"v2\"",
+    );
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    let stream_id = async_io::block_on(async {
+        let meta = Meta {
+            peer: Some("203.0.113.9:40000".parse().expect("addr")),
+            sni: Some("web.tether.test".into()),
+            client: Some(ClientIdentity {
+                subject: "CN=cam-7,O=Acme".into(),
+                common_name: "cam-7".into(),
+                names: "DNS:cam-7.example.com,URI:spiffe://acme/cam-7".into(),
+                sha256: [0xab; 32],
+            }),
+            ..Meta::endpoint("web")
+        };
+        let mut st = es.session.open(&meta).await.expect("open stream");
+        let id = st.id();
+        st.write_all(b"hello").await.expect("write");
+        st.close().await.expect("half-close");
+        let mut reply = Vec::new();
+        st.read_to_end(&mut reply).await.expect("reply");
+        id
+    });
+    let got = seen
+        .recv_timeout(5 * SECOND)
+        .expect("upstream saw the stream");
+
+    // Written out from haproxy's proxy-protocol.txt, not from our encoder.
+    let mut want = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    let tlvs_len = (3 + 15) + (3 + 5 + 3 + 5);
+    want.extend_from_slice(&[0x21, 0x11, 0, 12 + tlvs_len]);
+    want.extend_from_slice(&[203, 0, 113, 9, 127, 0, 0, 1]);
+    want.extend_from_slice(&40000u16.to_be_bytes());
+    want.extend_from_slice(&upstream.port().to_be_bytes());
+    want.extend_from_slice(&[0x02, 0, 15]);
+    want.extend_from_slice(b"web.tether.test");
+    want.extend_from_slice(&[0x20, 0, 13, 0x01 | 0x02, 0, 0, 0, 0, 0x22, 0, 5]);
+    want.extend_from_slice(b"cam-7");
+    want.extend_from_slice(b"hello");
+    assert_eq!(got, want, "the header, then the stream's bytes");
+
+    // The verified identity is logged: subject, SANs, fingerprint.
+    let fp = "ab".repeat(32);
+    let logged = format!(
+        "web {} from 203.0.113.9:40000: connected to {upstream} (PROXY v2); client certificate subject CN=cam-7,O=Acme, names DNS:cam-7.example.com,URI:spiffe://acme/cam-7, sha256 {fp}",
+        stream_id
+    );
+    assert!(
+        daemon.wait_stderr(&logged, SECOND),
+        "want {logged:?} in:\n{}",
+        daemon.stderr()
+    );
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn without_proxy_protocol_the_upstream_gets_only_the_streams_bytes() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let (upstream, seen) = half_close_upstream();
+    let dir = TempDir::new("noproxy");
+    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    async_io::block_on(async {
+        let meta = Meta {
+            peer: Some("203.0.113.9:40000".parse().expect("addr")),
+            sni: Some("web.tether.test".into()),
+            ..Meta::endpoint("web")
+        };
+        let mut st = es.session.open(&meta).await.expect("open stream");
+        st.write_all(b"hello").await.expect("write");
+        st.close().await.expect("half-close");
+        let mut reply = Vec::new();
+        st.read_to_end(&mut reply).await.expect("reply");
+    });
+    let got = seen
+        .recv_timeout(5 * SECOND)
+        .expect("upstream saw the stream");
+    assert_eq!(got, b"hello");
+    assert!(daemon.terminate(7 * SECOND).success());
+}
+
+#[test]
+fn a_declared_traffic_policy_reaches_the_edge_in_bind_and_its_refusal_is_logged() {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new("policy");
+    // `web` declares a policy (the fake edge refuses any); `other` declares
+    // none and still binds.
+    let extra = "[[endpoint]]\nname = \"other\"\nkind = \"tcp\"\nupstream = \"127.0.0.1:1\"\n";
+    let policy = "[[endpoint.traffic_policy.on_tcp_connect]]\n\
+                  [[endpoint.traffic_policy.on_tcp_connect.actions]]\n\
+                  type = \"no-such-action\"\n\
+                  config = { allow = [\"192.168.1.0/24\"] }\n";
+    let config =
+        daemon_config_with_endpoint(&dir, edge.addr, &pki.ca_pem, closed_port(), extra, policy);
+    let mut daemon = Daemon::start(&config);
+    daemon.line("BOUND other ", 10 * SECOND);
+    let refused = "edge refused endpoint web: BIND_REFUSED by rule `traffic_policy.on_tcp_connect[0].actions[0].type`: unknown action type; the policy was:\\n";
+    assert!(
+        daemon.wait_stderr(refused, 5 * SECOND),
+        "want {refused:?} in:\n{}",
+        daemon.stderr()
+    );
+    // What the edge got is the policy as a TOML document.
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(refused))
+        .expect("the line");
+    let doc = line
+        .split_once("the policy was:")
+        .expect("policy")
+        .1
+        .replace("\\n", "\n");
+    let got: toml::Table = toml::from_str(&doc).unwrap_or_else(|e| panic!("{doc:?}: {e}"));
+    let want: toml::Table = toml::from_str(
+        "[[on_tcp_connect]]\n[[on_tcp_connect.actions]]\ntype = \"no-such-action\"\nconfig = { allow = [\"192.168.1.0/24\"] }\n",
+    )
+    .expect("want");
+    assert_eq!(got, want);
+    assert!(daemon.terminate(7 * SECOND).success());
 }

@@ -98,7 +98,8 @@ impl Pki {
 #[derive(Clone, Copy, Debug)]
 pub enum Answer {
     /// `Welcome`, then `BindOk` for every `Bind`, except `BindErr` for
-    /// endpoints whose name starts with `denied`.
+    /// endpoints whose name starts with `denied` and for a `Bind` that
+    /// declares a policy.
     Welcome,
     /// `Error{code, retry_after_ms}` then `GOAWAY(code)`.
     Refuse(ErrorCode, u32),
@@ -303,7 +304,24 @@ async fn edge_session<T>(
                     stop_reading: stop_reading.clone(),
                 });
                 while let Some(bytes) = sess.recv_control().await {
-                    if let Ok(Control::Bind { endpoint, .. }) = Control::decode(&bytes) {
+                    if let Ok(Control::Bind {
+                        endpoint, policy, ..
+                    }) = Control::decode(&bytes)
+                    {
+                        if !policy.is_empty() {
+                            // As the real edge answers a policy it refuses:
+                            // the rule names the field. The message quotes
+                            // the policy, for the test to see what came.
+                            let message = format!("unknown action type; the policy was:\n{policy}");
+                            let err = Control::BindErr {
+                                endpoint,
+                                code: ErrorCode::BIND_REFUSED.0,
+                                rule: "traffic_policy.on_tcp_connect[0].actions[0].type",
+                                message: &message,
+                            };
+                            sess.send_control(&err).await.expect("send BindErr");
+                            continue;
+                        }
                         if endpoint.starts_with("denied") {
                             let err = Control::BindErr {
                                 endpoint,
