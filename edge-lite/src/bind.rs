@@ -1,5 +1,7 @@
 //! Deciding a `Bind`: the endpoint name rule, the token's allow list, the
-//! session's endpoint limit, endpoint ownership (the first token to bind an
+//! agent's declared policy (parsed and combined with the edge's layers into
+//! the endpoint's effective policy; a TLS server built for it once, here),
+//! the session's endpoint limit, endpoint ownership (the first token to bind an
 //! endpoint owns it, in the store, until an operator releases it), the
 //! choice of a tcp port, and the registry update, with the takeover of a
 //! binding by a newer session of the same token.
@@ -16,9 +18,13 @@ use std::sync::Arc;
 use smol::net::TcpListener;
 use tether_proto::{EndpointKind, ErrorCode};
 
+use rustls::ServerConfig;
+
 use crate::config::TcpConfig;
+use crate::policy::{self, Carriage, Effective, InlineOnly, Layer, Policy, PolicyDoc};
 use crate::public;
 use crate::registry::{Binding, TcpPort, Tunnel};
+use crate::tls;
 use crate::state::State;
 use crate::store::{Claim, VerifiedToken};
 
@@ -66,7 +72,8 @@ pub(crate) async fn bind(
     kind: EndpointKind,
     policy: &str,
 ) -> Result<Bound, BindRefusal> {
-    check_request(state, tunnel, token, endpoint, kind, policy)?;
+    check_request(state, tunnel, token, endpoint, kind)?;
+    let (policy, server) = effective_policy(state, endpoint, kind, policy)?;
     let rule = || format!("token {} allow={}", token.id(), token.allow());
 
     // Ownership: from the registry's cache, else claimed in the store (a
@@ -106,7 +113,7 @@ pub(crate) async fn bind(
     }
 
     let plan = {
-        let reg = state.registry();
+        let mut reg = state.registry();
         if !reg.is_live(tunnel.no) {
             return Err(refused(
                 ErrorCode::TOKEN_REVOKED,
@@ -114,8 +121,14 @@ pub(crate) async fn bind(
                 "this session is closing (revoked, evicted or draining)",
             ));
         }
-        match reg.get(endpoint) {
-            Some(b) if b.tunnel.no == tunnel.no && b.kind == kind => Plan::Unchanged(b.url.clone()),
+        match reg.get_mut(endpoint) {
+            Some(b) if b.tunnel.no == tunnel.no && b.kind == kind => {
+                // The same binding again: its (possibly new) policy applies
+                // from the next connection on.
+                b.policy = policy.clone();
+                b.server = server.clone();
+                Plan::Unchanged(b.url.clone())
+            }
             Some(b) if b.tunnel.token != tunnel.token => {
                 return Err(refused(
                     ErrorCode::ENDPOINT_TAKEN,
@@ -145,6 +158,8 @@ pub(crate) async fn bind(
             if let Some(b) = reg.get_mut(endpoint) {
                 if b.tunnel.token == tunnel.token && b.kind == kind {
                     let old = std::mem::replace(&mut b.tunnel, tunnel.clone());
+                    b.policy = policy.clone();
+                    b.server = server.clone();
                     let url = b.url.clone();
                     drop(reg);
                     log::info!(
@@ -165,7 +180,7 @@ pub(crate) async fn bind(
 
     // A URL, and for tcp a port, bound without holding the registry lock.
     let (url, tcp) = match kind {
-        EndpointKind::Tls => {
+        EndpointKind::Tls | EndpointKind::TlsPassthrough => {
             let domain = state.cfg.tls.as_ref().map_or("", |t| t.domain.as_str());
             (
                 format!("tls://{endpoint}.{domain}:{}", state.tls_port),
@@ -215,6 +230,8 @@ pub(crate) async fn bind(
             url: url.clone(),
             tcp,
             waiting: Arc::new(AtomicUsize::new(0)),
+            policy,
+            server,
         },
     );
     drop(reg);
@@ -226,15 +243,71 @@ pub(crate) async fn bind(
     Ok(Bound::Changed(url))
 }
 
+/// The endpoint's effective policy: the edge's layers for `endpoint` and
+/// the agent's declared `policy` (TOML; empty = none), combined for `kind`,
+/// with the TLS server its plan needs (`None`: the shared one).
+fn effective_policy(
+    state: &State,
+    endpoint: &str,
+    kind: EndpointKind,
+    policy: &str,
+) -> Result<(Arc<Effective>, Option<Arc<ServerConfig>>), BindRefusal> {
+    let agent = if policy.trim().is_empty() {
+        None
+    } else {
+        let doc: PolicyDoc = toml::from_str(policy).map_err(|e| {
+            let (_, field) = tether_conf::locate_error(policy, &e);
+            let reason = e.message().lines().next().unwrap_or("invalid").to_owned();
+            refused(
+                ErrorCode::BIND_REFUSED,
+                format!("traffic_policy.{field}"),
+                format!("the declared traffic_policy does not parse: {reason}"),
+            )
+        })?;
+        let p = Policy::from_doc(&doc, &InlineOnly).map_err(|e| {
+            refused(
+                ErrorCode::BIND_REFUSED,
+                format!("traffic_policy.{}", e.field),
+                e.reason,
+            )
+        })?;
+        Some(p)
+    };
+    let layers = state.cfg.policies.layers_for(endpoint);
+    let mut refs: Vec<(Layer, &Policy)> = layers.iter().map(|(l, p)| (l.clone(), &**p)).collect();
+    if let Some(a) = &agent {
+        refs.push((Layer::Agent, a));
+    }
+    let carriage = match kind {
+        EndpointKind::Tls => Carriage::Terminated,
+        EndpointKind::Tcp => Carriage::Raw("tcp"),
+        EndpointKind::TlsPassthrough => Carriage::Raw("tls-passthrough"),
+    };
+    let eff = policy::combine(&refs, carriage)
+        .map_err(|c| refused(ErrorCode::BIND_REFUSED, "traffic_policy", c.0))?;
+    let server = match (&eff.tls, &state.public_identity) {
+        (Some(plan), Some(id)) if !plan.is_default() => {
+            Some(tls::endpoint_server(id, plan).map_err(|e| {
+                refused(
+                    ErrorCode::BIND_REFUSED,
+                    "traffic_policy",
+                    format!("the endpoint's TLS cannot be served: {e}"),
+                )
+            })?)
+        }
+        _ => None,
+    };
+    Ok((Arc::new(eff), server))
+}
+
 /// The checks that need no registry: the session, the name, the token's
-/// allow list, the declared policy, and that the edge serves `kind`.
+/// allow list, and that the edge serves `kind`.
 fn check_request(
     state: &State,
     tunnel: &Tunnel,
     token: &VerifiedToken,
     endpoint: &str,
     kind: EndpointKind,
-    policy: &str,
 ) -> Result<(), BindRefusal> {
     if tunnel.session.is_closing() {
         return Err(refused(
@@ -257,17 +330,10 @@ fn check_request(
             format!("endpoint {endpoint} is not in the token's allow list"),
         ));
     }
-    if !policy.trim().is_empty() {
-        // Policies only narrow, and a policy the edge cannot enforce must not
-        // degrade to "allow all": refuse until the policy engine exists.
-        return Err(refused(
-            ErrorCode::BIND_REFUSED,
-            "policy",
-            "declared policies are not supported by this edge yet",
-        ));
-    }
     match kind {
-        EndpointKind::Tls if state.cfg.tls.is_none() => Err(no_listener("[tls]")),
+        EndpointKind::Tls | EndpointKind::TlsPassthrough if state.cfg.tls.is_none() => {
+            Err(no_listener("[tls]"))
+        }
         EndpointKind::Tcp if state.cfg.tcp.is_none() => Err(no_listener("[tcp]")),
         _ => Ok(()),
     }
@@ -278,6 +344,7 @@ fn kind_name(kind: EndpointKind) -> &'static str {
     match kind {
         EndpointKind::Tcp => "tcp",
         EndpointKind::Tls => "tls",
+        EndpointKind::TlsPassthrough => "tls-passthrough",
     }
 }
 

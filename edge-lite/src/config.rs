@@ -10,8 +10,11 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 
+use crate::policy::{self, Cidr, EdgePolicies, Policy, PolicyDoc, RestrictIps};
 use crate::tls;
 
 /// The whole configuration.
@@ -34,6 +37,16 @@ pub struct Config {
     /// What a peer may hold, and for how long.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The mandatory traffic policy, applied to every endpoint.
+    #[serde(default)]
+    pub traffic_policy: PolicyDoc,
+    /// Per-endpoint traffic policies, keyed by an exact endpoint name or
+    /// `*<suffix>`; every matching key applies, on top of the mandatory one.
+    #[serde(default)]
+    pub endpoint_policy: BTreeMap<String, PolicyDoc>,
+    /// The checked policies (filled by [`Config::parse`]).
+    #[serde(skip)]
+    pub policies: Arc<EdgePolicies>,
 }
 
 /// `[agent]`: where devices dial in.
@@ -46,6 +59,19 @@ pub struct AgentConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, SEC1 or RSA).
     pub key: PathBuf,
+    /// Sources that may start agent sessions (CIDRs or addresses); empty = any.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Sources that may not; wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+}
+
+impl AgentConfig {
+    /// `allow` / `deny` as one enforced rule, checked at accept on the agent port.
+    pub fn sources(&self) -> RestrictIps {
+        RestrictIps::new(&self.allow, &self.deny, true)
+    }
 }
 
 /// `[tcp]`: one public port per tcp endpoint.
@@ -161,6 +187,11 @@ pub struct LimitsConfig {
     pub public_connections: usize,
     /// Shared TLS port: time for a public client's TLS handshake.
     pub public_tls_handshake_timeout_ms: u64,
+    /// Shared TLS port: unfinished handshakes per source (an IPv4 address,
+    /// an IPv6 /64); past it a new connection is closed at accept.
+    pub public_pending_per_source: usize,
+    /// Shared TLS port: unfinished handshakes in all.
+    pub public_pending_total: usize,
     /// An established public connection with no byte either way for this
     /// long is closed.
     pub idle_timeout_ms: u64,
@@ -178,6 +209,8 @@ impl Default for LimitsConfig {
             public_waiting_per_endpoint: 64,
             public_connections: 8_192,
             public_tls_handshake_timeout_ms: 5_000,
+            public_pending_per_source: 16,
+            public_pending_total: 1_024,
             idle_timeout_ms: 600_000,
         }
     }
@@ -199,6 +232,8 @@ const RANGES: &[(&str, &str, u64, u64)] = &[
     ("limits", "public_waiting_per_endpoint", 1, 1_048_576),
     ("limits", "public_connections", 1, 16_777_216),
     ("limits", "public_tls_handshake_timeout_ms", 100, 120_000),
+    ("limits", "public_pending_per_source", 1, 65_536),
+    ("limits", "public_pending_total", 1, 1_048_576),
     ("limits", "idle_timeout_ms", 1_000, 604_800_000),
 ];
 
@@ -220,6 +255,8 @@ impl Config {
             ("limits", "public_waiting_per_endpoint") => u(l.public_waiting_per_endpoint),
             ("limits", "public_connections") => u(l.public_connections),
             ("limits", "public_tls_handshake_timeout_ms") => l.public_tls_handshake_timeout_ms,
+            ("limits", "public_pending_per_source") => u(l.public_pending_per_source),
+            ("limits", "public_pending_total") => u(l.public_pending_total),
             ("limits", "idle_timeout_ms") => l.idle_timeout_ms,
             // RANGES names only the fields above (a unit test walks it).
             _ => 0,
@@ -305,9 +342,56 @@ impl Config {
     /// are taken as they are, relative to the working directory).
     pub fn parse(path: &Path, src: &str) -> Result<Config, ConfigError> {
         let doc = Doc { file: path, src };
-        let cfg: Config = toml::from_str(src).map_err(|e| doc.de_error(&e))?;
+        let mut cfg: Config = toml::from_str(src).map_err(|e| doc.de_error(&e))?;
         cfg.check(&doc)?;
+        cfg.policies = Arc::new(cfg.check_policies(&doc)?);
         Ok(cfg)
+    }
+
+    /// Checks the mandatory and per-endpoint policies (reading the PEM files
+    /// they name) and builds each one's TLS once, so that a policy the edge
+    /// could not serve is an error now, not at the first connection.
+    fn check_policies(&self, doc: &Doc<'_>) -> Result<EdgePolicies, ConfigError> {
+        let load = |prefix: &str, d: &PolicyDoc| -> Result<Arc<Policy>, ConfigError> {
+            let p = Policy::from_doc(d, &Files).map_err(|e| {
+                doc.at_path(&format!("{prefix}.{}", e.field), e.reason)
+            })?;
+            Ok(Arc::new(p))
+        };
+        let mandatory = load("traffic_policy", &self.traffic_policy)?;
+        let mut endpoints = BTreeMap::new();
+        for (key, d) in &self.endpoint_policy {
+            let prefix = format!("endpoint_policy.{key}");
+            policy::check_key(key).map_err(|r| doc.at_path(&prefix, r))?;
+            endpoints.insert(key.clone(), load(&prefix, d)?);
+        }
+        let policies = EdgePolicies {
+            mandatory,
+            endpoints,
+        };
+        // Every operator combination must leave a servable TLS: check the
+        // mandatory layer alone and with each per-endpoint key.
+        let mut combos = vec![("traffic_policy".to_owned(), policies.layers_for("-"))];
+        for key in policies.endpoints.keys() {
+            let mut layers = vec![(policy::Layer::Edge, policies.mandatory.clone())];
+            layers.push((
+                policy::Layer::Endpoint(key.clone()),
+                policies.endpoints[key].clone(),
+            ));
+            combos.push((format!("endpoint_policy.{key}"), layers));
+        }
+        for (field, layers) in combos {
+            let refs: Vec<_> = layers.iter().map(|(l, p)| (l.clone(), &**p)).collect();
+            let eff = policy::combine(&refs, policy::Carriage::Terminated)
+                .map_err(|c| doc.at_path(&field, c.0))?;
+            if let (Some(plan), Some(t)) = (&eff.tls, &self.tls) {
+                let id = tls::load_identity(&t.cert, &t.key)
+                    .map_err(|e| doc.at(&["tls", "cert"], e.to_string()))?;
+                tls::endpoint_server(&id, plan)
+                    .map_err(|e| doc.at_path(&field, format!("cannot serve this TLS: {e}")))?;
+            }
+        }
+        Ok(policies)
     }
 
     fn check(&self, doc: &Doc<'_>) -> Result<(), ConfigError> {
@@ -408,6 +492,16 @@ impl Doc<'_> {
         }
     }
 
+    /// An error at a dotted `path` (`traffic_policy.on_tcp_connect[0]...`).
+    fn at_path(&self, path: &str, reason: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: tether_conf::line_of_key(self.src, path),
+            field: path.to_owned(),
+            reason,
+        }
+    }
+
     /// Turns a toml/serde error into file, line, field and reason.
     fn de_error(&self, e: &toml::de::Error) -> ConfigError {
         let (line, field) = tether_conf::locate_error(self.src, e);
@@ -422,5 +516,18 @@ impl Doc<'_> {
             },
             reason: msg.lines().next().unwrap_or("invalid").to_owned(),
         }
+    }
+}
+
+/// PEM sources of `edge.toml`'s policies: inline PEM, or a file (relative to
+/// the working directory, like the other paths in the file).
+struct Files;
+
+impl policy::PemSource for Files {
+    fn pem(&self, value: &str) -> Result<Vec<u8>, String> {
+        if policy::is_inline_pem(value) {
+            return Ok(value.as_bytes().to_vec());
+        }
+        std::fs::read(value).map_err(|e| format!("cannot read {value}: {e}"))
     }
 }

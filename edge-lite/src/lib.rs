@@ -32,6 +32,7 @@ mod agent;
 mod bind;
 pub mod config;
 mod handshake;
+pub mod policy;
 pub mod lines;
 pub mod listing;
 pub mod metrics;

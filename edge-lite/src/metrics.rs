@@ -5,7 +5,11 @@
 //! refused, so a flood of refusals cannot flood the log. A metrics endpoint
 //! can publish [`Counters::snapshot`] as it is.
 //!
-//! Plain atomics: no lock, no I/O except the summary's log line.
+//! Policy denials ([`Denial`]) are counted per endpoint and reason in
+//! [`Denials`], summarised the same way.
+//!
+//! Plain atomics (and one small map for the denials): no I/O except the
+//! summary's log line.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,8 @@ use std::time::{Duration, Instant};
 pub enum Refusal {
     /// Agent port: the source already holds `pending_per_source` handshakes.
     SourceBusy,
+    /// Agent port: `[agent]` allow / deny refuse the source.
+    AgentIpDenied,
     /// Agent port: `pending_total` handshakes are unfinished.
     PendingFull,
     /// Agent port: the TLS handshake failed.
@@ -58,8 +64,9 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, in the order of the summary line.
-    pub const ALL: [Refusal; 20] = [
+    pub const ALL: [Refusal; 21] = [
         Refusal::SourceBusy,
+        Refusal::AgentIpDenied,
         Refusal::PendingFull,
         Refusal::AgentTlsFailed,
         Refusal::AgentTimeout,
@@ -85,6 +92,7 @@ impl Refusal {
     pub const fn name(self) -> &'static str {
         match self {
             Refusal::SourceBusy => "source_busy",
+            Refusal::AgentIpDenied => "agent_ip_denied",
             Refusal::PendingFull => "pending_full",
             Refusal::AgentTlsFailed => "agent_tls_failed",
             Refusal::AgentTimeout => "agent_timeout",
@@ -109,6 +117,107 @@ impl Refusal {
 
     const fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// Why a policy stopped a public connection (or would have, in a dry run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Denial {
+    /// `restrict-ips` denied the source.
+    IpDenied,
+    /// A dry-run (`enforce = false`) `restrict-ips` would have denied it.
+    IpWouldDeny,
+    /// No TLS version in common.
+    TlsVersion,
+    /// A client certificate is required and none was presented.
+    ClientCertMissing,
+    /// The client certificate did not verify.
+    ClientCertInvalid,
+    /// The client certificate verified, but its names are not allowed.
+    ClientNameDenied,
+    /// The SNI names no bound endpoint of the shared TLS port.
+    SniUnknown,
+    /// The client did not finish its TLS handshake in time.
+    HandshakeTimeout,
+    /// The source holds `public_pending_per_source` unfinished handshakes
+    /// (or `public_pending_total` are unfinished).
+    HandshakeBusy,
+}
+
+impl Denial {
+    /// The name in the summary line and in a snapshot.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Denial::IpDenied => "ip-denied",
+            Denial::IpWouldDeny => "ip-would-deny",
+            Denial::TlsVersion => "tls-version",
+            Denial::ClientCertMissing => "client-cert-missing",
+            Denial::ClientCertInvalid => "client-cert-invalid",
+            Denial::ClientNameDenied => "client-name-denied",
+            Denial::SniUnknown => "sni-unknown",
+            Denial::HandshakeTimeout => "handshake-timeout",
+            Denial::HandshakeBusy => "handshake-busy",
+        }
+    }
+}
+
+/// The endpoint a denial is counted under before one is known (at accept
+/// on the shared TLS port, or for an SNI that names none).
+pub const NO_ENDPOINT: &str = "-";
+
+/// Denials by endpoint and reason, since start. One entry per pair seen;
+/// an unknown SNI counts under [`NO_ENDPOINT`], so a flood of made-up
+/// names adds no entries.
+#[derive(Debug, Default)]
+pub struct Denials {
+    counts: Mutex<std::collections::BTreeMap<(String, Denial), u64>>,
+    summarised: Mutex<std::collections::BTreeMap<(String, Denial), u64>>,
+}
+
+impl Denials {
+    /// Counts one denial of `why` for `endpoint`.
+    pub fn count(&self, endpoint: &str, why: Denial) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(&(endpoint.to_owned(), why)) {
+            Some(n) => *n += 1,
+            None => {
+                m.insert((endpoint.to_owned(), why), 1);
+            }
+        }
+    }
+
+    /// Denials of `why` for `endpoint` since start.
+    pub fn get(&self, endpoint: &str, why: Denial) -> u64 {
+        let m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&(endpoint.to_owned(), why)).copied().unwrap_or(0)
+    }
+
+    /// Every count since start: `(endpoint, reason, count)`, sorted.
+    pub fn snapshot(&self) -> Vec<(String, &'static str, u64)> {
+        let m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter().map(|((e, d), n)| (e.clone(), d.name(), *n)).collect()
+    }
+
+    /// `denied in the last 10.0s: web ip-denied=5000 -:sni-unknown=3`, or
+    /// `None` when nothing was denied since the last call.
+    pub fn summary_since_last(&self, every: Duration) -> Option<String> {
+        let now = self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut last = self.summarised.lock().unwrap_or_else(|e| e.into_inner());
+        let parts: Vec<String> = now
+            .iter()
+            .filter_map(|(k, n)| {
+                let was = last.get(k).copied().unwrap_or(0);
+                (*n > was).then(|| format!("{}:{}={}", k.0, k.1.name(), n - was))
+            })
+            .collect();
+        *last = now;
+        (!parts.is_empty()).then(|| {
+            format!(
+                "denied by policy in the last {:.1}s: {}",
+                every.as_secs_f64(),
+                parts.join(" ")
+            )
+        })
     }
 }
 
@@ -244,11 +353,15 @@ pub fn summary(before: &Snapshot, now: &Snapshot, every: Duration) -> Option<Str
 
 /// Logs [`Counters::summary_since_last`] every `every`, forever (the server
 /// cancels it, and logs the last one itself).
-pub async fn summarise(counters: Arc<Counters>, every: Duration) {
+pub async fn summarise(counters: Arc<Counters>, denials: Arc<Denials>, every: Duration) {
     let _ = counters.summary_since_last();
+    let _ = denials.summary_since_last(every);
     loop {
         smol::Timer::after(every).await;
         if let Some(line) = counters.summary_since_last() {
+            log::warn!("{line}");
+        }
+        if let Some(line) = denials.summary_since_last(every) {
             log::warn!("{line}");
         }
     }
@@ -290,5 +403,29 @@ mod tests {
         );
         drop(held);
         assert_eq!(c.gauge(Gauge::PendingHandshakes), 0);
+    }
+
+    #[test]
+    fn denials_are_per_endpoint_and_reason_and_summarised_once() {
+        let d = Denials::default();
+        let every = Duration::from_secs(10);
+        assert_eq!(d.summary_since_last(every), None);
+        for _ in 0..3 {
+            d.count("web", Denial::IpDenied);
+        }
+        d.count(NO_ENDPOINT, Denial::SniUnknown);
+        assert_eq!(d.get("web", Denial::IpDenied), 3);
+        assert_eq!(d.get("db", Denial::IpDenied), 0);
+        assert_eq!(
+            d.summary_since_last(every).as_deref(),
+            Some("denied by policy in the last 10.0s: -:sni-unknown=1 web:ip-denied=3")
+        );
+        assert_eq!(d.summary_since_last(every), None, "only what is new");
+        d.count("web", Denial::IpDenied);
+        assert_eq!(
+            d.summary_since_last(every).as_deref(),
+            Some("denied by policy in the last 10.0s: web:ip-denied=1")
+        );
+        assert_eq!(d.snapshot()[1], ("web".to_owned(), "ip-denied", 4));
     }
 }

@@ -23,17 +23,24 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use futures_lite::io::{split, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use futures_rustls::LazyConfigAcceptor;
+use futures_rustls::TlsAcceptor;
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
-use tether_driver::{Meta, Session};
+use tether_driver::{ClientIdentity, Meta, Session};
 use tether_proto::EndpointKind;
 
+use crate::admission::Pending;
 use crate::config::ms;
-use crate::metrics::{Gauge, Held, Refusal};
-use crate::registry::{NoRoute, Waiting};
+use crate::metrics::{Denial, Gauge, Held, Refusal, NO_ENDPOINT};
+use crate::policy::{check_ips, IpVerdict};
+use crate::registry::{NoRoute, Port, Route, Waiting};
 use crate::state::{timeout, State};
+use crate::tls::{self, Denied};
 
 /// How long a public connection waits for a free stream on its session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,13 +77,16 @@ fn take_slot(state: &State) -> Option<Slot> {
     })
 }
 
-/// The session of `endpoint`, counting a refusal when there is none.
-fn route(state: &State, endpoint: &str, kind: EndpointKind) -> Option<(Session, Waiting)> {
+/// The route to `endpoint` from `port`, counting a refusal when there is none.
+fn route(state: &State, endpoint: &str, port: Port) -> Option<Route> {
     let limit = state.cfg.limits.public_waiting_per_endpoint;
-    match state.registry().route(endpoint, kind, limit) {
+    match state.registry().route(endpoint, port, limit) {
         Ok(r) => Some(r),
         Err(NoRoute::Unbound) => {
-            state.counters.refuse(Refusal::NoRoute);
+            match port {
+                Port::Tcp => state.counters.refuse(Refusal::NoRoute),
+                Port::Tls => state.denials.count(NO_ENDPOINT, Denial::SniUnknown),
+            }
             None
         }
         Err(NoRoute::Full) => {
@@ -86,8 +96,27 @@ fn route(state: &State, endpoint: &str, kind: EndpointKind) -> Option<(Session, 
     }
 }
 
+/// Counts what `restrict-ips` said of a connection to `endpoint`; whether
+/// it may go on.
+fn ips_pass(state: &State, endpoint: &str, v: IpVerdict) -> bool {
+    for _ in 0..v.would_deny {
+        state.denials.count(endpoint, Denial::IpWouldDeny);
+    }
+    if v.denied {
+        state.denials.count(endpoint, Denial::IpDenied);
+    }
+    !v.denied
+}
+
+/// The edge-wide `restrict-ips` (the mandatory policy's) for `ip`.
+fn edge_wide(state: &State, ip: IpAddr) -> IpVerdict {
+    check_ips(state.cfg.policies.mandatory.restrict_ips(), ip)
+}
+
 /// Accepts public connections for tcp endpoint `endpoint` until cancelled
-/// (the binding's drop cancels it, closing the port).
+/// (the binding's drop cancels it, closing the port). A connection is
+/// checked against every layer's `restrict-ips` right after accept and
+/// closed at once when denied.
 pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: TcpListener) {
     loop {
         let accepted = listener.accept().await;
@@ -99,10 +128,17 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
                 continue;
             }
         };
-        let Some(slot) = take_slot(&state) else {
+        let Some(r) = route(&state, &endpoint, Port::Tcp) else {
             continue;
         };
-        let Some((session, waiting)) = route(&state, &endpoint, EndpointKind::Tcp) else {
+        let mut v = edge_wide(&state, peer.ip());
+        let own = check_ips(&r.policy.restrict, peer.ip());
+        v.denied |= own.denied;
+        v.would_deny += own.would_deny;
+        if !ips_pass(&state, &endpoint, v) {
+            continue;
+        }
+        let Some(slot) = take_slot(&state) else {
             continue;
         };
         let _ = conn.set_nodelay(true);
@@ -110,14 +146,14 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
             endpoint: endpoint.clone(),
             peer: Some(peer),
             sni: None,
-            client_subject: None,
+            client: None,
         };
         let idle = ms(state.cfg.limits.idle_timeout_ms);
         let counters = state.counters.clone();
         drop(state);
         smol::spawn(async move {
             let _slot = slot;
-            if let Err(why) = carry(conn, session, waiting, meta, idle).await {
+            if let Err(why) = carry(conn, r.session, r.waiting, meta, idle).await {
                 counters.refuse(why);
             }
         })
@@ -137,18 +173,28 @@ pub(crate) async fn accept_failed(listener: &str, e: &io::Error) {
     Timer::after(Duration::from_millis(100)).await;
 }
 
-/// Accepts connections on the shared TLS port until cancelled.
+/// Accepts connections on the shared TLS port until cancelled. At accept,
+/// before any byte is read: the edge-wide `restrict-ips`, then the cap on
+/// unfinished handshakes per source and in all, then the cap on public
+/// connections.
 pub(crate) async fn accept_tls(state: Arc<State>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
+                if !ips_pass(&state, NO_ENDPOINT, edge_wide(&state, peer.ip())) {
+                    continue;
+                }
+                let Ok(pending) = state.public_admission.try_admit(peer.ip()) else {
+                    state.denials.count(NO_ENDPOINT, Denial::HandshakeBusy);
+                    continue;
+                };
                 let Some(slot) = take_slot(&state) else {
                     continue;
                 };
                 let state = state.clone();
                 smol::spawn(async move {
                     let _slot = slot;
-                    serve_tls_client(&state, conn, peer).await;
+                    serve_tls_client(&state, conn, peer, pending).await;
                 })
                 .detach();
             }
@@ -157,30 +203,71 @@ pub(crate) async fn accept_tls(state: Arc<State>, listener: TcpListener) {
     }
 }
 
-/// Routes one connection of the shared TLS port by its SNI and carries it.
-async fn serve_tls_client(state: &State, conn: TcpStream, peer: SocketAddr) {
-    let (Some(cfg), Some(server)) = (&state.cfg.tls, &state.public_tls) else {
+/// The largest ClientHello the edge reads before giving up (rustls' own
+/// limit on a handshake message is 64 KiB; real ones are under 2 KiB).
+const MAX_CLIENT_HELLO: usize = 16 * 1024;
+
+/// Reads a ClientHello off `conn`, keeping every byte read: the SNI it
+/// names (lowercased) and the bytes, to be replayed into the handshake or
+/// forwarded as they are to a passthrough endpoint.
+async fn read_client_hello(conn: &mut TcpStream) -> io::Result<(Option<String>, Vec<u8>)> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        let have = buf.len();
+        if have >= MAX_CLIENT_HELLO {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "ClientHello larger than 16 KiB",
+            ));
+        }
+        buf.resize(have + 2048, 0);
+        let n = conn.read(&mut buf[have..]).await?;
+        buf.truncate(have + n);
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut rd = &buf[have..];
+        while !rd.is_empty() {
+            acceptor.read_tls(&mut rd)?;
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    let sni = accepted
+                        .client_hello()
+                        .server_name()
+                        .map(str::to_ascii_lowercase);
+                    return Ok((sni, buf));
+                }
+                Ok(None) => {}
+                Err((e, _)) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+            }
+        }
+    }
+}
+
+/// Routes one connection of the shared TLS port by its SNI and carries it:
+/// the endpoint's own `restrict-ips` right after the ClientHello, then
+/// either the raw bytes (passthrough) or the handshake with the endpoint's
+/// TLS server, which verifies client certificates, before a stream opens.
+async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, pending: Pending) {
+    let (Some(cfg), Some(shared)) = (&state.cfg.tls, &state.public_tls) else {
         return;
     };
     let handshake = ms(state.cfg.limits.public_tls_handshake_timeout_ms);
     let deadline = Instant::now() + handshake;
     let _ = conn.set_nodelay(true);
-    let start = match timeout(handshake, LazyConfigAcceptor::new(Default::default(), conn)).await {
-        Some(Ok(s)) => s,
+    let (sni, hello) = match timeout(handshake, read_client_hello(&mut conn)).await {
+        Some(Ok(h)) => h,
         Some(Err(e)) => {
             log::debug!("tls port: {peer}: bad ClientHello: {e}");
             state.counters.refuse(Refusal::PublicTlsFailed);
             return;
         }
         None => {
-            state.counters.refuse(Refusal::PublicTlsFailed);
+            state.denials.count(NO_ENDPOINT, Denial::HandshakeTimeout);
             return;
         }
     };
-    let sni = start
-        .client_hello()
-        .server_name()
-        .map(str::to_ascii_lowercase);
     let endpoint = sni
         .as_deref()
         .and_then(|s| s.strip_suffix(cfg.domain.as_str()))
@@ -188,41 +275,166 @@ async fn serve_tls_client(state: &State, conn: TcpStream, peer: SocketAddr) {
         .filter(|name| !name.contains('.'))
         .map(str::to_owned);
     let Some(endpoint) = endpoint else {
-        state.counters.refuse(Refusal::NoRoute);
+        state.denials.count(NO_ENDPOINT, Denial::SniUnknown);
         return;
     };
-    let Some((session, waiting)) = route(state, &endpoint, EndpointKind::Tls) else {
+    let Some(r) = route(state, &endpoint, Port::Tls) else {
         return;
     };
-    let left = deadline.saturating_duration_since(Instant::now());
-    let tls = match timeout(left, start.into_stream(server.clone())).await {
-        Some(Ok(t)) => t,
-        Some(Err(e)) => {
-            log::debug!("tls port: {peer} ({endpoint}): handshake failed: {e}");
-            state.counters.refuse(Refusal::PublicTlsFailed);
-            return;
-        }
-        None => {
-            state.counters.refuse(Refusal::PublicTlsFailed);
-            return;
-        }
-    };
-    let meta = Meta {
+    if !ips_pass(state, &endpoint, check_ips(&r.policy.restrict, peer.ip())) {
+        return;
+    }
+    let idle = ms(state.cfg.limits.idle_timeout_ms);
+    let conn = Rewind::new(hello, conn);
+    let mut meta = Meta {
         endpoint,
         peer: Some(peer),
         sni,
-        client_subject: None,
+        client: None,
     };
-    if let Err(why) = carry(
-        tls,
-        session,
-        waiting,
-        meta,
-        ms(state.cfg.limits.idle_timeout_ms),
-    )
-    .await
-    {
+    let ended = if r.kind == EndpointKind::TlsPassthrough {
+        drop(pending);
+        carry(conn, r.session, r.waiting, meta, idle).await
+    } else {
+        let server = r.server.clone().unwrap_or_else(|| shared.clone());
+        let left = deadline.saturating_duration_since(Instant::now());
+        let tls = match timeout(left, TlsAcceptor::from(server).accept(conn)).await {
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                log::debug!("tls port: {peer} ({}): handshake failed: {e}", meta.endpoint);
+                match tls::denied(&e) {
+                    Denied::Version => state.denials.count(&meta.endpoint, Denial::TlsVersion),
+                    Denied::CertMissing => {
+                        state.denials.count(&meta.endpoint, Denial::ClientCertMissing)
+                    }
+                    Denied::CertInvalid => {
+                        state.denials.count(&meta.endpoint, Denial::ClientCertInvalid)
+                    }
+                    Denied::NameDenied => {
+                        state.denials.count(&meta.endpoint, Denial::ClientNameDenied)
+                    }
+                    Denied::Other => state.counters.refuse(Refusal::PublicTlsFailed),
+                }
+                return;
+            }
+            None => {
+                state.denials.count(&meta.endpoint, Denial::HandshakeTimeout);
+                return;
+            }
+        };
+        drop(pending);
+        meta.client = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(tls::identity)
+            .map(|id| fit(id, &meta));
+        carry(tls, r.session, r.waiting, meta, idle).await
+    };
+    if let Err(why) = ended {
         state.counters.refuse(why);
+    }
+}
+
+/// Cuts a client identity's strings so that the whole `Meta` fits
+/// `MAX_META` (subject first kept whole up to 160 bytes, then the CN up to
+/// 64, then as many SANs as fit).
+fn fit(mut id: ClientIdentity, meta: &Meta) -> ClientIdentity {
+    fn cut(s: &mut String, max: usize) {
+        if s.len() > max {
+            let mut at = max;
+            while !s.is_char_boundary(at) {
+                at -= 1;
+            }
+            s.truncate(at);
+        }
+    }
+    cut(&mut id.subject, 160);
+    cut(&mut id.common_name, 64);
+    // Fixed costs: the peer (≤ 19), option tags, length prefixes (≤ 2 each),
+    // the fingerprint (32).
+    let used = meta.endpoint.len()
+        + meta.sni.as_ref().map_or(0, String::len)
+        + id.subject.len()
+        + id.common_name.len()
+        + 19
+        + 3
+        + 5 * 2
+        + 32;
+    let room = tether_proto::MAX_META.saturating_sub(used);
+    if id.names.len() > room {
+        // Keep whole names only.
+        let mut kept = String::new();
+        for n in id.names.split(',') {
+            let extra = n.len() + usize::from(!kept.is_empty());
+            if kept.len() + extra > room {
+                break;
+            }
+            if !kept.is_empty() {
+                kept.push(',');
+            }
+            kept.push_str(n);
+        }
+        id.names = kept;
+    }
+    id
+}
+
+/// A stream whose first reads replay bytes already read from it (the
+/// ClientHello), then read the stream itself.
+struct Rewind<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Rewind<S> {
+    fn new(prefix: Vec<u8>, inner: S) -> Rewind<S> {
+        Rewind {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = buf.len().min(this.prefix.len() - this.at);
+            buf[..n].copy_from_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(n));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_close(cx)
     }
 }
 

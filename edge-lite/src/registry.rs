@@ -15,10 +15,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use rustls::ServerConfig;
 use smol::Task;
 use tether_driver::Session;
 use tether_proto::EndpointKind;
 
+use crate::policy::Effective;
 use crate::store::TokenId;
 
 /// One agent session as the rest of the edge sees it.
@@ -49,6 +51,40 @@ pub(crate) struct Binding {
     pub(crate) tcp: Option<TcpPort>,
     /// Public connections waiting for a stream of this endpoint.
     pub(crate) waiting: Arc<AtomicUsize>,
+    /// Its effective policy (the edge's layers and its agent's).
+    pub(crate) policy: Arc<Effective>,
+    /// For a `tls` endpoint whose policy needs its own TLS server (versions,
+    /// certificate, client certificates): that server, built at bind.
+    /// `None`: the shared `[tls]` one.
+    pub(crate) server: Option<Arc<ServerConfig>>,
+}
+
+/// Which listener a public connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Port {
+    /// The endpoint's own tcp port.
+    Tcp,
+    /// The shared TLS port (terminated and passthrough endpoints).
+    Tls,
+}
+
+impl Port {
+    fn serves(self, kind: EndpointKind) -> bool {
+        match self {
+            Port::Tcp => kind == EndpointKind::Tcp,
+            Port::Tls => matches!(kind, EndpointKind::Tls | EndpointKind::TlsPassthrough),
+        }
+    }
+}
+
+/// Where a public connection goes: the session, its place among the
+/// waiting, and what the binding's policy says.
+pub(crate) struct Route {
+    pub(crate) session: Session,
+    pub(crate) waiting: Waiting,
+    pub(crate) kind: EndpointKind,
+    pub(crate) policy: Arc<Effective>,
+    pub(crate) server: Option<Arc<ServerConfig>>,
 }
 
 /// The registry; see the module docs.
@@ -211,19 +247,19 @@ impl Registry {
         self.ports.clone()
     }
 
-    /// The session to carry a new public connection to `endpoint` of `kind`,
-    /// with the connection counted among those waiting for a stream (at most
-    /// `waiting_limit`).
+    /// The session to carry a new public connection of `port` to
+    /// `endpoint`, with the connection counted among those waiting for a
+    /// stream (at most `waiting_limit`).
     pub(crate) fn route(
         &self,
         endpoint: &str,
-        kind: EndpointKind,
+        port: Port,
         waiting_limit: usize,
-    ) -> Result<(Session, Waiting), NoRoute> {
+    ) -> Result<Route, NoRoute> {
         let b = self.endpoints.get(endpoint).ok_or(NoRoute::Unbound)?;
         // A session whose token was revoked leaves the live set at once, before
         // its GOAWAY takes effect: it gets no new public connections.
-        if b.kind != kind || !self.is_live(b.tunnel.no) || b.tunnel.session.is_closing() {
+        if !port.serves(b.kind) || !self.is_live(b.tunnel.no) || b.tunnel.session.is_closing() {
             return Err(NoRoute::Unbound);
         }
         let taken = b
@@ -232,7 +268,13 @@ impl Registry {
                 (n < waiting_limit).then_some(n + 1)
             });
         match taken {
-            Ok(_) => Ok((b.tunnel.session.clone(), Waiting(b.waiting.clone()))),
+            Ok(_) => Ok(Route {
+                session: b.tunnel.session.clone(),
+                waiting: Waiting(b.waiting.clone()),
+                kind: b.kind,
+                policy: b.policy.clone(),
+                server: b.server.clone(),
+            }),
             Err(_) => Err(NoRoute::Full),
         }
     }

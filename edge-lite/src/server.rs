@@ -1,8 +1,9 @@
 //! The server: binding the listeners ([`Server::bind`]), the accept loops,
 //! the revocation watcher, and the graceful shutdown ([`Server::run`]).
 //!
-//! The agent port admits a connection at accept (`admission`: per source
-//! and in all) before any TLS work, and hands it to `agent`; everything
+//! The agent port checks a connection's source against `[agent]` allow /
+//! deny and admits it (`admission`: per source and in all) at accept,
+//! before any TLS work, and hands it to `agent`; everything
 //! past that point is bounded in time by the handshake deadlines and the
 //! driver's linger deadline. Refusals are counted (`metrics`) and
 //! summarised in the log every [`SUMMARY_EVERY`].
@@ -134,10 +135,11 @@ impl Server {
                     listener: "tls",
                     reason: e.to_string(),
                 })?;
-                Some(tls::public_server(&id).map_err(|e| RunError::Tls {
+                let server = tls::public_server(&id).map_err(|e| RunError::Tls {
                     listener: "tls",
                     reason: e.to_string(),
-                })?)
+                })?;
+                Some((server, Arc::new(id)))
             }
             None => None,
         };
@@ -213,6 +215,7 @@ impl Server {
         let watcher = smol::spawn(watch_store(state.clone()));
         let summary = smol::spawn(crate::metrics::summarise(
             state.counters.clone(),
+            state.denials.clone(),
             SUMMARY_EVERY,
         ));
 
@@ -227,6 +230,9 @@ impl Server {
         watcher.cancel().await;
         summary.cancel().await;
         if let Some(line) = state.counters.summary_since_last() {
+            log::warn!("{line}");
+        }
+        if let Some(line) = state.denials.summary_since_last(SUMMARY_EVERY) {
             log::warn!("{line}");
         }
         let listeners = state.registry().take_listeners();
@@ -284,11 +290,15 @@ fn raise_fd_limit() {
     }
 }
 
-/// Accepts agent connections; each is admitted (per source and in all)
-/// before any TLS work, or closed at once.
+/// Accepts agent connections; each is checked against `[agent]` allow /
+/// deny and admitted (per source and in all) before any TLS work, or
+/// closed at once.
 async fn accept_agents(state: Arc<State>, listener: TcpListener) {
     loop {
         match listener.accept().await {
+            Ok((_, peer)) if !state.agent_sources.permits(peer.ip()) => {
+                state.counters.refuse(Refusal::AgentIpDenied);
+            }
             Ok((conn, peer)) => match state.admission.try_admit(peer.ip()) {
                 Ok(pending) => {
                     smol::spawn(serve_agent(state.clone(), conn, peer, pending)).detach();

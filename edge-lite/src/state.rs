@@ -17,7 +17,9 @@ use tether_proto::{Control, ErrorCode};
 
 use crate::admission::Admission;
 use crate::config::Config;
-use crate::metrics::Counters;
+use crate::metrics::{Counters, Denials};
+use crate::policy::RestrictIps;
+use crate::tls::Identity;
 use crate::registry::{Registry, Tunnel};
 use crate::store::Store;
 
@@ -58,6 +60,15 @@ pub(crate) struct State {
     pub(crate) cfg: Config,
     pub(crate) agent_tls: Arc<ServerConfig>,
     pub(crate) public_tls: Option<Arc<ServerConfig>>,
+    /// The `[tls]` certificate, for endpoints whose policy needs a server of
+    /// their own but names no certificate.
+    pub(crate) public_identity: Option<Arc<Identity>>,
+    /// `[agent]` allow / deny.
+    pub(crate) agent_sources: RestrictIps,
+    /// Policy denials by endpoint and reason.
+    pub(crate) denials: Arc<Denials>,
+    /// Unfinished public TLS handshakes, per source and in all.
+    pub(crate) public_admission: Arc<Admission>,
     /// The actual port of the shared TLS listener (0 without one).
     pub(crate) tls_port: u16,
     store: Arc<Mutex<Store>>,
@@ -77,16 +88,28 @@ impl State {
     pub(crate) fn new(
         cfg: Config,
         agent_tls: Arc<ServerConfig>,
-        public_tls: Option<Arc<ServerConfig>>,
+        public_tls: Option<(Arc<ServerConfig>, Arc<Identity>)>,
         tls_port: u16,
         store: Store,
         registry: Registry,
     ) -> State {
         let admission = Admission::new(cfg.limits.pending_per_source, cfg.limits.pending_total);
+        let public_admission = Admission::new(
+            cfg.limits.public_pending_per_source,
+            cfg.limits.public_pending_total,
+        );
+        let (public_tls, public_identity) = match public_tls {
+            Some((c, i)) => (Some(c), Some(i)),
+            None => (None, None),
+        };
         State {
+            agent_sources: cfg.agent.sources(),
             cfg,
             agent_tls,
             public_tls,
+            public_identity,
+            denials: Arc::new(Denials::default()),
+            public_admission,
             tls_port,
             store: Arc::new(Mutex::new(store)),
             registry: Mutex::new(registry),
