@@ -362,7 +362,15 @@ impl Config {
         let mut endpoints = BTreeMap::new();
         for (key, d) in &self.endpoint_policy {
             let prefix = format!("endpoint_policy.{key}");
-            policy::check_key(key).map_err(|r| doc.at_path(&prefix, r))?;
+            policy::check_key(key).map_err(|r| {
+                let mut e = doc.at_path(&prefix, r);
+                // A key with a '.' in it is no path: find its line by its text.
+                e.line = e.line.or_else(|| {
+                    let quoted = format!("\"{key}\"");
+                    doc.src.lines().position(|l| l.contains(&quoted)).map(|i| i + 1)
+                });
+                e
+            })?;
             endpoints.insert(key.clone(), load(&prefix, d)?);
         }
         let policies = EdgePolicies {

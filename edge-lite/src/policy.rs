@@ -62,16 +62,54 @@ pub struct RuleDoc {
     pub actions: Vec<ActionDoc>,
 }
 
-/// One action: its `type` selects the shape of its `config`.
+/// One action: its `type` selects the shape of its `config`, which is
+/// checked by [`Policy::from_doc`] (so that an error inside it names the
+/// field, through `serde_path_to_error`).
 #[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "type", content = "config", deny_unknown_fields)]
-pub enum ActionDoc {
-    /// `restrict-ips`.
-    #[serde(rename = "restrict-ips")]
+#[serde(deny_unknown_fields)]
+pub struct ActionDoc {
+    /// `restrict-ips` or `terminate-tls`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The action's settings.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// A checked action's settings.
+enum Action {
     RestrictIps(RestrictIpsDoc),
-    /// `terminate-tls`.
-    #[serde(rename = "terminate-tls")]
     TerminateTls(TerminateTlsDoc),
+}
+
+fn action(doc: &ActionDoc, at: &str) -> Result<Action, PolicyError> {
+    fn typed<T: serde::de::DeserializeOwned>(
+        config: &toml::Table,
+        at: &str,
+    ) -> Result<T, PolicyError> {
+        let v = toml::Value::Table(config.clone());
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            PolicyError {
+                field: if path == "." {
+                    format!("{at}.config")
+                } else {
+                    format!("{at}.config.{path}")
+                },
+                reason: e.into_inner().message().trim().to_owned(),
+            }
+        })
+    }
+    match doc.kind.as_str() {
+        "restrict-ips" => typed(&doc.config, at).map(Action::RestrictIps),
+        "terminate-tls" => typed(&doc.config, at).map(Action::TerminateTls),
+        other => Err(PolicyError {
+            field: format!("{at}.type"),
+            reason: format!(
+                "{other:?} is not an action this edge has on_tcp_connect (\"restrict-ips\" or \"terminate-tls\")"
+            ),
+        }),
+    }
 }
 
 /// `restrict-ips`'s config.
@@ -401,8 +439,8 @@ impl Policy {
             }
             for (j, action) in rule.actions.iter().enumerate() {
                 let at = format!("on_tcp_connect[{i}].actions[{j}]");
-                match action {
-                    ActionDoc::RestrictIps(r) => {
+                match self::action(action, &at)? {
+                    Action::RestrictIps(r) => {
                         if r.allow.is_empty() && r.deny.is_empty() {
                             return Err(PolicyError {
                                 field: format!("{at}.config"),
@@ -411,7 +449,7 @@ impl Policy {
                         }
                         p.restrict.push(RestrictIps::new(&r.allow, &r.deny, r.enforce));
                     }
-                    ActionDoc::TerminateTls(t) => {
+                    Action::TerminateTls(t) => {
                         if p.tls.is_some() {
                             return Err(PolicyError {
                                 field: at,
@@ -421,7 +459,7 @@ impl Policy {
                                 ),
                             });
                         }
-                        p.tls = Some(terminate_tls(t, &format!("{at}.config"), pem)?);
+                        p.tls = Some(terminate_tls(&t, &format!("{at}.config"), pem)?);
                         p.tls_at = at;
                     }
                 }
@@ -908,8 +946,13 @@ mod tests {
         assert!(p.terminates_tls());
     }
 
+    /// The message of a policy that does not load, from the TOML layer or
+    /// the action layer.
     fn doc_error(src: &str) -> String {
-        toml::from_str::<PolicyDoc>(src).unwrap_err().message().to_owned()
+        match toml::from_str::<PolicyDoc>(src) {
+            Err(e) => e.message().to_owned(),
+            Ok(d) => Policy::from_doc(&d, &InlineOnly).unwrap_err().to_string(),
+        }
     }
 
     #[test]

@@ -248,3 +248,114 @@ fn values_outside_their_range_are_refused_with_the_range_instead_of_overflowing_
     assert_eq!(c.limits.idle_timeout_ms, 1000);
     assert_eq!(c.limits.sessions_per_token, 4, "defaults for the rest");
 }
+
+/// The mandatory policy, a per-endpoint one and `[agent]` allow / deny load;
+/// a CA file given to `terminate-tls` is read.
+#[test]
+fn policies_load_from_edge_toml() {
+    let (dir, pki, good) = setup("cfg-policy-ok");
+    let body = format!(
+        "{good}\n[traffic_policy]\n[[traffic_policy.on_tcp_connect]]\nname = \"no lab\"\n\
+         [[traffic_policy.on_tcp_connect.actions]]\ntype = \"restrict-ips\"\n\
+         config = {{ deny = [\"10.9.0.0/16\", \"2001:db8::1\"] }}\n\n\
+         [[endpoint_policy.\"*-cam\".on_tcp_connect]]\n\
+         actions = [{{ type = \"terminate-tls\", config = {{ min_version = \"1.2\", \
+         mutual_tls_certificate_authorities = [\"{ca}\"], mutual_tls_allowed_names = [\"*.devices.example\"] }} }}]\n",
+        ca = pki.wild_cert.display()
+    )
+    .replacen(
+        "key = \"",
+        "allow = [\"127.0.0.0/8\", \"::1\"]\ndeny = [\"127.0.0.2\"]\nkey = \"",
+        1,
+    );
+    let c = load(dir.path(), &body).expect("loads");
+    assert_eq!(c.policies.mandatory.restrict_ips().len(), 1);
+    assert!(c.policies.endpoints["*-cam"].terminates_tls());
+    let agent = c.agent.sources();
+    assert!(agent.permits("127.0.0.1".parse().unwrap()));
+    assert!(!agent.permits("127.0.0.2".parse().unwrap()));
+    assert!(!agent.permits("192.0.2.1".parse().unwrap()));
+}
+
+/// Every broken policy is an error naming its line and field; none loads as
+/// "allow all".
+#[test]
+fn broken_policies_are_named_with_file_line_and_field() {
+    let (dir, pki, good) = setup("cfg-policy-bad");
+    let empty_ca = dir.path().join("empty-ca.pem");
+    std::fs::write(&empty_ca, "no certificate here\n").unwrap();
+    let cases: Vec<(String, &str, &str, &str)> = vec![
+        (
+            "[[traffic_policy.on_tcp_connect]]\nactions = [\n  { type = \"restrict-ips\", config = { deny = [\"10.0.0.300/8\"] } },\n]\n".into(),
+            "  { type",
+            "traffic_policy.on_tcp_connect[0].actions[0]",
+            "not an address or a CIDR",
+        ),
+        (
+            "[[traffic_policy.on_tcp_connect]]\nactions = [\n  { type = \"allow-all\", config = {} },\n]\n".into(),
+            "  { type",
+            "traffic_policy.on_tcp_connect[0].actions[0]",
+            "allow-all",
+        ),
+        (
+            "[[endpoint_policy.web.on_tcp_connect]]\n[[endpoint_policy.web.on_tcp_connect.actions]]\ntype = \"terminate-tls\"\nconfig.min_version = \"1.3\"\nconfig.max_version = \"1.2\"\n".into(),
+            "config.max_version",
+            "endpoint_policy.web.on_tcp_connect[0].actions[0].config.max_version",
+            "below min_version",
+        ),
+        (
+            format!("[[endpoint_policy.web.on_tcp_connect]]\n[[endpoint_policy.web.on_tcp_connect.actions]]\ntype = \"terminate-tls\"\nconfig.mutual_tls_certificate_authorities = [\"{}\"]\n", empty_ca.display()),
+            "config.mutual_tls_certificate_authorities",
+            "endpoint_policy.web.on_tcp_connect[0].actions[0].config.mutual_tls_certificate_authorities[0]",
+            "holds no PEM certificate",
+        ),
+        (
+            format!("[[endpoint_policy.web.on_tcp_connect]]\n[[endpoint_policy.web.on_tcp_connect.actions]]\ntype = \"terminate-tls\"\nconfig.mutual_tls_certificate_authorities = [\"{}\"]\nconfig.mutual_tls_verification_strategy = \"require-any\"\n", pki.wild_cert.display()),
+            "config.mutual_tls_verification_strategy",
+            "endpoint_policy.web.on_tcp_connect[0].actions[0].config.mutual_tls_verification_strategy",
+            "without verifying",
+        ),
+        (
+            "[[endpoint_policy.\"*.cam\".on_tcp_connect]]\nactions = [{ type = \"restrict-ips\", config = { allow = [\"::1\"] } }]\n".into(),
+            "[[endpoint_policy",
+            "endpoint_policy.*.cam",
+            "no '.'",
+        ),
+    ];
+    for (extra, line_prefix, field, reason) in cases {
+        let body = format!("{good}\n{extra}");
+        let e = load(dir.path(), &body).unwrap_err();
+        assert!(e.field.starts_with(field), "{extra}: field {:?}, want {field}", e.field);
+        assert!(e.reason.contains(reason), "{extra}: {e}");
+        assert_eq!(e.line, Some(line_of(&body, line_prefix)), "{extra}: {e}");
+    }
+    let body = good.replacen("key = \"", "allow = [\"127.0.0.1/8\"]\nkey = \"", 1);
+    let e = load(dir.path(), &body).unwrap_err();
+    assert_eq!(e.field, "agent.allow");
+    assert!(e.reason.contains("127.0.0.0/8"), "{e}");
+}
+
+/// A broken edge policy stops the binary: exit 64, `file:line: field:`.
+#[test]
+fn the_binary_refuses_a_broken_policy_with_exit_64() {
+    let (dir, _pki, good) = setup("cfg-policy-bin");
+    let body = format!(
+        "{good}\n[[traffic_policy.on_tcp_connect]]\n[[traffic_policy.on_tcp_connect.actions]]\ntype = \"terminate-tls\"\nconfig.min_version = \"1.1\"\n"
+    );
+    let p = dir.path().join("edge.toml");
+    std::fs::write(&p, &body).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
+        .arg("--config")
+        .arg(&p)
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "error: {}:{}: traffic_policy.on_tcp_connect[0].actions[0].config.min_version: ",
+        p.display(),
+        line_of(&body, "config.min_version")
+    );
+    assert!(err.lines().any(|l| l.starts_with(&want)), "{err}");
+}
