@@ -420,11 +420,13 @@ fn session_settings_bound_the_streams_the_daemon_holds() {
         drop(held.pop());
         let released = Instant::now();
         let mut echo = [0u8; 2];
-        loop {
+        // The stream that got the slot is kept open: dropping it would free
+        // the slot again and let the third stream below in.
+        let reused = loop {
             let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
             st.write_all(b"ok").await.expect("write");
             match st.read_exact(&mut echo).await {
-                Ok(()) => break,
+                Ok(()) => break st,
                 Err(e) if e.to_string().contains("REFUSED_STREAM") => {
                     assert!(
                         released.elapsed() < 5 * SECOND,
@@ -434,7 +436,8 @@ fn session_settings_bound_the_streams_the_daemon_holds() {
                 }
                 Err(e) => panic!("echo once a slot is free: {e}"),
             }
-        }
+        };
+        held.push(reused);
         assert_eq!(&echo, b"ok");
         // Still two at most: a third beside these two is refused again.
         let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");

@@ -14,18 +14,23 @@
 //! - `handshake`: TLS, the first frame, `Hello` and the token check, before
 //!   any session memory exists.
 //! - `bind`: deciding a `Bind` (ACL, limits, ownership, tcp ports).
-//! - `public`: the public listeners and the copy into streams.
+//! - `public`: the public listeners, the policy checks at accept and after
+//!   the ClientHello, the handshake, and the copy into streams.
 //! - `state`: what every task shares, the one `timeout`, store calls.
-//! - `registry`: who holds which endpoint; `admission`: pending handshakes
-//!   per source; [`metrics`]: the counters; [`lines`]: the stdout lines.
+//! - `registry`: who holds which endpoint (with its effective policy);
+//!   `admission`: pending handshakes per source; [`metrics`]: the counters
+//!   and the policy denials; [`lines`]: the stdout lines.
 //! - [`config`]: the typed `edge.toml`; [`store`]: the SQLite token and
-//!   endpoint-owner store (salted hashes, never secrets); `tls`: rustls;
-//!   [`listing`]: what the CLI prints.
+//!   endpoint-owner store (salted hashes, never secrets); `tls`: rustls
+//!   (server configs per endpoint policy, the client-certificate verifier,
+//!   the identity of a verified leaf); [`policy`]: the traffic-policy model,
+//!   pure (no I/O, no clock): parsing, `restrict-ips`, and the conjunction of
+//!   the edge's, the endpoint's and the agent's layers; [`listing`]: what
+//!   the CLI prints.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
-//! `tether-driver`; this crate adds no second driver. Not here yet: IP
-//! restrictions, client certificates, policies, rotation, the admin API and
-//! events (DESIGN.md), which later issues add.
+//! `tether-driver`; this crate adds no second driver. Not here yet:
+//! rotation, the admin API and events (DESIGN.md), which later issues add.
 
 mod admission;
 mod agent;

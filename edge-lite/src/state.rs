@@ -4,7 +4,8 @@
 //! ([`close_tunnel`]).
 //!
 //! The modules form one chain: `server` -> `agent` -> `handshake` / `bind`
-//! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`.
+//! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`,
+//! with `config`, `tls` and `policy` (pure) below them all.
 //! Nothing below imports anything above it.
 
 use std::collections::HashMap;
