@@ -310,7 +310,7 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
                     Denied::CertInvalid => {
                         state.denials.count(&meta.endpoint, Denial::ClientCertInvalid)
                     }
-                    Denied::NameDenied => {
+                    Denied::NamesNotAllowed => {
                         state.denials.count(&meta.endpoint, Denial::ClientNameDenied)
                     }
                     Denied::Other => state.counters.refuse(Refusal::PublicTlsFailed),

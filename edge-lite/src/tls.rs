@@ -304,7 +304,7 @@ pub enum Denied {
     /// The presented certificate did not verify (other CA, expired, ...).
     CertInvalid,
     /// It verified, but its names are not allowed.
-    NameDenied,
+    NamesNotAllowed,
     /// Anything else (a broken client, a reset).
     Other,
 }
@@ -319,7 +319,7 @@ pub fn denied(e: &std::io::Error) -> Denied {
         rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o))
             if o.0.downcast_ref::<NameDenied>().is_some() =>
         {
-            Denied::NameDenied
+            Denied::NamesNotAllowed
         }
         rustls::Error::InvalidCertificate(_) => Denied::CertInvalid,
         rustls::Error::PeerIncompatible(_) => Denied::Version,
