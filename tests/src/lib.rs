@@ -14,6 +14,7 @@
 //! `TETHER_TEST_BIN_DIR` points the tests at binaries built elsewhere (for
 //! example an older commit's, to see a test fail before a fix).
 
+pub mod certs;
 pub mod flood;
 pub mod raw;
 pub mod sys;
@@ -382,6 +383,15 @@ pub struct EdgeOpts {
     pub linger_ms: Option<u64>,
     /// `[limits]`: only the values that are set are written.
     pub limits: Limits,
+    /// `[tls] listen`; None = `127.0.0.1:0` (`[::]:0` makes it dual-stack).
+    pub tls_listen: Option<String>,
+    /// `[tcp] listen_ip`; None = `127.0.0.1`.
+    pub tcp_listen_ip: Option<String>,
+    /// Lines added inside `[agent]` (`allow = [...]`, `deny = [...]`).
+    pub agent_extra: String,
+    /// TOML appended after every table the writer emits (`[traffic_policy]`,
+    /// `[[endpoint_policy."web".on_tcp_connect]]`, ...).
+    pub extra_toml: String,
 }
 
 impl Default for EdgeOpts {
@@ -393,6 +403,10 @@ impl Default for EdgeOpts {
             max_streams: None,
             linger_ms: None,
             limits: Limits::default(),
+            tls_listen: None,
+            tcp_listen_ip: None,
+            agent_extra: String::new(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -424,6 +438,10 @@ pub struct Limits {
     pub public_tls_handshake_timeout_ms: Option<u64>,
     /// Idle established public connections are closed after this.
     pub idle_timeout_ms: Option<u64>,
+    /// Public TLS port: unfinished handshakes per source.
+    pub public_pending_per_source: Option<usize>,
+    /// Public TLS port: unfinished handshakes in all.
+    pub public_pending_total: Option<usize>,
 }
 
 impl Limits {
@@ -473,6 +491,11 @@ impl Limits {
             self.public_tls_handshake_timeout_ms,
         );
         put("idle_timeout_ms", self.idle_timeout_ms);
+        put(
+            "public_pending_per_source",
+            u(self.public_pending_per_source),
+        );
+        put("public_pending_total", u(self.public_pending_total));
         if t.is_empty() {
             t
         } else {
@@ -488,6 +511,10 @@ pub fn write_edge_config(dir: &Path, pki: &Pki, opts: &EdgeOpts) -> PathBuf {
     let agent = opts
         .agent_listen
         .map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+    let tls_listen = opts.tls_listen.as_deref().unwrap_or("127.0.0.1:0");
+    let tcp_ip = opts.tcp_listen_ip.as_deref().unwrap_or("127.0.0.1");
+    let agent_extra = &opts.agent_extra;
+    let extra = &opts.extra_toml;
     let mut session_extra = String::new();
     if let Some(n) = opts.max_streams {
         session_extra.push_str(&format!("max_streams = {n}\n"));
@@ -502,13 +529,13 @@ pub fn write_edge_config(dir: &Path, pki: &Pki, opts: &EdgeOpts) -> PathBuf {
 listen = "{agent}"
 cert = "{ac}"
 key = "{ak}"
-
+{agent_extra}
 [tcp]
-listen_ip = "127.0.0.1"
+listen_ip = "{tcp_ip}"
 port_range = [0, 0]
 
 [tls]
-listen = "127.0.0.1:0"
+listen = "{tls_listen}"
 domain = "{DOMAIN}"
 cert = "{wc}"
 key = "{wk}"
@@ -517,7 +544,8 @@ key = "{wk}"
 ping_interval_ms = {pi}
 dead_after_ms = {da}
 shutdown_grace_ms = 3000
-{session_extra}{limits}"#,
+{session_extra}{limits}
+{extra}"#,
         state = state.display(),
         ac = pki.agent_cert.display(),
         ak = pki.agent_key.display(),
@@ -635,13 +663,83 @@ impl Edge {
     }
 }
 
-/// Writes a daemon config and its credential (mode 0600) into `dir`.
+/// Writes a daemon config and its credential (mode 0600) into `dir`:
+/// endpoints `(name, kind, upstream)`, session `(ping_interval_ms, dead_after_ms)`.
 pub fn write_daemon_config(
     dir: &Path,
     edge: SocketAddr,
     ca: &Path,
     token: &str,
     endpoints: &[(&str, &str, SocketAddr)],
+    session: (u64, u64),
+) -> PathBuf {
+    let eps: Vec<DaemonEndpoint> = endpoints
+        .iter()
+        .map(|(name, kind, up)| DaemonEndpoint::new(name, kind, *up))
+        .collect();
+    write_daemon_config_with(dir, edge, ca, token, &eps, session)
+}
+
+/// One `[[endpoint]]` of a daemon config, with whatever else the table
+/// should hold (`traffic_policy = {...}`, `proxy_protocol = "v2"`).
+#[derive(Clone, Debug)]
+pub struct DaemonEndpoint {
+    /// `name`.
+    pub name: String,
+    /// `kind`: `tcp`, `tls` or `tls-passthrough`.
+    pub kind: String,
+    /// `upstream`.
+    pub upstream: SocketAddr,
+    /// TOML lines written inside the table after the others (each ending in
+    /// a newline; sub-tables such as `[endpoint.traffic_policy]` last).
+    pub extra: String,
+}
+
+impl DaemonEndpoint {
+    /// An endpoint with nothing extra.
+    pub fn new(name: &str, kind: &str, upstream: SocketAddr) -> DaemonEndpoint {
+        DaemonEndpoint {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+            upstream,
+            extra: String::new(),
+        }
+    }
+
+    /// The same endpoint declaring `policy` (a TOML inline table, one line:
+    /// `{ on_tcp_connect = [ ... ] }`) as its `traffic_policy`.
+    pub fn with_policy(mut self, policy: &str) -> DaemonEndpoint {
+        self.extra.push_str(&format!("traffic_policy = {policy}\n"));
+        self
+    }
+}
+
+/// `s` as a TOML basic string (quoted, with `\`, `"` and control characters
+/// escaped): for PEM text inside a one-line inline table.
+pub fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// [`write_daemon_config`] with full [`DaemonEndpoint`]s.
+pub fn write_daemon_config_with(
+    dir: &Path,
+    edge: SocketAddr,
+    ca: &Path,
+    token: &str,
+    endpoints: &[DaemonEndpoint],
     session: (u64, u64),
 ) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -668,9 +766,10 @@ dead_after_ms = {da}
         pi = session.0,
         da = session.1,
     );
-    for (name, kind, up) in endpoints {
+    for ep in endpoints {
         body.push_str(&format!(
-            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{up}\"\nconnect_timeout_ms = 2000\n"
+            "\n[[endpoint]]\nname = \"{}\"\nkind = \"{}\"\nupstream = \"{}\"\nconnect_timeout_ms = 2000\n{}",
+            ep.name, ep.kind, ep.upstream, ep.extra
         ));
     }
     let path = dir.join("tetherd.toml");
@@ -828,4 +927,51 @@ pub fn refusing_upstream() -> SocketAddr {
     let addr = l.local_addr().expect("addr");
     drop(l);
     addr
+}
+
+/// An HTTP upstream that counts the connections it accepted: the device's
+/// side of "the device saw no stream".
+#[derive(Clone, Debug)]
+pub struct CountingUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingUpstream {
+    /// Starts one on 127.0.0.1 answering every request with `body`.
+    pub fn http(body: &'static str) -> CountingUpstream {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind counting upstream");
+        let addr = l.local_addr().expect("addr");
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                h.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = c.write_all(resp.as_bytes());
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        CountingUpstream { addr, hits }
+    }
+
+    /// Connections accepted so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
 }
