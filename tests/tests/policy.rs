@@ -108,6 +108,11 @@ impl World {
         let cfg = write_edge_config(base.dir(), &base.pki, &opts);
         let (token, _) = Edge::create_token(&cfg, &[]);
         let edge = Edge::start(&cfg);
+        // A dual-stack agent port ([::]) is dialled on 127.0.0.1.
+        let agent = match edge.agent.ip().is_unspecified() {
+            true => SocketAddr::new(LOCAL, edge.agent.port()),
+            false => edge.agent,
+        };
         let mut ups = HashMap::new();
         let daemon_eps: Vec<DaemonEndpoint> = eps
             .iter()
@@ -128,7 +133,7 @@ impl World {
             .collect();
         let dcfg = write_daemon_config_with(
             base.dir(),
-            edge.agent,
+            agent,
             &base.pki.ca,
             &token,
             &daemon_eps,
@@ -799,6 +804,10 @@ actions = [{ type = "terminate-tls", config = { min_version = "1.2", max_version
     };
     let lower = r#"{ type = "terminate-tls", config = { min_version = "1.2" } }"#;
     let raise = r#"{ type = "terminate-tls", config = { min_version = "1.3" } }"#;
+    let mtls = format!(
+        "{{ type = \"terminate-tls\", config = {{ mutual_tls_certificate_authorities = [{}] }} }}",
+        toml_string(&base.clients.ca.pem_text())
+    );
     let mut w = World::start(
         base,
         opts,
@@ -810,9 +819,11 @@ actions = [{ type = "terminate-tls", config = { min_version = "1.2", max_version
             ep("a-legacy", "tls"),
             // ...and an agent can raise it again.
             ep("b-legacy", "tls").actions(raise),
+            // The operator's 1.2 and the agent's client certificates.
+            ep("m-legacy", "tls").actions(&mtls),
         ],
     );
-    for n in ["web", "agent-low", "a-legacy", "b-legacy"] {
+    for n in ["web", "agent-low", "a-legacy", "b-legacy", "m-legacy"] {
         w.bound(n);
     }
     let port = w.edge.tls.port();
@@ -835,11 +846,31 @@ actions = [{ type = "terminate-tls", config = { min_version = "1.2", max_version
     assert!(ok, "curl TLS 1.2 to a-legacy: {said}");
     let (ok, said) = curl(port, "web", &ca, &["--tlsv1.2", "--tls-max", "1.2"]);
     assert!(!ok, "curl TLS 1.2 passed web: {said}");
+    // Client certificates over TLS 1.2 (another code path in the handshake).
+    let valid = w.base.clients.valid.clone();
+    let mut args = cert_args(&valid, "-");
+    args.push("-tls1_2".into());
+    let (ok, said) = s_client(port, "m-legacy", &ca, &strs(&args));
+    assert!(
+        ok,
+        "s_client -tls1_2 with a valid certificate to m-legacy: {said}"
+    );
+    let (ok, said) = s_client(port, "m-legacy", &ca, &["-tls1_2"]);
+    assert!(
+        !ok,
+        "s_client -tls1_2 without a certificate passed m-legacy: {said}"
+    );
+    let lines = w.wait_connected("m-legacy", 1);
+    assert!(
+        lines.len() == 1 && lines[0].contains(&format!("subject CN={}", ClientPki::VALID_NAME)),
+        "{lines:#?}"
+    );
     for (n, hits) in [
         ("web", 1),
         ("agent-low", 1),
         ("b-legacy", 1),
         ("a-legacy", 3),
+        ("m-legacy", 1),
     ] {
         assert_eq!(w.hits(n), hits, "{n}");
     }
@@ -849,6 +880,7 @@ actions = [{ type = "terminate-tls", config = { min_version = "1.2", max_version
         ("agent-low:tls-version", 1),
         ("b-legacy:tls-version", 1),
         ("a-legacy:tls-version", 0),
+        ("m-legacy:client-cert-missing", 1),
     ] {
         assert_eq!(count(&d, k), n, "{k} in {d:?}");
     }
@@ -1166,10 +1198,27 @@ fn passthrough_carries_the_devices_own_tls_and_still_applies_restrict_ips() {
         &device_ca,
         &["pt.tether.test", "pt-deny.tether.test"],
     );
+    // For contrast, a terminated endpoint whose agent hands the edge the
+    // device's own certificate (inline PEM) to present.
+    let own = device_ca.issue(
+        base.dir(),
+        "own",
+        Usage::Server,
+        "own-cert.tether.test",
+        &["own-cert.tether.test"],
+        None,
+    );
+    let pem = |p: &Path| toml_string(&std::fs::read_to_string(p).expect("read pem"));
+    let own_cert = format!(
+        "{{ type = \"terminate-tls\", config = {{ server_certificate = {}, server_private_key = {} }} }}",
+        pem(&own.cert),
+        pem(&own.key)
+    );
     let w = World::start(
         base,
         EdgeOpts::default(),
         vec![
+            ep("own-cert", "tls").actions(&own_cert),
             ep("pt", "tls-passthrough").upstream(device),
             ep("pt-deny", "tls-passthrough")
                 .upstream(device)
@@ -1212,6 +1261,16 @@ fn passthrough_carries_the_devices_own_tls_and_still_applies_restrict_ips() {
     assert!(got.is_ok(), "pt-deny from 127.0.0.1: {got:?}");
     let seen = snis.lock().unwrap_or_else(|e| e.into_inner()).clone();
     assert_eq!(seen.len(), 3, "the device saw the denied client: {seen:?}");
+
+    // The agent's own certificate on a terminated endpoint: the edge
+    // presents it (the device's CA verifies it, the edge's does not), and
+    // the device's upstream gets plaintext.
+    w.bound("own-cert");
+    let (ok, said) = curl(port, "own-cert", &device_ca.pem, &[]);
+    assert!(ok, "own-cert with the device's CA: {said}");
+    let (ok, said) = curl(port, "own-cert", &w.base.pki.ca, &[]);
+    assert!(!ok, "the edge's CA verified own-cert's certificate: {said}");
+    assert_eq!(w.hits("own-cert"), 1);
 
     // terminate-tls on a passthrough endpoint is refused, naming both.
     let line = w.refused("pt-tls");
@@ -1352,14 +1411,25 @@ fn ms(v: u64) -> Duration {
 #[test]
 fn agent_sessions_from_allowed_sources_bind_and_others_are_closed_before_tls() {
     let base = Base::new();
+    // A dual-stack agent port: IPv4 agents arrive as IPv4-mapped sources,
+    // and the IPv4 entries must still match them.
     let opts = EdgeOpts {
+        agent_listen: Some("[::]:0".parse().expect("addr")),
         agent_extra: "allow = [\"127.0.0.1\", \"::1\"]\ndeny = [\"127.0.0.2\"]\n".into(),
         ..EdgeOpts::default()
     };
     let mut w = World::start(base, opts, vec![ep("web", "tls")]);
+    // tetherd, from 127.0.0.1 (allowed), has a session and binds.
     w.bound("web");
-    let agent = w.edge.agent;
-    // Denied and not allowed: closed at accept, without a byte of TLS (an
+    let up = w
+        .edge
+        .proc
+        .err
+        .wait_contains("session 1 up", T)
+        .expect("session log");
+    assert!(up.contains("peer=[::ffff:127.0.0.1]:"), "{up}");
+    let agent = SocketAddr::new(LOCAL, w.edge.agent.port());
+    // Denied, and not allowed: closed at accept, without a byte of TLS (an
     // allowed connection is left waiting for its ClientHello).
     assert!(
         closed_unprompted(agent, OTHER, Duration::from_secs(1)),
@@ -1372,6 +1442,11 @@ fn agent_sessions_from_allowed_sources_bind_and_others_are_closed_before_tls() {
     assert!(
         !closed_unprompted(agent, LOCAL, Duration::from_millis(300)),
         "allowed 127.0.0.1"
+    );
+    let v6 = SocketAddr::new(V6, agent.port());
+    assert!(
+        !closed_unprompted(v6, V6, Duration::from_millis(300)),
+        "allowed ::1"
     );
     let tls = raw::client_config(&w.base.pki.ca);
     let dial = raw::Dial {
@@ -1386,14 +1461,23 @@ fn agent_sessions_from_allowed_sources_bind_and_others_are_closed_before_tls() {
         raw::RawAgent::connect(raw::Dial::to(agent), &tls).is_ok(),
         "a TLS session from 127.0.0.1"
     );
-    let code = w.edge.proc.terminate(T);
-    assert_eq!(code, Some(0));
-    let refused = w.edge.proc.err.count("agent_ip_denied=");
-    assert!(
-        refused >= 1,
-        "the edge did not count agent_ip_denied: {:#?}",
-        w.edge.proc.err.all()
-    );
+    assert_eq!(w.edge.proc.terminate(T), Some(0));
+    let refused = agent_ip_denied(&w.edge.proc.err.all());
+    assert_eq!(refused, 3, "{:#?}", w.edge.proc.err.all());
+}
+
+/// Sums the `agent_ip_denied=N` of the edge's refusal summaries.
+fn agent_ip_denied(lines: &[String]) -> u64 {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let n = l.split_once("agent_ip_denied=")?.1;
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 #[test]
@@ -1439,21 +1523,7 @@ fn a_daemon_from_a_denied_address_never_gets_a_session() {
         w.daemon.err.all()
     );
     assert_eq!(w.edge.proc.terminate(T), Some(0));
-    let counted: u64 = w
-        .edge
-        .proc
-        .err
-        .all()
-        .iter()
-        .filter_map(|l| {
-            l.split_once("agent_ip_denied=")?
-                .1
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let counted = agent_ip_denied(&w.edge.proc.err.all());
     assert!(
         counted >= 2,
         "the edge counted {counted} agent_ip_denied: {:#?}",
