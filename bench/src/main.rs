@@ -1,7 +1,9 @@
 //! `tether-bench tunnel`: the whole tunnel on loopback, next to a direct TCP
 //! baseline. Run it through `scripts/bench tunnel`, which builds the release
 //! binaries and passes their paths. `tether-bench bounds` (module [`bounds`],
-//! `scripts/bench bounds`) measures what hostile peers can hold on the edge.
+//! `scripts/bench bounds`) measures what hostile peers can hold on the edge;
+//! `tether-bench policy` (module [`policy`], `scripts/bench policy`) what
+//! traffic policies cost it.
 //!
 //! What it starts (127.0.0.1 only, every port chosen by the OS and read back
 //! from the programs' stdout lines, as `scripts/demo` does):
@@ -57,6 +59,7 @@ use tether_tests::sys::{big_mappings, vm};
 use tether_tests::Lines;
 
 mod bounds;
+mod policy;
 
 /// The domain of the TLS endpoints.
 const DOMAIN: &str = "tether.bench";
@@ -91,14 +94,16 @@ struct Args {
 enum Bench {
     Tunnel,
     Bounds,
+    Policy,
 }
 
 fn parse_args() -> Res<(Bench, Args)> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: tether-bench tunnel|bounds --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
+    let usage = "usage: tether-bench tunnel|bounds|policy --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
     let bench = match it.next().as_deref() {
         Some("tunnel") => Bench::Tunnel,
         Some("bounds") => Bench::Bounds,
+        Some("policy") => Bench::Policy,
         Some("buffer-len") => {
             println!(
                 "{}",
@@ -775,6 +780,7 @@ fn real_main() -> Res<()> {
     match bench {
         Bench::Tunnel => tunnel(args),
         Bench::Bounds => bounds::run(args),
+        Bench::Policy => policy::run(args),
     }
 }
 
