@@ -284,7 +284,7 @@ fn effective_policy(
         EndpointKind::TlsPassthrough => Carriage::Raw("tls-passthrough"),
     };
     let eff = policy::combine(&refs, carriage)
-        .map_err(|c| refused(ErrorCode::BIND_REFUSED, "traffic_policy", c.0))?;
+        .map_err(|c| refused(ErrorCode::BIND_REFUSED, c.rule, c.message))?;
     let server = match (&eff.tls, &state.public_identity) {
         (Some(plan), Some(id)) if !plan.is_default() => {
             Some(tls::endpoint_server(id, plan).map_err(|e| {

@@ -391,7 +391,7 @@ impl Config {
         for (field, layers) in combos {
             let refs: Vec<_> = layers.iter().map(|(l, p)| (l.clone(), &**p)).collect();
             let eff = policy::combine(&refs, policy::Carriage::Terminated)
-                .map_err(|c| doc.at_path(&field, c.0))?;
+                .map_err(|c| doc.at_path(&field, c.message))?;
             if let (Some(plan), Some(t)) = (&eff.tls, &self.tls) {
                 let id = tls::load_identity(&t.cert, &t.key)
                     .map_err(|e| doc.at(&["tls", "cert"], e.to_string()))?;

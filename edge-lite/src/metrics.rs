@@ -171,7 +171,8 @@ pub const NO_ENDPOINT: &str = "-";
 #[derive(Debug, Default)]
 pub struct Denials {
     counts: Mutex<std::collections::BTreeMap<(String, Denial), u64>>,
-    summarised: Mutex<std::collections::BTreeMap<(String, Denial), u64>>,
+    /// What the last summary covered, and when it was made.
+    summarised: Mutex<(std::collections::BTreeMap<(String, Denial), u64>, Option<Instant>)>,
 }
 
 impl Denials {
@@ -198,23 +199,30 @@ impl Denials {
         m.iter().map(|((e, d), n)| (e.clone(), d.name(), *n)).collect()
     }
 
-    /// `denied in the last 10.0s: web ip-denied=5000 -:sni-unknown=3`, or
-    /// `None` when nothing was denied since the last call.
-    pub fn summary_since_last(&self, every: Duration) -> Option<String> {
+    /// `denied by policy in the last 10.0s: web:ip-denied=5000
+    /// -:sni-unknown=3`, or `None` when nothing was denied since the last
+    /// call. The interval is the time since the last call (since start for
+    /// the first).
+    pub fn summary_since_last(&self) -> Option<String> {
+        self.summary_at(Instant::now())
+    }
+
+    fn summary_at(&self, at: Instant) -> Option<String> {
         let now = self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut last = self.summarised.lock().unwrap_or_else(|e| e.into_inner());
+        let since = last.1.unwrap_or_else(process_start);
         let parts: Vec<String> = now
             .iter()
             .filter_map(|(k, n)| {
-                let was = last.get(k).copied().unwrap_or(0);
+                let was = last.0.get(k).copied().unwrap_or(0);
                 (*n > was).then(|| format!("{}:{}={}", k.0, k.1.name(), n - was))
             })
             .collect();
-        *last = now;
+        *last = (now, Some(at));
         (!parts.is_empty()).then(|| {
             format!(
                 "denied by policy in the last {:.1}s: {}",
-                every.as_secs_f64(),
+                at.saturating_duration_since(since).as_secs_f64(),
                 parts.join(" ")
             )
         })
@@ -318,14 +326,17 @@ impl Drop for Held {
     }
 }
 
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// When the first of [`uptime_secs`] and the denial summaries asked.
+fn process_start() -> Instant {
+    *START.get_or_init(Instant::now)
+}
+
 /// Whole seconds since the first call (a coarse clock for rate-limiting
 /// log lines).
 pub fn uptime_secs() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_secs()
+    process_start().elapsed().as_secs()
 }
 
 /// The summary line of what changed between two snapshots, or `None` when
@@ -355,13 +366,13 @@ pub fn summary(before: &Snapshot, now: &Snapshot, every: Duration) -> Option<Str
 /// cancels it, and logs the last one itself).
 pub async fn summarise(counters: Arc<Counters>, denials: Arc<Denials>, every: Duration) {
     let _ = counters.summary_since_last();
-    let _ = denials.summary_since_last(every);
+    let _ = denials.summary_since_last();
     loop {
         smol::Timer::after(every).await;
         if let Some(line) = counters.summary_since_last() {
             log::warn!("{line}");
         }
-        if let Some(line) = denials.summary_since_last(every) {
+        if let Some(line) = denials.summary_since_last() {
             log::warn!("{line}");
         }
     }
@@ -408,23 +419,25 @@ mod tests {
     #[test]
     fn denials_are_per_endpoint_and_reason_and_summarised_once() {
         let d = Denials::default();
-        let every = Duration::from_secs(10);
-        assert_eq!(d.summary_since_last(every), None);
+        let t0 = Instant::now();
+        assert_eq!(d.summary_at(t0), None);
         for _ in 0..3 {
             d.count("web", Denial::IpDenied);
         }
         d.count(NO_ENDPOINT, Denial::SniUnknown);
         assert_eq!(d.get("web", Denial::IpDenied), 3);
         assert_eq!(d.get("db", Denial::IpDenied), 0);
+        let t1 = t0 + Duration::from_secs(10);
         assert_eq!(
-            d.summary_since_last(every).as_deref(),
+            d.summary_at(t1).as_deref(),
             Some("denied by policy in the last 10.0s: -:sni-unknown=1 web:ip-denied=3")
         );
-        assert_eq!(d.summary_since_last(every), None, "only what is new");
+        assert_eq!(d.summary_at(t1 + Duration::from_secs(10)), None, "only what is new");
         d.count("web", Denial::IpDenied);
         assert_eq!(
-            d.summary_since_last(every).as_deref(),
-            Some("denied by policy in the last 10.0s: web:ip-denied=1")
+            d.summary_at(t1 + Duration::from_millis(20_400)).as_deref(),
+            Some("denied by policy in the last 10.4s: web:ip-denied=1"),
+            "the interval is the time since the last summary"
         );
         assert_eq!(d.snapshot()[1], ("web".to_owned(), "ip-denied", 4));
     }

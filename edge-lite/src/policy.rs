@@ -729,13 +729,33 @@ pub struct Effective {
     pub tls: Option<TlsPlan>,
 }
 
-/// Why layers cannot be combined for an endpoint.
+/// Why layers cannot be combined for an endpoint: the rule (which layer's
+/// setting, so that a device operator can tell whether the fault is in
+/// their own `traffic_policy` or in the edge's) and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Conflict(pub String);
+pub struct Conflict {
+    /// `traffic_policy` (the agent's), `edge traffic_policy`,
+    /// `edge endpoint_policy."<key>"`, or `edge and agent policies` when the
+    /// layers only conflict together.
+    pub rule: String,
+    /// What conflicts.
+    pub message: String,
+}
 
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        write!(f, "{}: {}", self.rule, self.message)
+    }
+}
+
+impl Layer {
+    /// The rule a conflict in this layer alone is reported under.
+    fn rule(&self) -> String {
+        match self {
+            Layer::Edge => "edge traffic_policy".into(),
+            Layer::Endpoint(k) => format!("edge endpoint_policy.{k:?}"),
+            Layer::Agent => "traffic_policy".into(),
+        }
     }
 }
 
@@ -760,11 +780,20 @@ pub fn combine(layers: &[(Layer, &Policy)], carriage: Carriage) -> Result<Effect
     }
     if let Carriage::Raw(kind) = carriage {
         if let Some((layer, p)) = layers.iter().find(|(_, p)| p.terminates_tls()) {
-            return Err(Conflict(format!(
-                "{layer} has terminate-tls (at {}), but a {kind} endpoint is not terminated \
-                 by the edge: use kind \"tls\", or a policy without terminate-tls for it",
-                p.tls_at
-            )));
+            let fix = if *layer == Layer::Agent {
+                "use kind \"tls\", or no terminate-tls in this endpoint's traffic_policy"
+            } else {
+                "the edge's operator requires TLS terminated at the edge for this endpoint, \
+                 so publish it with kind \"tls\""
+            };
+            return Err(Conflict {
+                rule: layer.rule(),
+                message: format!(
+                    "{layer} has terminate-tls (at {}), but a {kind} endpoint is not \
+                     terminated by the edge: {fix}",
+                    p.tls_at
+                ),
+            });
         }
         return Ok(Effective {
             restrict,
@@ -802,12 +831,20 @@ pub fn combine(layers: &[(Layer, &Policy)], carriage: Carriage) -> Result<Effect
                 ))
             })
             .collect();
-        return Err(Conflict(format!(
-            "no TLS version is left: the layers allow at least {} and at most {} ({})",
-            min.name(),
-            max.name(),
-            named.join("; ")
-        )));
+        let rule = if layers.iter().any(|(l, p)| *l == Layer::Agent && p.tls.is_some()) {
+            "edge and agent policies".to_owned()
+        } else {
+            "edge policies".to_owned()
+        };
+        return Err(Conflict {
+            rule,
+            message: format!(
+                "no TLS version is left: the layers allow at least {} and at most {} ({})",
+                min.name(),
+                max.name(),
+                named.join("; ")
+            ),
+        });
     }
     let server = layers
         .iter()
@@ -1073,7 +1110,8 @@ mod tests {
         let edge13 = tls(Some(V13), Some(V13));
         let agent_only12 = tls(Some(V12), Some(V12));
         let e = plan(&[(Layer::Edge, &edge13), (Layer::Agent, &agent_only12)]).unwrap_err();
-        assert!(e.0.contains("no TLS version"), "{e}");
+        assert!(e.message.contains("no TLS version"), "{e}");
+        assert_eq!(e.rule, "edge and agent policies");
     }
 
     #[test]
@@ -1125,7 +1163,11 @@ mod tests {
             Carriage::Raw("tls-passthrough"),
         )
         .unwrap_err();
-        assert!(e.0.contains("tls-passthrough") && e.0.contains("terminate-tls"), "{e}");
+        assert!(e.message.contains("tls-passthrough") && e.message.contains("terminate-tls"), "{e}");
+        assert_eq!(e.rule, "traffic_policy", "the agent's own layer");
+        let edge_tls = tls(None, None);
+        let e = combine(&[(Layer::Edge, &edge_tls)], Carriage::Raw("tcp")).unwrap_err();
+        assert_eq!(e.rule, "edge traffic_policy", "the edge's layer, not the agent's field");
         let eff = combine(&[(Layer::Edge, &edge)], Carriage::Raw("tcp")).unwrap();
         assert!(eff.tls.is_none());
     }

@@ -128,16 +128,21 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
                 continue;
             }
         };
-        let Some(r) = route(&state, &endpoint, Port::Tcp) else {
-            continue;
-        };
+        // restrict-ips first, so that a denied source is counted as one
+        // whatever else is full, and holds no waiting place.
         let mut v = edge_wide(&state, peer.ip());
-        let own = check_ips(&r.policy.restrict, peer.ip());
-        v.denied |= own.denied;
-        v.would_deny += own.would_deny;
+        let own = state.registry().get(&endpoint).map(|b| b.policy.clone());
+        if let Some(own) = &own {
+            let o = check_ips(&own.restrict, peer.ip());
+            v.denied |= o.denied;
+            v.would_deny += o.would_deny;
+        }
         if !ips_pass(&state, &endpoint, v) {
             continue;
         }
+        let Some(r) = route(&state, &endpoint, Port::Tcp) else {
+            continue;
+        };
         let Some(slot) = take_slot(&state) else {
             continue;
         };

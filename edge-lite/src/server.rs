@@ -232,7 +232,7 @@ impl Server {
         if let Some(line) = state.counters.summary_since_last() {
             log::warn!("{line}");
         }
-        if let Some(line) = state.denials.summary_since_last(SUMMARY_EVERY) {
+        if let Some(line) = state.denials.summary_since_last() {
             log::warn!("{line}");
         }
         let listeners = state.registry().take_listeners();

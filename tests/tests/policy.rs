@@ -942,7 +942,7 @@ actions = [{{ type = "terminate-tls", config = {{ mutual_tls_certificate_authori
         ("bad-type", "traffic_policy.on_tcp_connect[0].actions[0]", "allow-all"),
         ("bad-field", "traffic_policy.on_tcp_connect[0].actions[0].config", "alow"),
         ("tls-on-tcp", "traffic_policy", "terminate-tls"),
-        ("no-version", "traffic_policy", "no TLS version"),
+        ("no-version", "edge and agent policies", "no TLS version"),
         (
             "ca-file",
             "traffic_policy.on_tcp_connect[0].actions[0].config.mutual_tls_certificate_authorities[0]",
