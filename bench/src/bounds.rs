@@ -29,7 +29,6 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,7 +38,10 @@ use tether_tests::flood::{Flood, FloodConfig, FloodCounts};
 use tether_tests::raw::{self, Dial, RawAgent};
 use tether_tests::sys::{self, Usage};
 
-use crate::{echo, is_root, jnum, make_pki, median, percentile, upstream, Args, Proc, Res};
+use crate::{
+    echo, jnum, json_start, make_pki, median, percentile, raise_nofile, start_edge, tetherd_args,
+    token, upstream, work_dir, write_results, write_tetherd_toml, Args, Proc, Res,
+};
 
 /// Idle sockets of phase 2.
 const IDLE_SOCKETS: usize = 1_000;
@@ -101,23 +103,6 @@ fn usage_row(t: &mut String, case: &str, u: &Usage, idle: &Usage) {
         kib(u.rss) - kib(idle.rss),
         u.rss as f64 / idle.rss as f64
     );
-}
-
-/// `token create` against the edge's store; returns the token.
-fn token(edge_bin: &Path, cfg: &str, allow: &str) -> Res<String> {
-    let out = Command::new(edge_bin)
-        .args(["--config", cfg, "token", "create", "--description", "bench"])
-        .args(["--allow", allow])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("token create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// When `pid` came back within [`WITHIN`] of `idle`: its fds, and fds and
@@ -236,18 +221,9 @@ fn stalled_peer(
 /// Runs the benchmark (see the module doc).
 pub(crate) fn run(args: Args) -> Res<()> {
     let started = Instant::now();
-    let nofile = sys::raise_nofile(8192);
-    if nofile < 4096 {
-        return Err(format!(
-            "RLIMIT_NOFILE is {nofile}: the bench needs about 2,000 sockets (raise the hard limit)"
-        ));
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("tether-bench-bounds-")
-        .tempdir()
-        .map_err(|e| format!("tempdir: {e}"))?;
+    raise_nofile("the bench needs about 2,000 sockets")?;
+    let tmp = work_dir("tether-bench-bounds-")?;
     let dir = tmp.path();
-    eprintln!("work dir {}", dir.display());
     let pki = make_pki(dir)?;
     let edge_toml = crate::write_edge_toml(
         dir,
@@ -255,45 +231,26 @@ pub(crate) fn run(args: Args) -> Res<()> {
         &format!("[session]\nping_interval_ms = {PING_MS}\ndead_after_ms = {DEAD_AFTER_MS}\n"),
     )?;
     let cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
-    let device_token = token(&args.edge, cfg, "echo")?;
+    let device_token = token(&args.edge, cfg, &["echo"])?;
     let peer_tokens: Vec<String> = (0..STALLED.div_ceil(SESSIONS_PER_TOKEN))
-        .map(|_| token(&args.edge, cfg, "*"))
+        .map(|_| token(&args.edge, cfg, &["*"]))
         .collect::<Res<_>>()?;
     let pidfile = args.pidfile.as_deref();
-    let mut edge = Proc::spawn(
-        &args.edge,
-        &["--config", cfg, "serve"],
-        dir.join("edge.log"),
-        pidfile,
-    )?;
-    let agent = crate::last_addr(&edge.wait_line("LISTEN agent")?)?;
+    let (mut edge, agent) = start_edge(&args, dir, cfg)?;
     let epid = edge.pid();
     let tls = raw::client_config(&pki.ca);
 
     // The device: tetherd with one endpoint.
     let echo_addr = upstream(echo)?;
-    let cred = dir.join("credential");
-    std::fs::write(&cred, format!("{device_token}\n")).map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| e.to_string())?;
-    }
-    let d_toml = dir.join("tetherd.toml");
-    std::fs::write(
-        &d_toml,
-        format!(
-            "edge = \"{agent}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{}\"\n\n\
-             [[endpoint]]\nname = \"echo\"\nkind = \"tcp\"\nupstream = \"{echo_addr}\"\n",
-            pki.ca.display(),
-            cred.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut dargs = vec!["--config", d_toml.to_str().ok_or("non-UTF-8 path")?];
-    if is_root() {
-        dargs.push("--allow-root");
-    }
+    let d_toml = write_tetherd_toml(
+        dir,
+        agent,
+        &pki,
+        &device_token,
+        "",
+        &[("echo", "tcp", echo_addr)],
+    )?;
+    let dargs = tetherd_args(&d_toml)?;
     let dlog = dir.join("tetherd.log");
 
     // 1. Idle, warm: one raw session and one device run first.
@@ -545,12 +502,11 @@ pub(crate) fn run(args: Args) -> Res<()> {
             dur(b.both)
         )
     };
-    let mut j = String::new();
-    let _ = writeln!(j, "{{\n  \"bench\": \"bounds\",");
-    let _ = writeln!(
-        j,
-        "  \"host\": {{\"cpus\": {cpus}, \"loadavg_end\": \"{}\", \"note\": \"loopback; machine shared with other builds\"}},",
-        loadavg.trim()
+    let mut j = json_start(
+        "bounds",
+        cpus,
+        &loadavg,
+        "loopback; machine shared with other builds",
     );
     let _ = writeln!(
         j,
@@ -589,10 +545,5 @@ pub(crate) fn run(args: Args) -> Res<()> {
         c.hellos_sent,
         c.hellos_refused
     );
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    std::fs::write(&args.out, j).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    println!("results: {}", args.out.display());
-    Ok(())
+    write_results(&args.out, &j)
 }

@@ -51,9 +51,10 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustls::client::WantsClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, ConfigBuilder, RootCertStore, StreamOwned};
 use tether_proto::{Config, Role};
 use tether_tests::sys::{big_mappings, vm};
 use tether_tests::Lines;
@@ -665,16 +666,143 @@ fn write_edge_toml(dir: &Path, pki: &Pki, tail: &str) -> Res<PathBuf> {
     Ok(path)
 }
 
-fn make_pki(dir: &Path) -> Res<Pki> {
+/// Raises this process's open-file limit to 8,192 (as far as the hard limit
+/// allows) and fails, saying `why` it needs them, below 4,096.
+fn raise_nofile(why: &str) -> Res<()> {
+    let nofile = tether_tests::sys::raise_nofile(8192);
+    if nofile < 4096 {
+        return Err(format!(
+            "RLIMIT_NOFILE is {nofile}: {why} (raise the hard limit)"
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh work directory `<tmp>/<prefix>XXXXXX`, named on stderr; removed
+/// when dropped.
+fn work_dir(prefix: &str) -> Res<tempfile::TempDir> {
+    let tmp = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| format!("tempdir: {e}"))?;
+    eprintln!("work dir {}", tmp.path().display());
+    Ok(tmp)
+}
+
+/// `token create` against the edge's store (config `cfg`) for `endpoints`;
+/// returns the token.
+fn token(edge_bin: &Path, cfg: &str, endpoints: &[&str]) -> Res<String> {
+    let mut cmd = Command::new(edge_bin);
+    cmd.args(["--config", cfg, "token", "create", "--description", "bench"]);
+    for e in endpoints {
+        cmd.args(["--allow", e]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("token create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Starts `tether-edge serve` with config `cfg` (log `<dir>/edge.log`) and
+/// waits for its agent listener; returns the edge and that address.
+fn start_edge(args: &Args, dir: &Path, cfg: &str) -> Res<(Proc, SocketAddr)> {
+    let edge = Proc::spawn(
+        &args.edge,
+        &["--config", cfg, "serve"],
+        dir.join("edge.log"),
+        args.pidfile.as_deref(),
+    )?;
+    let agent = last_addr(&edge.wait_line("LISTEN agent")?)?;
+    Ok((edge, agent))
+}
+
+/// Writes `<dir>/credential` (mode 0600) holding `token` and
+/// `<dir>/tetherd.toml` for the edge's agent port `agent`: the top-level
+/// keys, then `extra` (more tables, such as `[session]`), then one
+/// `[[endpoint]]` per `(name, kind, upstream)`. Returns the config's path.
+fn write_tetherd_toml(
+    dir: &Path,
+    agent: SocketAddr,
+    pki: &Pki,
+    token: &str,
+    extra: &str,
+    endpoints: &[(&str, &str, SocketAddr)],
+) -> Res<PathBuf> {
+    let cred = dir.join("credential");
+    std::fs::write(&cred, format!("{token}\n")).map_err(|e| e.to_string())?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut body = format!(
+        "edge = \"{agent}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{}\"\n",
+        pki.ca.display(),
+        cred.display()
+    );
+    body.push_str(extra);
+    for (name, kind, up) in endpoints {
+        let _ = write!(
+            body,
+            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{up}\"\n"
+        );
+    }
+    let path = dir.join("tetherd.toml");
+    std::fs::write(&path, body).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+/// tetherd's arguments for the config `toml`: `--config`, and
+/// `--allow-root` when the bench runs as root.
+fn tetherd_args(toml: &Path) -> Res<Vec<&str>> {
+    let mut a = vec!["--config", toml.to_str().ok_or("non-UTF-8 path")?];
+    if is_root() {
+        a.push("--allow-root");
+    }
+    Ok(a)
+}
+
+/// Starts tetherd with the config `toml` (log `<dir>/tetherd.log`), waits
+/// for `CONNECTED` and then for the `BOUND <name> ...` line of each name in
+/// `bound`, in order; returns tetherd and those lines.
+fn start_tetherd(args: &Args, dir: &Path, toml: &Path, bound: &[&str]) -> Res<(Proc, Vec<String>)> {
+    let daemon = Proc::spawn(
+        &args.tetherd,
+        &tetherd_args(toml)?,
+        dir.join("tetherd.log"),
+        args.pidfile.as_deref(),
+    )?;
+    daemon.wait_line("CONNECTED")?;
+    let lines = bound
+        .iter()
+        .map(|name| daemon.wait_line(&format!("BOUND {name} ")))
+        .collect::<Res<_>>()?;
+    Ok((daemon, lines))
+}
+
+/// A self-signed CA with the common name `cn`: its certificate and key.
+fn make_ca(cn: &str) -> Res<(rcgen::Certificate, rcgen::KeyPair)> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
     let e = |e: rcgen::Error| e.to_string();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "tether bench CA");
-    let ca_key = KeyPair::generate().map_err(e)?;
-    let ca = ca_params.self_signed(&ca_key).map_err(e)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    let key = KeyPair::generate().map_err(e)?;
+    let ca = params.self_signed(&key).map_err(e)?;
+    Ok((ca, key))
+}
+
+fn make_pki(dir: &Path) -> Res<Pki> {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let e = |e: rcgen::Error| e.to_string();
+    let (ca, ca_key) = make_ca("tether bench CA")?;
     let leaf = |names: Vec<String>| -> Res<(String, String)> {
         let mut p = CertificateParams::new(names).map_err(e)?;
         p.distinguished_name
@@ -699,7 +827,9 @@ fn make_pki(dir: &Path) -> Res<Pki> {
     })
 }
 
-fn client_config(ca: &Path) -> Res<Arc<ClientConfig>> {
+/// A TLS 1.3 client (ring) trusting the CA in the PEM file `ca`, waiting
+/// for its client-certificate choice.
+fn tls13_client(ca: &Path) -> Res<ConfigBuilder<ClientConfig, WantsClientCert>> {
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
         roots
@@ -707,12 +837,10 @@ fn client_config(ca: &Path) -> Res<Arc<ClientConfig>> {
             .map_err(|e| e.to_string())?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = ClientConfig::builder_with_provider(provider)
+    Ok(ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(cfg))
+        .with_root_certificates(roots))
 }
 
 fn is_root() -> bool {
@@ -762,6 +890,25 @@ fn jlist(v: &[f64]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// The opening of a bench's JSON: `{`, its name and the host (`cpus`, the
+/// load average at the end, `note`), each line ending in a comma.
+fn json_start(bench: &str, cpus: usize, loadavg: &str, note: &str) -> String {
+    format!(
+        "{{\n  \"bench\": \"{bench}\",\n  \"host\": {{\"cpus\": {cpus}, \"loadavg_end\": \"{}\", \"note\": \"{note}\"}},\n",
+        loadavg.trim()
+    )
+}
+
+/// Writes the JSON `j` to `out` (creating its directory) and says where.
+fn write_results(out: &Path, j: &str) -> Res<()> {
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(out, j).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
 // ---------------------------------------------------------------- main
 
 /// Per-route samples of one metric, one per repetition.
@@ -804,12 +951,8 @@ fn tunnel(args: Args) -> Res<()> {
         ..Config::new(Role::Client)
     }) as u64;
 
-    let tmp = tempfile::Builder::new()
-        .prefix("tether-bench-")
-        .tempdir()
-        .map_err(|e| format!("tempdir: {e}"))?;
+    let tmp = work_dir("tether-bench-")?;
     let dir = tmp.path();
-    eprintln!("work dir {}", dir.display());
     let pki = make_pki(dir)?;
 
     // The edge: config, a token for the four endpoints, serve.
@@ -823,85 +966,30 @@ fn tunnel(args: Args) -> Res<()> {
         ),
     )?;
     let edge_cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
-    let endpoints = [
-        ("sink", "tcp"),
-        ("echo", "tcp"),
-        ("sink-tls", "tls"),
-        ("echo-tls", "tls"),
-    ];
-    let mut targs = vec![
-        "--config",
-        edge_cfg,
-        "token",
-        "create",
-        "--description",
-        "bench",
-    ];
-    for (n, _) in &endpoints {
-        targs.push("--allow");
-        targs.push(n);
-    }
-    let out = Command::new(&args.edge)
-        .args(&targs)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("token create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let pidfile = args.pidfile.as_deref();
-    let mut edge = Proc::spawn(
-        &args.edge,
-        &["--config", edge_cfg, "serve"],
-        dir.join("edge.log"),
-        pidfile,
-    )?;
-    let agent = last_addr(&edge.wait_line("LISTEN agent")?)?;
+    let names = ["sink", "echo", "sink-tls", "echo-tls"];
+    let device_token = token(&args.edge, edge_cfg, &names)?;
+    let (mut edge, agent) = start_edge(&args, dir, edge_cfg)?;
     let tls = last_addr(&edge.wait_line("LISTEN tls")?)?;
 
     // The upstreams and tetherd.
     let sink_addr = upstream(sink)?;
     let echo_addr = upstream(echo)?;
-    let cred = dir.join("credential");
-    std::fs::write(&cred, format!("{token}\n")).map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| e.to_string())?;
-    }
-    let mut body = format!(
-        "edge = \"{agent}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{}\"\n",
-        pki.ca.display(),
-        cred.display()
-    );
-    body.push_str(&session_toml);
-    for (name, kind) in &endpoints {
-        let up = if name.starts_with("sink") {
-            sink_addr
-        } else {
-            echo_addr
-        };
-        let _ = write!(
-            body,
-            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{up}\"\n"
-        );
-    }
-    let d_toml = dir.join("tetherd.toml");
-    std::fs::write(&d_toml, body).map_err(|e| e.to_string())?;
-    let mut dargs = vec!["--config", d_toml.to_str().ok_or("non-UTF-8 path")?];
-    if is_root() {
-        dargs.push("--allow-root");
-    }
-    let mut daemon = Proc::spawn(&args.tetherd, &dargs, dir.join("tetherd.log"), pidfile)?;
-    daemon.wait_line("CONNECTED")?;
-    let sink_tcp = last_addr(&daemon.wait_line("BOUND sink ")?)?;
-    let echo_tcp = last_addr(&daemon.wait_line("BOUND echo ")?)?;
-    daemon.wait_line("BOUND sink-tls")?;
-    daemon.wait_line("BOUND echo-tls")?;
+    let d_toml = write_tetherd_toml(
+        dir,
+        agent,
+        &pki,
+        &device_token,
+        &session_toml,
+        &[
+            ("sink", "tcp", sink_addr),
+            ("echo", "tcp", echo_addr),
+            ("sink-tls", "tls", sink_addr),
+            ("echo-tls", "tls", echo_addr),
+        ],
+    )?;
+    let (mut daemon, bound_lines) = start_tetherd(&args, dir, &d_toml, &names)?;
+    let sink_tcp = last_addr(&bound_lines[0])?;
+    let echo_tcp = last_addr(&bound_lines[1])?;
     let dpid = daemon.pid();
     let epid = edge.pid();
 
@@ -921,7 +1009,7 @@ fn tunnel(args: Args) -> Res<()> {
         sink_tcp,
         echo_tcp,
         tls,
-        client: client_config(&pki.ca)?,
+        client: Arc::new(tls13_client(&pki.ca)?.with_no_client_auth()),
         resumed: AtomicU64::new(0),
         full: AtomicU64::new(0),
     });
@@ -1203,9 +1291,12 @@ fn tunnel(args: Args) -> Res<()> {
     println!("{table}");
 
     // JSON.
-    let mut j = String::new();
-    let _ = writeln!(j, "{{\n  \"bench\": \"tunnel\",");
-    let _ = writeln!(j, "  \"host\": {{\"cpus\": {cpus}, \"loadavg_end\": \"{}\", \"note\": \"2-core machine shared with another agent building; loopback 127.0.0.1\"}},", loadavg.trim());
+    let mut j = json_start(
+        "tunnel",
+        cpus,
+        &loadavg,
+        "2-core machine shared with another agent building; loopback 127.0.0.1",
+    );
     let _ = writeln!(j, "  \"settings\": {{\"mib_per_upload_case\": {mb}, \"reps\": {reps}, \"round_trips\": {rtts}, \"conn_secs\": {conn_secs}, \"write_size\": {WRITE}, \"message\": {MSG}, \"peak_streams\": {PEAK_STREAMS}, \"peak_mib_per_stream\": {peak_mb}, \"statistic\": \"median over reps\"}},");
     let _ = writeln!(j, "  \"throughput\": {{\"direction\": \"upload: public client -> edge -> tetherd -> sink upstream (sink replies with the count)\", \"unit\": \"MB/s (10^6 bytes/s)\", \"cases\": [");
     let mut cases = Vec::new();
@@ -1307,10 +1398,5 @@ fn tunnel(args: Args) -> Res<()> {
         j,
         "  \"edge_memory\": {{\"idle_vmrss\": {edge_idle_rss}, \"peak_vmhwm\": {edge_hwm}}}\n}}"
     );
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    std::fs::write(&args.out, j).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    println!("results: {}", args.out.display());
-    Ok(())
+    write_results(&args.out, &j)
 }

@@ -42,20 +42,19 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, HandshakeKind, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, HandshakeKind, StreamOwned};
 use tether_tests::sys;
 
 use crate::{
-    clk_tck, cpu_secs, echo, env_num, is_root, jnum, last_addr, make_pki, pattern, percentile,
-    upstream, write_edge_toml, Args, Proc, Res, DOMAIN, MSG,
+    clk_tck, cpu_secs, echo, env_num, jnum, json_start, last_addr, make_ca, make_pki, pattern,
+    percentile, raise_nofile, start_edge, start_tetherd, tls13_client, token, upstream, work_dir,
+    write_edge_toml, write_results, write_tetherd_toml, Args, Res, DOMAIN, MSG,
 };
 
 /// The source the mandatory policy denies.
@@ -116,17 +115,9 @@ struct ClientPki {
 }
 
 fn make_client_pki(dir: &Path) -> Res<ClientPki> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    };
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
     let e = |e: rcgen::Error| e.to_string();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "tether bench client CA");
-    let ca_key = KeyPair::generate().map_err(e)?;
-    let ca = ca_params.self_signed(&ca_key).map_err(e)?;
+    let (ca, ca_key) = make_ca("tether bench client CA")?;
     let mut p = CertificateParams::new(vec!["device-1.clients.bench".to_owned()]).map_err(e)?;
     p.distinguished_name.push(DnType::CommonName, "device-1");
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -144,17 +135,7 @@ fn make_client_pki(dir: &Path) -> Res<ClientPki> {
 /// A TLS 1.3 client trusting the edge's CA, without session resumption
 /// (every connection a full handshake), presenting `cert` if given.
 fn tls_client(ca: &Path, cert: Option<&ClientPki>) -> Res<Arc<ClientConfig>> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let b = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+    let b = tls13_client(ca)?;
     let mut cfg = match cert {
         None => b.with_no_client_auth(),
         Some(c) => b
@@ -166,26 +147,6 @@ fn tls_client(ca: &Path, cert: Option<&ClientPki>) -> Res<Arc<ClientConfig>> {
     };
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
-}
-
-/// `token create` for `endpoints`; returns the token.
-fn token(edge_bin: &Path, cfg: &str, endpoints: &[&str]) -> Res<String> {
-    let mut cmd = Command::new(edge_bin);
-    cmd.args(["--config", cfg, "token", "create", "--description", "bench"]);
-    for e in endpoints {
-        cmd.args(["--allow", e]);
-    }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("token create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 // ---------------------------------------------------------------- case 1
@@ -570,18 +531,9 @@ pub(crate) fn run(args: Args) -> Res<()> {
     let lat_secs = env_num("TETHER_BENCH_POLICY_LAT_SECS", 10);
     let conn_secs = env_num("TETHER_BENCH_CONN_SECS", 5) as f64;
     let tck = clk_tck();
-    let nofile = sys::raise_nofile(8192);
-    if nofile < 4096 {
-        return Err(format!(
-            "RLIMIT_NOFILE is {nofile}: the flood needs a few thousand sockets (raise the hard limit)"
-        ));
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix("tether-bench-policy-")
-        .tempdir()
-        .map_err(|e| format!("tempdir: {e}"))?;
+    raise_nofile("the flood needs a few thousand sockets")?;
+    let tmp = work_dir("tether-bench-policy-")?;
     let dir = tmp.path();
-    eprintln!("work dir {}", dir.display());
     let pki = make_pki(dir)?;
     let client_pki = make_client_pki(dir)?;
     let edge_toml = write_edge_toml(
@@ -600,47 +552,25 @@ pub(crate) fn run(args: Args) -> Res<()> {
     )?;
     let cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
     let device_token = token(&args.edge, cfg, &["echo", "p", "m"])?;
-    let pidfile = args.pidfile.as_deref();
-    let mut edge = Proc::spawn(
-        &args.edge,
-        &["--config", cfg, "serve"],
-        dir.join("edge.log"),
-        pidfile,
-    )?;
-    let agent = last_addr(&edge.wait_line("LISTEN agent")?)?;
+    let (mut edge, agent) = start_edge(&args, dir, cfg)?;
     let tls_port = last_addr(&edge.wait_line("LISTEN tls")?)?;
     let epid = edge.pid();
 
     let echo_addr = upstream(echo)?;
-    let cred = dir.join("credential");
-    std::fs::write(&cred, format!("{device_token}\n")).map_err(|e| e.to_string())?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| e.to_string())?;
-    }
-    let mut body = format!(
-        "edge = \"{agent}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{}\"\n",
-        pki.ca.display(),
-        cred.display()
-    );
-    for (name, kind) in [("echo", "tcp"), ("p", "tls"), ("m", "tls")] {
-        let _ = write!(
-            body,
-            "\n[[endpoint]]\nname = \"{name}\"\nkind = \"{kind}\"\nupstream = \"{echo_addr}\"\n"
-        );
-    }
-    let d_toml = dir.join("tetherd.toml");
-    std::fs::write(&d_toml, body).map_err(|e| e.to_string())?;
-    let mut dargs = vec!["--config", d_toml.to_str().ok_or("non-UTF-8 path")?];
-    if is_root() {
-        dargs.push("--allow-root");
-    }
-    let mut daemon = Proc::spawn(&args.tetherd, &dargs, dir.join("tetherd.log"), pidfile)?;
-    daemon.wait_line("CONNECTED")?;
-    let echo_tcp = last_addr(&daemon.wait_line("BOUND echo ")?)?;
-    daemon.wait_line("BOUND p ")?;
-    daemon.wait_line("BOUND m ")?;
+    let d_toml = write_tetherd_toml(
+        dir,
+        agent,
+        &pki,
+        &device_token,
+        "",
+        &[
+            ("echo", "tcp", echo_addr),
+            ("p", "tls", echo_addr),
+            ("m", "tls", echo_addr),
+        ],
+    )?;
+    let (mut daemon, bound) = start_tetherd(&args, dir, &d_toml, &["echo", "p", "m"])?;
+    let echo_tcp = last_addr(&bound[0])?;
     eprintln!("edge pid {epid}, tetherd pid {}", daemon.pid());
 
     let msg = pattern(MSG);
@@ -920,12 +850,11 @@ pub(crate) fn run(args: Args) -> Res<()> {
     );
     println!("{t}");
 
-    let mut j = String::new();
-    let _ = writeln!(j, "{{\n  \"bench\": \"policy\",");
-    let _ = writeln!(
-        j,
-        "  \"host\": {{\"cpus\": {cpus}, \"loadavg_end\": \"{}\", \"note\": \"loopback; machine shared with other builds\"}},",
-        loadavg.trim()
+    let mut j = json_start(
+        "policy",
+        cpus,
+        &loadavg,
+        "loopback; machine shared with other builds",
     );
     let _ = writeln!(
         j,
@@ -980,10 +909,5 @@ pub(crate) fn run(args: Args) -> Res<()> {
         jnum(cpu_of(1) / cpu_of(0)),
         jnum(cpu_of(0) / cpu_of(1))
     );
-    if let Some(parent) = args.out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    std::fs::write(&args.out, j).map_err(|e| format!("{}: {e}", args.out.display()))?;
-    println!("results: {}", args.out.display());
-    Ok(())
+    write_results(&args.out, &j)
 }

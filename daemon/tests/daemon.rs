@@ -4,11 +4,13 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{
     daemon_config, daemon_config_with_endpoint, echo_upstream, half_close_upstream, output_within,
-    tetherd, tetherd_as_userns_root, Answer, Daemon, FakeEdge, Pki, TempDir, EXIT_WITHIN, TOKEN,
+    tetherd, tetherd_as_userns_root, Answer, Daemon, EdgeSession, FakeEdge, Pki, TempDir,
+    EXIT_WITHIN, TOKEN,
 };
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use tether_driver::{ClientIdentity, Meta};
@@ -16,7 +18,35 @@ use tether_proto::{Control, ErrorCode};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn closed_port() -> std::net::SocketAddr {
+/// What most tests here start from: a fake edge that welcomes every session,
+/// and a daemon (config in a new temp dir named after `tag`) whose endpoint
+/// `web` goes to `upstream`, with `extra` before the endpoint and
+/// `endpoint_extra` inside it; started, `BOUND web` printed, and the session
+/// it dialled. Keep the edge and the directory alive as long as the daemon.
+fn bound_daemon(
+    tag: &str,
+    upstream: SocketAddr,
+    extra: &str,
+    endpoint_extra: &str,
+) -> (FakeEdge, TempDir, Daemon, EdgeSession) {
+    let pki = Pki::new("tether test CA");
+    let edge = FakeEdge::start(&pki, Answer::Welcome);
+    let dir = TempDir::new(tag);
+    let config = daemon_config_with_endpoint(
+        &dir,
+        edge.addr,
+        &pki.ca_pem,
+        upstream,
+        extra,
+        endpoint_extra,
+    );
+    let daemon = Daemon::start(&config);
+    daemon.line("BOUND web ", 10 * SECOND);
+    let es = edge.next_session(SECOND);
+    (edge, dir, daemon, es)
+}
+
+fn closed_port() -> SocketAddr {
     // Bind then drop: nothing listens there afterwards.
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")
@@ -287,14 +317,8 @@ fn a_stream_reaches_the_upstream_and_comes_back_with_half_close() {
 
 #[test]
 fn sigterm_lets_open_streams_finish_then_exits_0() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, seen) = echo_upstream();
-    let dir = TempDir::new("sigterm");
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
+    let (_edge, _dir, mut daemon, es) = bound_daemon("sigterm", upstream, "", "");
     let signalled = async_io::block_on(async {
         let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
         st.write_all(b"one").await.expect("write");
@@ -336,14 +360,8 @@ fn sigterm_lets_open_streams_finish_then_exits_0() {
 
 #[test]
 fn a_stream_that_does_not_finish_is_cut_at_the_grace_deadline_and_the_exit_is_still_0() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, _seen) = echo_upstream();
-    let dir = TempDir::new("grace");
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
+    let (_edge, _dir, mut daemon, es) = bound_daemon("grace", upstream, "", "");
     let _st = async_io::block_on(async {
         let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
         st.write_all(b"x").await.expect("write");
@@ -390,15 +408,9 @@ fn a_refused_bind_is_logged_with_its_rule_and_the_other_endpoints_still_bind() {
 
 #[test]
 fn session_settings_bound_the_streams_the_daemon_holds() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, _seen) = echo_upstream();
-    let dir = TempDir::new("maxstreams");
     let extra = "[session]\nmax_streams = 2\nwindow = 16384\n";
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
+    let (_edge, _dir, mut daemon, es) = bound_daemon("maxstreams", upstream, extra, "");
     async_io::block_on(async {
         let mut held = Vec::new();
         for _ in 0..2 {
@@ -450,13 +462,7 @@ fn session_settings_bound_the_streams_the_daemon_holds() {
 
 #[test]
 fn an_unreachable_upstream_resets_the_stream_with_connect_failed() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
-    let dir = TempDir::new("connfail");
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), "");
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
+    let (_edge, _dir, mut daemon, es) = bound_daemon("connfail", closed_port(), "", "");
     let err = async_io::block_on(async {
         let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
         let mut buf = [0u8; 16];
@@ -596,14 +602,8 @@ fn a_welcome_with_a_version_the_daemon_does_not_speak_is_a_protocol_error() {
 #[test]
 fn a_revocation_after_welcome_also_holds_off_the_next_dial() {
     const RETRY_MS: u64 = 1500;
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
-    let dir = TempDir::new("revoked");
     let extra = "[reconnect]\ninitial_backoff_ms = 10\nmax_backoff_ms = 20\n";
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, closed_port(), extra);
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
+    let (edge, _dir, mut daemon, es) = bound_daemon("revoked", closed_port(), extra, "");
     let revoke = Control::Error {
         code: ErrorCode::TOKEN_REVOKED.0,
         retry_after_ms: RETRY_MS as u32,
@@ -703,16 +703,10 @@ fn a_wrong_ca_is_refused_with_a_clear_message_and_the_daemon_retries() {
 
 #[test]
 fn goaway_from_the_edge_dials_a_new_session_at_once_while_the_old_one_drains() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, seen) = echo_upstream();
-    let dir = TempDir::new("drain");
     // A long own backoff: only the "at once" rule can explain a fast redial.
     let extra = "[reconnect]\ninitial_backoff_ms = 20000\nmax_backoff_ms = 60000\n";
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let first = edge.next_session(SECOND);
+    let (edge, _dir, mut daemon, first) = bound_daemon("drain", upstream, extra, "");
 
     async_io::block_on(async {
         let mut st = first
@@ -762,15 +756,9 @@ fn goaway_from_the_edge_dials_a_new_session_at_once_while_the_old_one_drains() {
 
 #[test]
 fn at_most_one_session_drains_beside_the_live_one() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, _seen) = echo_upstream();
-    let dir = TempDir::new("drain-cap");
     let extra = "[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n";
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, extra);
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let first = edge.next_session(SECOND);
+    let (edge, _dir, mut daemon, first) = bound_daemon("drain-cap", upstream, extra, "");
 
     async_io::block_on(async {
         let mut st1 = first
@@ -815,21 +803,13 @@ fn at_most_one_session_drains_beside_the_live_one() {
 #[test]
 fn an_idle_proxied_connection_is_closed_on_both_sides_after_idle_timeout_ms() {
     const IDLE: Duration = Duration::from_millis(1000);
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, seen) = echo_upstream();
-    let dir = TempDir::new("idle");
-    let config = daemon_config_with_endpoint(
-        &dir,
-        edge.addr,
-        &pki.ca_pem,
+    let (_edge, _dir, mut daemon, es) = bound_daemon(
+        "idle",
         upstream,
         "",
         &format!("idle_timeout_ms = {}", IDLE.as_millis()),
     );
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
     let (quiet_for, read) = async_io::block_on(async {
         let mut st = es.session.open(&Meta::endpoint("web")).await.expect("open");
         // Traffic every 300 ms keeps it open well past the timeout.
@@ -887,36 +867,26 @@ async fn echo(st: &mut tether_driver::Stream, msg: &[u8]) {
     assert_eq!(back, msg);
 }
 
-#[test]
-fn a_proxy_v2_endpoint_writes_the_header_with_sni_and_client_cn_before_the_streams_bytes() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
-    let (upstream, seen) = half_close_upstream();
-    let dir = TempDir::new("proxyv2");
-    let config = daemon_config_with_endpoint(
-        &dir,
-        edge.addr,
-        &pki.ca_pem,
-        upstream,
-        "",
-        "proxy_protocol = \"v2\"",
-    );
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
-    let stream_id = async_io::block_on(async {
-        let meta = Meta {
-            peer: Some("203.0.113.9:40000".parse().expect("addr")),
-            sni: Some("web.tether.test".into()),
-            client: Some(ClientIdentity {
-                subject: "CN=cam-7,O=Acme".into(),
-                common_name: "cam-7".into(),
-                names: "DNS:cam-7.example.com,URI:spiffe://acme/cam-7".into(),
-                sha256: [0xab; 32],
-            }),
-            ..Meta::endpoint("web")
-        };
-        let mut st = es.session.open(&meta).await.expect("open stream");
+/// A stream on `web` from the public client 203.0.113.9:40000 that asked
+/// for `web.tether.test`.
+fn public_client_meta() -> Meta {
+    Meta {
+        peer: Some("203.0.113.9:40000".parse().expect("addr")),
+        sni: Some("web.tether.test".into()),
+        ..Meta::endpoint("web")
+    }
+}
+
+/// Opens a stream with `meta`, sends `hello` and half-closes, reads the
+/// reply to EOF; returns the stream's id and what the upstream behind
+/// `seen` got.
+fn hello_to_upstream(
+    es: &EdgeSession,
+    meta: &Meta,
+    seen: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> (tether_proto::StreamId, Vec<u8>) {
+    let id = async_io::block_on(async {
+        let mut st = es.session.open(meta).await.expect("open stream");
         let id = st.id();
         st.write_all(b"hello").await.expect("write");
         st.close().await.expect("half-close");
@@ -927,6 +897,24 @@ fn a_proxy_v2_endpoint_writes_the_header_with_sni_and_client_cn_before_the_strea
     let got = seen
         .recv_timeout(5 * SECOND)
         .expect("upstream saw the stream");
+    (id, got)
+}
+
+#[test]
+fn a_proxy_v2_endpoint_writes_the_header_with_sni_and_client_cn_before_the_streams_bytes() {
+    let (upstream, seen) = half_close_upstream();
+    let (_edge, _dir, mut daemon, es) =
+        bound_daemon("proxyv2", upstream, "", "proxy_protocol = \"v2\"");
+    let meta = Meta {
+        client: Some(ClientIdentity {
+            subject: "CN=cam-7,O=Acme".into(),
+            common_name: "cam-7".into(),
+            names: "DNS:cam-7.example.com,URI:spiffe://acme/cam-7".into(),
+            sha256: [0xab; 32],
+        }),
+        ..public_client_meta()
+    };
+    let (stream_id, got) = hello_to_upstream(&es, &meta, &seen);
 
     // Written out from haproxy's proxy-protocol.txt, not from our encoder.
     let mut want = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
@@ -958,29 +946,9 @@ fn a_proxy_v2_endpoint_writes_the_header_with_sni_and_client_cn_before_the_strea
 
 #[test]
 fn without_proxy_protocol_the_upstream_gets_only_the_streams_bytes() {
-    let pki = Pki::new("tether test CA");
-    let edge = FakeEdge::start(&pki, Answer::Welcome);
     let (upstream, seen) = half_close_upstream();
-    let dir = TempDir::new("noproxy");
-    let config = daemon_config(&dir, edge.addr, &pki.ca_pem, upstream, "");
-    let mut daemon = Daemon::start(&config);
-    daemon.line("BOUND web ", 10 * SECOND);
-    let es = edge.next_session(SECOND);
-    async_io::block_on(async {
-        let meta = Meta {
-            peer: Some("203.0.113.9:40000".parse().expect("addr")),
-            sni: Some("web.tether.test".into()),
-            ..Meta::endpoint("web")
-        };
-        let mut st = es.session.open(&meta).await.expect("open stream");
-        st.write_all(b"hello").await.expect("write");
-        st.close().await.expect("half-close");
-        let mut reply = Vec::new();
-        st.read_to_end(&mut reply).await.expect("reply");
-    });
-    let got = seen
-        .recv_timeout(5 * SECOND)
-        .expect("upstream saw the stream");
+    let (_edge, _dir, mut daemon, es) = bound_daemon("noproxy", upstream, "", "");
+    let (_, got) = hello_to_upstream(&es, &public_client_meta(), &seen);
     assert_eq!(got, b"hello");
     assert!(daemon.terminate(7 * SECOND).success());
 }

@@ -712,6 +712,13 @@ impl DaemonEndpoint {
         self.extra.push_str(&format!("traffic_policy = {policy}\n"));
         self
     }
+
+    /// The same endpoint writing a PROXY protocol v2 header to its upstream
+    /// (`proxy_protocol = "v2"`).
+    pub fn with_proxy_v2(mut self) -> DaemonEndpoint {
+        self.extra.push_str("proxy_protocol = \"v2\"\n");
+        self
+    }
 }
 
 /// `s` as a TOML basic string (quoted, with `\`, `"` and control characters
@@ -804,6 +811,34 @@ pub fn bound_port(line: &str) -> u16 {
         .unwrap_or_else(|| panic!("no port in {line:?}"))
 }
 
+/// Waits until `daemon` printed `n` `BOUND` lines; panics with the logs of
+/// the daemon and of `edge` if it has not within `timeout` for each.
+pub fn wait_bound(daemon: &Proc, edge: &Edge, n: usize, timeout: Duration) {
+    for i in 0..n {
+        daemon.out.wait_nth("BOUND", i, timeout).unwrap_or_else(|| {
+            panic!(
+                "daemon did not bind: {:#?}\nedge: {:#?}",
+                daemon.err.all(),
+                edge.proc.err.all()
+            )
+        });
+    }
+}
+
+/// The port of the last `BOUND <name> ...` line `daemon` printed so far
+/// (after a reconnect, the current binding).
+pub fn last_bound_port(daemon: &Proc, name: &str) -> u16 {
+    let prefix = format!("BOUND {name} ");
+    let line = daemon
+        .out
+        .all()
+        .into_iter()
+        .rev()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no BOUND line for {name}"));
+    bound_port(&line)
+}
+
 /// An upstream that echoes every connection until EOF, then closes its write half.
 pub fn echo_upstream() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
@@ -893,32 +928,10 @@ pub fn tempdir() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// A tiny HTTP/1.1 upstream that answers every request with `body`, then closes.
+/// A tiny HTTP/1.1 upstream that answers every request with `body`, then
+/// closes: a [`CountingUpstream`] whose count nobody reads.
 pub fn http_upstream(body: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind http upstream");
-    let addr = l.local_addr().expect("addr");
-    thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let resp = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = c.write_all(resp.as_bytes());
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
+    CountingUpstream::http(body).addr
 }
 
 /// An upstream address where nothing listens (connections are refused).

@@ -34,15 +34,7 @@ impl World {
         let edge = Edge::start(&cfg);
         let dcfg = write_daemon_config(&dir, edge.agent, &pki.ca, &token, endpoints, session);
         let daemon = start_daemon(&dcfg);
-        for (i, _) in endpoints.iter().enumerate() {
-            daemon.out.wait_nth("BOUND", i, T).unwrap_or_else(|| {
-                panic!(
-                    "daemon did not bind: {:#?}\nedge: {:#?}",
-                    daemon.err.all(),
-                    edge.proc.err.all()
-                )
-            });
-        }
+        wait_bound(&daemon, &edge, endpoints.len(), T);
         World {
             _dir: tmp,
             dir,
@@ -54,15 +46,7 @@ impl World {
     }
 
     fn bound(&self, name: &str) -> u16 {
-        let line = self
-            .daemon
-            .out
-            .all()
-            .into_iter()
-            .rev()
-            .find(|l| l.starts_with(&format!("BOUND {name} ")))
-            .unwrap_or_else(|| panic!("no BOUND line for {name}"));
-        bound_port(&line)
+        last_bound_port(&self.daemon, name)
     }
 }
 

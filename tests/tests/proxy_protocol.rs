@@ -175,49 +175,19 @@ impl World {
         let cfg = write_edge_config(&dir, &pki, &EdgeOpts::default());
         let (token, _) = Edge::create_token(&cfg, &[]);
         let edge = Edge::start(&cfg);
-        // The harness's config writer has no proxy_protocol: written here.
-        use std::os::unix::fs::PermissionsExt;
-        let cred = dir.join("credential");
-        std::fs::write(&cred, format!("{token}\n")).expect("write credential");
-        std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        let body = format!(
-            r#"edge = "{agent}"
-server_name = "localhost"
-ca_file = "{ca}"
-credential = "{cred}"
-
-[reconnect]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-
-[[endpoint]]
-name = "pp"
-kind = "tcp"
-upstream = "{up}"
-proxy_protocol = "v2"
-
-[[endpoint]]
-name = "plain"
-kind = "tcp"
-upstream = "{up}"
-"#,
-            agent = edge.agent,
-            ca = pki.ca.display(),
-            cred = cred.display(),
-            up = nginx.addr,
+        let dcfg = write_daemon_config_with(
+            &dir,
+            edge.agent,
+            &pki.ca,
+            &token,
+            &[
+                DaemonEndpoint::new("pp", "tcp", nginx.addr).with_proxy_v2(),
+                DaemonEndpoint::new("plain", "tcp", nginx.addr),
+            ],
+            (15_000, 45_000),
         );
-        let dcfg = dir.join("tetherd.toml");
-        std::fs::write(&dcfg, body).expect("write tetherd.toml");
         let daemon = start_daemon(&dcfg);
-        for i in 0..2 {
-            daemon.out.wait_nth("BOUND", i, T).unwrap_or_else(|| {
-                panic!(
-                    "daemon did not bind: {:#?}\nedge: {:#?}",
-                    daemon.err.all(),
-                    edge.proc.err.all()
-                )
-            });
-        }
+        wait_bound(&daemon, &edge, 2, T);
         World {
             _dir: tmp,
             nginx,
@@ -226,22 +196,10 @@ upstream = "{up}"
         }
     }
 
-    fn port(&self, name: &str) -> u16 {
-        let prefix = format!("BOUND {name} ");
-        let line = self
-            .daemon
-            .out
-            .all()
-            .into_iter()
-            .find(|l| l.starts_with(&prefix))
-            .unwrap_or_else(|| panic!("no BOUND line for {name}"));
-        bound_port(&line)
-    }
-
     /// An HTTP GET through endpoint `name` from [`CLIENT_IP`]: the client
     /// socket's address and everything the server answered.
     fn get(&self, name: &str) -> (SocketAddr, String) {
-        let public = SocketAddr::from(([127, 0, 0, 1], self.port(name)));
+        let public = SocketAddr::from(([127, 0, 0, 1], last_bound_port(&self.daemon, name)));
         let mut c: TcpStream = sys::connect(public, Some(CLIENT_IP), None, T)
             .unwrap_or_else(|e| panic!("connect {public} from {CLIENT_IP}: {e}"));
         c.set_read_timeout(Some(T)).expect("timeout");
