@@ -24,9 +24,9 @@ use crate::config::TcpConfig;
 use crate::policy::{self, Carriage, Effective, InlineOnly, Layer, Policy, PolicyDoc};
 use crate::public;
 use crate::registry::{Binding, TcpPort, Tunnel};
-use crate::tls;
 use crate::state::State;
 use crate::store::{Claim, VerifiedToken};
+use crate::tls;
 
 /// A refused bind: the code, the rule that refused it and why.
 #[derive(Debug)]

@@ -353,9 +353,8 @@ impl Config {
     /// could not serve is an error now, not at the first connection.
     fn check_policies(&self, doc: &Doc<'_>) -> Result<EdgePolicies, ConfigError> {
         let load = |prefix: &str, d: &PolicyDoc| -> Result<Arc<Policy>, ConfigError> {
-            let p = Policy::from_doc(d, &Files).map_err(|e| {
-                doc.at_path(&format!("{prefix}.{}", e.field), e.reason)
-            })?;
+            let p = Policy::from_doc(d, &Files)
+                .map_err(|e| doc.at_path(&format!("{prefix}.{}", e.field), e.reason))?;
             Ok(Arc::new(p))
         };
         let mandatory = load("traffic_policy", &self.traffic_policy)?;
@@ -367,7 +366,10 @@ impl Config {
                 // A key with a '.' in it is no path: find its line by its text.
                 e.line = e.line.or_else(|| {
                     let quoted = format!("\"{key}\"");
-                    doc.src.lines().position(|l| l.contains(&quoted)).map(|i| i + 1)
+                    doc.src
+                        .lines()
+                        .position(|l| l.contains(&quoted))
+                        .map(|i| i + 1)
                 });
                 e
             })?;

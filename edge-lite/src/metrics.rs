@@ -170,10 +170,13 @@ pub const NO_ENDPOINT: &str = "-";
 /// names adds no entries.
 #[derive(Debug, Default)]
 pub struct Denials {
-    counts: Mutex<std::collections::BTreeMap<(String, Denial), u64>>,
+    counts: Mutex<DenialCounts>,
     /// What the last summary covered, and when it was made.
-    summarised: Mutex<(std::collections::BTreeMap<(String, Denial), u64>, Option<Instant>)>,
+    summarised: Mutex<(DenialCounts, Option<Instant>)>,
 }
+
+/// Counts by endpoint and reason.
+type DenialCounts = std::collections::BTreeMap<(String, Denial), u64>;
 
 impl Denials {
     /// Counts one denial of `why` for `endpoint`.
@@ -196,7 +199,9 @@ impl Denials {
     /// Every count since start: `(endpoint, reason, count)`, sorted.
     pub fn snapshot(&self) -> Vec<(String, &'static str, u64)> {
         let m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        m.iter().map(|((e, d), n)| (e.clone(), d.name(), *n)).collect()
+        m.iter()
+            .map(|((e, d), n)| (e.clone(), d.name(), *n))
+            .collect()
     }
 
     /// `denied by policy in the last 10.0s: web:ip-denied=5000
@@ -208,7 +213,11 @@ impl Denials {
     }
 
     fn summary_at(&self, at: Instant) -> Option<String> {
-        let now = self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut last = self.summarised.lock().unwrap_or_else(|e| e.into_inner());
         let since = last.1.unwrap_or_else(process_start);
         let parts: Vec<String> = now
@@ -432,7 +441,11 @@ mod tests {
             d.summary_at(t1).as_deref(),
             Some("denied by policy in the last 10.0s: -:sni-unknown=1 web:ip-denied=3")
         );
-        assert_eq!(d.summary_at(t1 + Duration::from_secs(10)), None, "only what is new");
+        assert_eq!(
+            d.summary_at(t1 + Duration::from_secs(10)),
+            None,
+            "only what is new"
+        );
         d.count("web", Denial::IpDenied);
         assert_eq!(
             d.summary_at(t1 + Duration::from_millis(20_400)).as_deref(),

@@ -268,14 +268,6 @@ pub struct IpVerdict {
     pub would_deny: u32,
 }
 
-/// An IPv4-mapped IPv6 address as its IPv4 address; others as they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 impl RestrictIps {
     /// A rule from lists (for `[agent]` allow / deny, always enforced).
     pub fn new(allow: &[Cidr], deny: &[Cidr], enforce: bool) -> RestrictIps {
@@ -288,7 +280,8 @@ impl RestrictIps {
 
     /// Whether the lists let `ip` through (ignoring `enforce`).
     pub fn permits(&self, ip: IpAddr) -> bool {
-        let ip = canonical(ip);
+        // An IPv4-mapped IPv6 source is matched as the IPv4 address it maps.
+        let ip = ip.to_canonical();
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return false;
         }
@@ -411,7 +404,10 @@ impl PemSource for InlineOnly {
         if is_inline_pem(value) {
             Ok(value.as_bytes().to_vec())
         } else {
-            Err("an agent's policy gives PEM inline (-----BEGIN ...), never a path on the edge".into())
+            Err(
+                "an agent's policy gives PEM inline (-----BEGIN ...), never a path on the edge"
+                    .into(),
+            )
         }
     }
 }
@@ -447,7 +443,8 @@ impl Policy {
                                 reason: "restrict-ips needs an allow or a deny list".into(),
                             });
                         }
-                        p.restrict.push(RestrictIps::new(&r.allow, &r.deny, r.enforce));
+                        p.restrict
+                            .push(RestrictIps::new(&r.allow, &r.deny, r.enforce));
                     }
                     Action::TerminateTls(t) => {
                         if p.tls.is_some() {
@@ -516,10 +513,7 @@ fn terminate_tls(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| err("server_certificate", format!("not PEM: {e}")))?;
             if certs.is_empty() {
-                return Err(err(
-                    "server_certificate",
-                    "holds no PEM certificate".into(),
-                ));
+                return Err(err("server_certificate", "holds no PEM certificate".into()));
             }
             let key_pem = pem.pem(k).map_err(|r| err("server_private_key", r))?;
             let key = PrivateKeyDer::from_pem_slice(&key_pem)
@@ -539,13 +533,16 @@ fn terminate_tls(
         }
         for (k, c) in certs.iter().enumerate() {
             rustls::RootCertStore::empty().add(c.clone()).map_err(|e| {
-                err(&field, format!("certificate {} is not usable as a CA: {e}", k + 1))
+                err(
+                    &field,
+                    format!("certificate {} is not usable as a CA: {e}", k + 1),
+                )
             })?;
         }
         cas.extend(certs);
     }
-    let asks_for_client = t.mutual_tls_verification_strategy.is_some()
-        || !t.mutual_tls_allowed_names.is_empty();
+    let asks_for_client =
+        t.mutual_tls_verification_strategy.is_some() || !t.mutual_tls_allowed_names.is_empty();
     if asks_for_client && cas.is_empty() {
         return Err(err(
             "mutual_tls_certificate_authorities",
@@ -569,7 +566,8 @@ fn terminate_tls(
         cas,
         strategy: t
             .mutual_tls_verification_strategy
-            .or((!t.mutual_tls_certificate_authorities.is_empty()).then_some(Strategy::RequireAndVerify)),
+            .or((!t.mutual_tls_certificate_authorities.is_empty())
+                .then_some(Strategy::RequireAndVerify)),
         names,
     })
 }
@@ -619,7 +617,9 @@ pub fn key_matches(key: &str, endpoint: &str) -> bool {
 pub fn check_key(key: &str) -> Result<(), String> {
     let body = key.strip_prefix('*').unwrap_or(key);
     if key == "*" {
-        return Err("\"*\" would select every endpoint: put that policy in [traffic_policy]".into());
+        return Err(
+            "\"*\" would select every endpoint: put that policy in [traffic_policy]".into(),
+        );
     }
     if body.contains('.') {
         return Err(format!(
@@ -831,7 +831,10 @@ pub fn combine(layers: &[(Layer, &Policy)], carriage: Carriage) -> Result<Effect
                 ))
             })
             .collect();
-        let rule = if layers.iter().any(|(l, p)| *l == Layer::Agent && p.tls.is_some()) {
+        let rule = if layers
+            .iter()
+            .any(|(l, p)| *l == Layer::Agent && p.tls.is_some())
+        {
             "edge and agent policies".to_owned()
         } else {
             "edge policies".to_owned()
@@ -895,7 +898,11 @@ mod tests {
     }
 
     fn ips(allow: &[&str], deny: &[&str], enforce: bool) -> RestrictIps {
-        let c = |v: &[&str]| v.iter().map(|s| s.parse::<Cidr>().unwrap()).collect::<Vec<_>>();
+        let c = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.parse::<Cidr>().unwrap())
+                .collect::<Vec<_>>()
+        };
         RestrictIps::new(&c(allow), &c(deny), enforce)
     }
 
@@ -943,7 +950,10 @@ mod tests {
 
     #[test]
     fn dry_runs_count_and_pass() {
-        let rules = [ips(&[], &["127.0.0.2"], false), ips(&["127.0.0.0/8"], &[], true)];
+        let rules = [
+            ips(&[], &["127.0.0.2"], false),
+            ips(&["127.0.0.0/8"], &[], true),
+        ];
         assert_eq!(
             check_ips(&rules, ip("127.0.0.2")),
             IpVerdict {
@@ -957,8 +967,14 @@ mod tests {
 
     #[test]
     fn cidrs_are_checked() {
-        assert!("10.0.0.300/8".parse::<Cidr>().unwrap_err().contains("not an address or a CIDR"));
-        assert!("10.0.0.1/8".parse::<Cidr>().unwrap_err().contains("10.0.0.0/8"));
+        assert!("10.0.0.300/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("not an address or a CIDR"));
+        assert!("10.0.0.1/8"
+            .parse::<Cidr>()
+            .unwrap_err()
+            .contains("10.0.0.0/8"));
         assert!("10.0.0.0/33".parse::<Cidr>().is_err());
         assert!("".parse::<Cidr>().is_err());
         assert_eq!("::1".parse::<Cidr>().unwrap().0.prefix_len(), 128);
@@ -994,9 +1010,8 @@ mod tests {
 
     #[test]
     fn unknown_types_fields_and_values_are_errors() {
-        let e = doc_error(
-            "[[on_tcp_connect]]\nactions = [{ type = \"allow-all\", config = {} }]\n",
-        );
+        let e =
+            doc_error("[[on_tcp_connect]]\nactions = [{ type = \"allow-all\", config = {} }]\n");
         assert!(e.contains("allow-all"), "{e}");
         let e = doc_error(
             "[[on_tcp_connect]]\nactions = [{ type = \"restrict-ips\", config = { alow = [] } }]\n",
@@ -1045,7 +1060,10 @@ mod tests {
         let e = from_doc_error(
             "[[on_tcp_connect]]\nactions = [{ type = \"terminate-tls\", config = { mutual_tls_certificate_authorities = [\"-----BEGIN CERTIFICATE-----\\n-----END CERTIFICATE-----\\n\"] } }]\n",
         );
-        assert!(e.reason.contains("PEM") || e.reason.contains("certificate"), "{e}");
+        assert!(
+            e.reason.contains("PEM") || e.reason.contains("certificate"),
+            "{e}"
+        );
         let e = from_doc_error(
             "[[on_tcp_connect]]\nactions = [{ type = \"terminate-tls\", config = { mutual_tls_verification_strategy = \"request\" } }]\n",
         );
@@ -1121,10 +1139,16 @@ mod tests {
         let agent = mtls(Strategy::Request, &["cam-*"]);
         let p = plan(&[(Layer::Edge, &edge), (Layer::Agent, &agent)]).unwrap();
         let c = p.client.unwrap();
-        assert!(c.required, "required by the edge, requested by the agent: required");
+        assert!(
+            c.required,
+            "required by the edge, requested by the agent: required"
+        );
         assert_eq!(c.ca_sets.len(), 2, "it must verify against both CA sets");
         assert!(c.names_allowed(&["cam-1", "cam-1.devices.example"]));
-        assert!(!c.names_allowed(&["cam-1"]), "the edge's names must match too");
+        assert!(
+            !c.names_allowed(&["cam-1"]),
+            "the edge's names must match too"
+        );
         assert!(!c.names_allowed(&["x.devices.example"]));
         let p = plan(&[(Layer::Edge, &none), (Layer::Agent, &agent)]).unwrap();
         assert!(!p.client.unwrap().required);
@@ -1143,15 +1167,21 @@ mod tests {
                        { type = "terminate-tls", config = { min_version = "1.2" } }]
             "#,
         );
-        let eff = combine(&[(Layer::Edge, &edge), (Layer::Agent, &agent)], Carriage::Terminated)
-            .unwrap();
+        let eff = combine(
+            &[(Layer::Edge, &edge), (Layer::Agent, &agent)],
+            Carriage::Terminated,
+        )
+        .unwrap();
         // The edge-wide rule still runs (at accept), and the agent adds its own.
         let all: Vec<&RestrictIps> = edge.restrict_ips().iter().chain(&eff.restrict).collect();
         assert!(check_ips(all.iter().copied(), ip("127.0.0.2")).denied);
         assert!(!check_ips(all.iter().copied(), ip("127.0.0.1")).denied);
         let t = eff.tls.unwrap();
         assert!(t.client.unwrap().required, "mTLS stays required");
-        assert_eq!(t.min, V13, "the agent's 1.2 does not lower the edge's default floor");
+        assert_eq!(
+            t.min, V13,
+            "the agent's 1.2 does not lower the edge's default floor"
+        );
     }
 
     #[test]
@@ -1163,11 +1193,17 @@ mod tests {
             Carriage::Raw("tls-passthrough"),
         )
         .unwrap_err();
-        assert!(e.message.contains("tls-passthrough") && e.message.contains("terminate-tls"), "{e}");
+        assert!(
+            e.message.contains("tls-passthrough") && e.message.contains("terminate-tls"),
+            "{e}"
+        );
         assert_eq!(e.rule, "traffic_policy", "the agent's own layer");
         let edge_tls = tls(None, None);
         let e = combine(&[(Layer::Edge, &edge_tls)], Carriage::Raw("tcp")).unwrap_err();
-        assert_eq!(e.rule, "edge traffic_policy", "the edge's layer, not the agent's field");
+        assert_eq!(
+            e.rule, "edge traffic_policy",
+            "the edge's layer, not the agent's field"
+        );
         let eff = combine(&[(Layer::Edge, &edge)], Carriage::Raw("tcp")).unwrap();
         assert!(eff.tls.is_none());
     }
@@ -1185,9 +1221,12 @@ mod tests {
         assert!(check_key("*").is_err());
         assert!(check_key("Web").is_err());
         let mut edge = EdgePolicies::default();
-        edge.endpoints.insert("*-cam".into(), Arc::new(Policy::none()));
-        edge.endpoints.insert("front-cam".into(), Arc::new(Policy::none()));
-        edge.endpoints.insert("web".into(), Arc::new(Policy::none()));
+        edge.endpoints
+            .insert("*-cam".into(), Arc::new(Policy::none()));
+        edge.endpoints
+            .insert("front-cam".into(), Arc::new(Policy::none()));
+        edge.endpoints
+            .insert("web".into(), Arc::new(Policy::none()));
         let layers = edge.layers_for("front-cam");
         assert_eq!(layers.len(), 3, "the mandatory one and both matching keys");
         assert_eq!(edge.layers_for("db").len(), 1);

@@ -306,24 +306,29 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
         let tls = match timeout(left, TlsAcceptor::from(server).accept(conn)).await {
             Some(Ok(t)) => t,
             Some(Err(e)) => {
-                log::debug!("tls port: {peer} ({}): handshake failed: {e}", meta.endpoint);
+                log::debug!(
+                    "tls port: {peer} ({}): handshake failed: {e}",
+                    meta.endpoint
+                );
                 match tls::denied(&e) {
                     Denied::Version => state.denials.count(&meta.endpoint, Denial::TlsVersion),
-                    Denied::CertMissing => {
-                        state.denials.count(&meta.endpoint, Denial::ClientCertMissing)
-                    }
-                    Denied::CertInvalid => {
-                        state.denials.count(&meta.endpoint, Denial::ClientCertInvalid)
-                    }
-                    Denied::NamesNotAllowed => {
-                        state.denials.count(&meta.endpoint, Denial::ClientNameDenied)
-                    }
+                    Denied::CertMissing => state
+                        .denials
+                        .count(&meta.endpoint, Denial::ClientCertMissing),
+                    Denied::CertInvalid => state
+                        .denials
+                        .count(&meta.endpoint, Denial::ClientCertInvalid),
+                    Denied::NamesNotAllowed => state
+                        .denials
+                        .count(&meta.endpoint, Denial::ClientNameDenied),
                     Denied::Other => state.counters.refuse(Refusal::PublicTlsFailed),
                 }
                 return;
             }
             None => {
-                state.denials.count(&meta.endpoint, Denial::HandshakeTimeout);
+                state
+                    .denials
+                    .count(&meta.endpoint, Denial::HandshakeTimeout);
                 return;
             }
         };

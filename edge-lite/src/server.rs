@@ -153,6 +153,27 @@ impl Server {
             }
         }
         raise_fd_limit();
+        let p = &cfg.policies;
+        let keys: Vec<&str> = p.endpoints.keys().map(String::as_str).collect();
+        log::info!(
+            "traffic policies: mandatory {} restrict-ips{}; per endpoint: {}; agent sources: {}",
+            p.mandatory.restrict_ips().len(),
+            if p.mandatory.terminates_tls() {
+                " + terminate-tls"
+            } else {
+                ""
+            },
+            if keys.is_empty() {
+                "none".to_owned()
+            } else {
+                keys.join(", ")
+            },
+            if cfg.agent.sources().is_empty() {
+                "any"
+            } else {
+                "restricted"
+            }
+        );
         let dir = cfg.state_dir.clone();
         let (store, revoked, owners) = smol::unblock(move || {
             let s = Store::open(&dir)?;

@@ -20,9 +20,9 @@ use crate::admission::Admission;
 use crate::config::Config;
 use crate::metrics::{Counters, Denials};
 use crate::policy::RestrictIps;
-use crate::tls::Identity;
 use crate::registry::{Registry, Tunnel};
 use crate::store::Store;
+use crate::tls::Identity;
 
 /// How long an `Error` may wait for room in the control queue before the
 /// session is closed without it.

@@ -325,7 +325,11 @@ fn broken_policies_are_named_with_file_line_and_field() {
     for (extra, line_prefix, field, reason) in cases {
         let body = format!("{good}\n{extra}");
         let e = load(dir.path(), &body).unwrap_err();
-        assert!(e.field.starts_with(field), "{extra}: field {:?}, want {field}", e.field);
+        assert!(
+            e.field.starts_with(field),
+            "{extra}: field {:?}, want {field}",
+            e.field
+        );
         assert!(e.reason.contains(reason), "{extra}: {e}");
         assert_eq!(e.line, Some(line_of(&body, line_prefix)), "{extra}: {e}");
     }

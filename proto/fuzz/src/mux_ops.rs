@@ -34,9 +34,8 @@ use tether_proto::control::Secret;
 use tether_proto::frame::{FrameHeader, FrameKind, FLAG_FIN};
 use tether_proto::mux::{CloseReason, Recv};
 use tether_proto::{
-    ClientCert,
-    Config, Control, EndpointKind, ErrorCode, Event, Millis, Mux, PeerAddr, Role, Slot, StreamId,
-    StreamMeta, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, MAX_WINDOW,
+    ClientCert, Config, Control, EndpointKind, ErrorCode, Event, Millis, Mux, PeerAddr, Role, Slot,
+    StreamId, StreamMeta, HEADER_LEN, MAX_FRAME, MAX_PAYLOAD, MAX_WINDOW,
 };
 
 // ------------------------------------------------------------------ input
