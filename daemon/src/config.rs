@@ -4,7 +4,9 @@
 //! `deny_unknown_fields`; every value is checked while it is deserialized, so
 //! a bad value is reported at its own position. A [`ConfigError`] names the
 //! file, the line, the field (a dotted path such as `endpoint[1].upstream`)
-//! and the reason, which `main` prints as `error: <file>:<line>: <field>: <reason>`.
+//! and the reason, which `main` prints as `error: <file>:<line>: <field>: <reason>`;
+//! a file that cannot be read has no line or field, and [`LoadError::Read`]
+//! says so as `error: <file>: cannot read the config file: <reason>`.
 //!
 //! This module does not open sockets or read the CA file: that is the
 //! dialer's job, at start-up of [`crate::run`].
@@ -518,7 +520,7 @@ fn two_sessions_fit(session: &tether_proto::Config, addressable: u64) -> Option<
     (one.checked_mul(2)? <= addressable).then_some(one)
 }
 
-/// A configuration that could not be loaded: where and why.
+/// A configuration that is invalid: where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     /// The file.
@@ -547,16 +549,35 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// Why [`Config::load`] failed: the file could not be read, or what it
+/// holds is not a valid configuration.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file could not be read (it has no line or field to point at):
+    /// `<file>: cannot read the config file: <reason>`.
+    Read(PathBuf, std::io::Error),
+    /// The file was read and is invalid: `<file>:<line>: <field>: <reason>`.
+    Invalid(ConfigError),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Read(p, e) => {
+                write!(f, "{}: cannot read the config file: {e}", p.display())
+            }
+            LoadError::Invalid(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
 impl Config {
     /// Reads and checks `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: 1,
-            field: "-".into(),
-            reason: format!("cannot read the file: {e}"),
-        })?;
-        Config::parse(path, &text)
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let text = fs::read_to_string(path).map_err(|e| LoadError::Read(path.to_owned(), e))?;
+        Config::parse(path, &text).map_err(LoadError::Invalid)
     }
 
     /// Parses and checks `text`, reporting errors against `file`.
@@ -697,14 +718,18 @@ pub enum CredentialError {
 impl fmt::Display for CredentialError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            CredentialError::Read(p, e) => write!(f, "credential file {}: {e}", p.display()),
+            CredentialError::Read(p, e) => {
+                write!(f, "{}: cannot read the credential file: {e}", p.display())
+            }
             CredentialError::Mode(p, m) => write!(
                 f,
-                "credential file {} has mode {m:04o}: it must not be readable or writable by group or others (chmod 600 {})",
+                "{}: refusing the credential file: it has mode {m:04o}, but must not be readable or writable by group or others (chmod 600 {})",
                 p.display(),
                 p.display()
             ),
-            CredentialError::Malformed(p, why) => write!(f, "credential file {}: {why}", p.display()),
+            CredentialError::Malformed(p, why) => {
+                write!(f, "{}: not a credential file: {why}", p.display())
+            }
         }
     }
 }

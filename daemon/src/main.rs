@@ -2,16 +2,98 @@
 //! logging, print the build line, load the config, refuse root, wire
 //! SIGTERM/SIGINT to a graceful stop and call [`tetherd::run`].
 //!
-//! Exit codes: 0 after a graceful stop, 64 for a usage or configuration
-//! error (with `error: <file>:<line>: <field>: <reason>` for the config), 71
-//! when the signal handlers cannot be installed.
+//! [`HELP`] is the reference for flags, files, stdout lines, signals, exit
+//! codes and environment (`scripts/man` turns it into tetherd(8)); keep it
+//! true to the code below and to [`tetherd::run`].
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use futures_lite::StreamExt;
 
-const USAGE: &str = "usage: tetherd --config FILE [--allow-root]";
+const USAGE: &str = "Usage: tetherd --config FILE [--allow-root]";
+
+/// `--help`, in help2man's layout: `Usage:` lines, a description and its
+/// subsections (`Output:`, `Signals:`, `Exit status:`), then the sections
+/// help2man knows (`Options:`, `Files:`, `Environment:`), each entry a tag
+/// and its text (option tags start with `  -x, --xxx`).
+const HELP: &str = "\
+Usage: tetherd --config FILE [--allow-root]
+  or:  tetherd --help | --version
+
+tether's device daemon. It dials the edge (tether-edge) over TLS 1.3,
+presents the device's credential, publishes the endpoints of its config and
+connects every stream the edge opens to that endpoint's local upstream. It
+redials forever, with exponential backoff and full jitter: a failed dial or
+a refusal by the edge is logged, never fatal.
+
+Output:
+  stdout carries only these lines, for scripts and tests. Logs go to stderr,
+  the first of them the build line that --version prints.
+
+  CONNECTED <edge ip:port> session=<n>
+                     the edge accepted the credential (Welcome); once per
+                     session, n counting the sessions of this process
+  BOUND <endpoint> <url>
+                     the edge accepted an endpoint; <url> is tcp://<ip>:<port>
+                     or tls://<name>.<domain>:<port>
+
+Signals:
+  SIGTERM, SIGINT    graceful stop: no new streams, GOAWAY(NO_ERROR) on every
+                     session, up to 5 s for open streams to finish (then they
+                     are cut), exit 0
+  other signals      not handled: SIGHUP, for one, keeps its default action
+                     (the process ends at once) and reloads nothing
+
+Exit status:
+  0    stopped by SIGTERM or SIGINT; or --help, --version
+  64   a usage or configuration error, before any dial: an unknown or
+       missing argument; a config file that cannot be read or is invalid;
+       running as root without --allow-root; a credential file that is
+       missing, unreadable, open to group or others, or without a token on
+       its first line; a ca_file that cannot be read or holds no usable CA
+       certificate; no usable TLS server name
+  71   the signal handlers could not be installed
+
+Options:
+  -c, --config FILE  the config file (TOML), read once at start. Required:
+                     there is no default path.
+      --allow-root   run even when the effective uid is 0 (refused otherwise)
+  -h, --help         print this text and exit 0
+  -V, --version      print the build line (name, version, architecture) and
+                     exit 0
+
+Files:
+  FILE (--config)    edge = \"host:port\" (resolved again on every dial),
+                     server_name (default: the host part of edge), ca_file,
+                     credential, [reconnect], [session] and the [[endpoint]]
+                     tables. An error in it is reported as
+                     \"error: FILE:LINE: FIELD: REASON\", and a file that
+                     cannot be read as
+                     \"error: FILE: cannot read the config file: REASON\".
+  credential         the file that credential names: the device's token on
+                     its first line. Read at start, after FILE, and refused
+                     when group or others may read or write it (its mode must
+                     be 0600 or stricter).
+  ca_file            the CA certificates (PEM) that the edge's certificate
+                     must chain to, read at start; without ca_file, the
+                     public web PKI (webpki-roots)
+
+Environment:
+  RUST_LOG           the log filter for stderr (env_logger syntax), default
+                     info; e.g. RUST_LOG=debug or RUST_LOG=tetherd=debug
+  BLOCKING_MAX_THREADS
+                     set to 2 by tetherd itself (the threads DNS lookups run
+                     on); a value from the environment is overridden";
+
+/// The build line: printed first on stderr at start, and by `--version`.
+fn build_line() -> String {
+    format!(
+        "tetherd {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        tetherd::arch()
+    )
+}
 
 struct Args {
     config: PathBuf,
@@ -28,11 +110,11 @@ fn parse_args() -> Result<Args, lexopt::Error> {
             Short('c') | Long("config") => config = Some(PathBuf::from(parser.value()?)),
             Long("allow-root") => allow_root = true,
             Short('h') | Long("help") => {
-                println!("{USAGE}");
+                println!("{HELP}");
                 std::process::exit(0);
             }
             Short('V') | Long("version") => {
-                println!("tetherd {}", env!("CARGO_PKG_VERSION"));
+                println!("{}", build_line());
                 std::process::exit(0);
             }
             _ => return Err(arg.unexpected()),
@@ -56,16 +138,17 @@ fn main() -> ExitCode {
 
     let args = match parse_args() {
         Ok(a) => a,
-        Err(e) => return fail(tetherd::EXIT_CONFIG, format_args!("{e}\n{USAGE}")),
+        Err(e) => {
+            return fail(
+                tetherd::EXIT_CONFIG,
+                format_args!("{e}\n{USAGE}\n(tetherd --help for more)"),
+            )
+        }
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
-    eprintln!(
-        "tetherd {} ({})",
-        env!("CARGO_PKG_VERSION"),
-        tetherd::arch()
-    );
+    eprintln!("{}", build_line());
 
     let config = match tetherd::Config::load(&args.config) {
         Ok(c) => c,

@@ -167,7 +167,7 @@ fn missing_config_file_and_bad_arguments_exit_64() {
     );
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("error: /nonexistent/tetherd.toml:1: -: cannot read"));
+        .contains("error: /nonexistent/tetherd.toml: cannot read the config file: "));
     let out = output_within(&mut tetherd(&["--frobnicate"]), EXIT_WITHIN);
     assert_eq!(out.status.code(), Some(64));
     let out = output_within(&mut tetherd(&[]), EXIT_WITHIN);

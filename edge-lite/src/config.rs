@@ -282,14 +282,17 @@ impl SessionConfig {
     }
 }
 
-/// A configuration problem: `<file>:<line>: <field>: <reason>`.
+/// A configuration problem: `<file>:<line>: <field>: <reason>`, without
+/// `<line>` when the field has no line of its own, and `<file>: <reason>`
+/// for a file that cannot be read (no line, no field to point at).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
     /// The config file.
     pub file: PathBuf,
     /// 1-based line, when the problem has a place in the file.
     pub line: Option<usize>,
-    /// Dotted field path (`session.window`), or `toml` for a syntax error.
+    /// Dotted field path (`session.window`), `toml` for a syntax error, or
+    /// empty when the file as a whole could not be read.
     pub field: String,
     /// What is wrong.
     pub reason: String,
@@ -306,6 +309,7 @@ impl fmt::Display for ConfigError {
                 self.field,
                 self.reason
             ),
+            None if self.field.is_empty() => write!(f, "{}: {}", self.file.display(), self.reason),
             None => write!(
                 f,
                 "{}: {}: {}",
@@ -332,8 +336,8 @@ impl Config {
         let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             line: None,
-            field: "file".into(),
-            reason: format!("cannot read: {e}"),
+            field: String::new(),
+            reason: format!("cannot read the config file: {e}"),
         })?;
         Config::parse(path, &src)
     }

@@ -1,6 +1,10 @@
 //! `tether-edge`: parse the arguments, start logging, load the config (exit
 //! 64 with file, line and field on error), then either run the server with
 //! SIGTERM/SIGINT wired to a graceful shutdown, or run a `token` command.
+//!
+//! [`HELP`] is the reference for commands, flags, stdout lines, signals, exit
+//! codes and environment (`scripts/man` turns it into tether-edge(8)); keep
+//! it true to the code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,24 +14,103 @@ use tether_edge::listing::{endpoint_table, token_table};
 use tether_edge::store::{Allow, Revoked, Store};
 use tether_edge::Config;
 
-const USAGE: &str = "usage: tether-edge --config FILE [serve]
-       tether-edge --config FILE token create [--description TEXT] [--allow NAME]...
-       tether-edge --config FILE token list
-       tether-edge --config FILE token revoke ID
-       tether-edge --config FILE endpoint list
-       tether-edge --config FILE endpoint release NAME
+const USAGE: &str = "\
+Usage: tether-edge --config FILE [serve]
+  or:  tether-edge --config FILE token create [--description TEXT] --allow NAME...
+  or:  tether-edge --config FILE token list
+  or:  tether-edge --config FILE token revoke ID
+  or:  tether-edge --config FILE endpoint list
+  or:  tether-edge --config FILE endpoint release NAME
+  or:  tether-edge --help | --version";
 
-  serve           run the edge (the default)
-  token create    create a token; prints it once on stdout (its id on stderr).
-                  --allow NAME is required and may repeat; '*' allows every
-                  endpoint, and must be asked for explicitly
-  token list      list tokens (never secrets)
-  token revoke    revoke a token; running servers close its sessions within 1 s
-  endpoint list   list endpoints and the token that owns each (the first token
-                  to bind an endpoint owns it; others get ENDPOINT_TAKEN)
-  endpoint release
-                  forget an endpoint's owner, so that the next token allowed
-                  to bind it owns it (to move an endpoint to a new device)";
+/// `--help` after [`USAGE`], in help2man's layout: a description and its
+/// subsections (`Commands:`, `Output:`, `Signals:`, `Exit status:`), then
+/// the sections help2man knows (`Options:`, `Files:`, `Environment:`), each
+/// entry a tag and its text (option tags start with `  -x, --xxx`).
+const HELP: &str = "\
+tether's edge server. Devices (tetherd) dial its agent port over TLS 1.3 and
+present a token; the edge publishes the endpoints each device binds, on a
+public TCP port per tcp endpoint and on one shared SNI-routed TLS port for
+tls endpoints, and carries every public connection to its device as a stream.
+
+Commands:
+  serve                 run the edge (the default)
+  token create          create a token; prints it once on stdout (its id on
+                        stderr). --allow NAME is required and may repeat;
+                        '*' allows every endpoint, and must be asked for
+                        explicitly
+  token list            list tokens (never secrets)
+  token revoke ID       revoke a token; running servers close its sessions
+                        within 1 s
+  endpoint list         list endpoints and the token that owns each (the
+                        first token to bind an endpoint owns it; others get
+                        ENDPOINT_TAKEN)
+  endpoint release NAME
+                        forget an endpoint's owner, so that the next token
+                        allowed to bind it owns it (to move an endpoint to a
+                        new device)
+
+Output:
+  serve prints only these lines on stdout, for scripts and tests; token
+  create prints the token, token list and endpoint list a table. Logs go to
+  stderr, the first of serve's the build line that --version prints.
+
+  LISTEN agent <ip:port>, LISTEN tls <ip:port>
+                        once listening (with port 0 in the config: the port
+                        the OS chose)
+  BOUND <endpoint> <url>
+                        a bind changed who serves an endpoint; <url> is
+                        tcp://<ip>:<port> or tls://<name>.<domain>:<port>
+  UNBOUND <endpoint>    the session that served it ended
+
+Signals:
+  SIGTERM, SIGINT       serve stops gracefully: the listeners close, every
+                        session gets GOAWAY(NO_ERROR), open streams have
+                        session.shutdown_grace_ms (default 10 s) to finish,
+                        exit 0
+  other signals         not handled: SIGHUP, for one, keeps its default
+                        action (the process ends at once) and reloads nothing
+
+Exit status:
+  0    serve stopped by SIGTERM or SIGINT; a command done (revoking a token
+       already revoked included); --help, --version
+  1    serve could not start (a listener cannot be bound, a certificate or
+       key is unusable, the token store cannot be opened, the signal
+       handlers cannot be installed); a token or endpoint command failed
+       (the store cannot be opened or written, no token with that id, an
+       endpoint without an owner)
+  64   a usage or configuration error: an unknown command or flag, a missing
+       --config or --allow, a config file that cannot be read or is invalid
+
+Options:
+  -c, --config FILE     the config file (TOML), required by every command:
+                        there is no default path
+      --description TEXT
+                        token create: a note stored with the token
+      --allow NAME      token create: an endpoint the token may bind (repeat
+                        for more), or '*' for every endpoint
+  -h, --help            print this text and exit 0
+  -V, --version         print the build line (name, version, architecture)
+                        and exit 0
+
+Files:
+  FILE (--config)       state_dir, [agent] (the port devices dial, its
+                        certificate and key), the optional [tcp] and [tls]
+                        public listeners, [session], [limits] and the traffic
+                        policies; the certificates and keys it names are read
+                        with it. An error in it is reported as
+                        \"error: FILE:LINE: FIELD: REASON\" (without LINE for
+                        a field left out), and a file that cannot be read as
+                        \"error: FILE: cannot read the config file: REASON\".
+  <state_dir>/tokens.db
+                        the token store (SQLite): token ids, hashes and
+                        endpoint owners, never a token itself. serve and the
+                        commands share it; serve notices a revocation within
+                        1 s.
+
+Environment:
+  RUST_LOG              the log filter for stderr (env_logger syntax),
+                        default info; e.g. RUST_LOG=tether_edge=debug";
 
 /// EX_USAGE / EX_CONFIG-style exit code for bad arguments or config.
 const EXIT_USAGE: u8 = 64;
@@ -49,7 +132,26 @@ struct Args {
     command: Command,
 }
 
-fn parse_args() -> Result<Option<Args>, String> {
+/// What the command line asks for.
+enum Parsed {
+    /// Run a command.
+    Run(Args),
+    /// `--help`.
+    Help,
+    /// `--version`.
+    Version,
+}
+
+/// The build line: printed first on stderr by `serve`, and by `--version`.
+fn build_line() -> String {
+    format!(
+        "tether-edge {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    )
+}
+
+fn parse_args() -> Result<Parsed, String> {
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_env();
     let mut config = None;
@@ -75,7 +177,8 @@ fn parse_args() -> Result<Option<Args>, String> {
                     .string()
                     .map_err(|e| e.to_string())?,
             ),
-            Short('h') | Long("help") => return Ok(None),
+            Short('h') | Long("help") => return Ok(Parsed::Help),
+            Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(v) => words.push(v.string().map_err(|e| e.to_string())?),
             other => return Err(other.unexpected().to_string()),
         }
@@ -115,18 +218,22 @@ fn parse_args() -> Result<Option<Args>, String> {
         return Err("--description and --allow go with `token create`".into());
     }
     let config = config.ok_or("--config FILE is required")?;
-    Ok(Some(Args { config, command }))
+    Ok(Parsed::Run(Args { config, command }))
 }
 
 fn main() -> ExitCode {
     let args = match parse_args() {
-        Ok(Some(a)) => a,
-        Ok(None) => {
-            println!("{USAGE}");
+        Ok(Parsed::Run(a)) => a,
+        Ok(Parsed::Help) => {
+            println!("{USAGE}\n\n{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Parsed::Version) => {
+            println!("{}", build_line());
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("error: {e}\n{USAGE}");
+            eprintln!("error: {e}\n{USAGE}\n(tether-edge --help for more)");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -134,11 +241,7 @@ fn main() -> ExitCode {
         .target(env_logger::Target::Stderr)
         .init();
     if let Command::Serve = args.command {
-        eprintln!(
-            "tether-edge {} ({})",
-            env!("CARGO_PKG_VERSION"),
-            std::env::consts::ARCH
-        );
+        eprintln!("{}", build_line());
     }
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,

@@ -1,6 +1,10 @@
 //! The real binary: `token create/list/revoke` round trip against the store
-//! (which never holds a secret), and `serve` with its stdout lines, a fake
-//! agent, and SIGTERM ending it with exit 0.
+//! (which never holds a secret), `serve` with its stdout lines, a fake
+//! agent, and SIGTERM ending it with exit 0; and the binary explaining
+//! itself: `--version` prints the build line that `serve` prints first,
+//! `--help` names every command, flag, stdout line, signal and exit code,
+//! and a config file that cannot be read is reported as
+//! `error: <path>: <what>: <why>`, without a line or field it does not have.
 
 #![allow(clippy::unwrap_used)]
 
@@ -240,4 +244,112 @@ fn token_create_without_allow_is_refused_instead_of_allowing_everything() {
     let (code, out, _) = edge(&config, &["token", "list"]);
     assert_eq!(code, 0);
     assert!(!out.contains("forgot"), "nothing stored: {out}");
+}
+
+/// Runs `tether-edge args` (no `--config` added): (exit code, stdout, stderr).
+fn edge_args(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether-edge"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn version_prints_the_build_line_that_serve_prints_first_and_exits_0() {
+    let dir = TempDir::new("cli-version");
+    // serve prints the build line first on stderr, before it reads the config.
+    let (_, _, err) = edge(&dir.path().join("none.toml"), &["serve"]);
+    let build_line = err.lines().next().expect("a first stderr line");
+    assert!(
+        build_line.starts_with(&format!("tether-edge {} (", env!("CARGO_PKG_VERSION"))),
+        "the build line names program and crate version: {build_line:?}"
+    );
+    for flag in ["--version", "-V"] {
+        let (code, out, err) = edge_args(&[flag.as_ref()]);
+        assert_eq!(code, 0, "{flag}: {err}");
+        assert_eq!(out, format!("{build_line}\n"), "{flag}");
+    }
+}
+
+#[test]
+fn help_names_every_command_flag_stdout_line_signal_and_exit_code() {
+    let (code, help, err) = edge_args(&["--help".as_ref()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, short, _) = edge_args(&["-h".as_ref()]);
+    assert_eq!((code, short.as_str()), (0, help.as_str()), "-h");
+    for want in [
+        // help2man's layout (scripts/man): Usage lines, then option lines.
+        "Usage: tether-edge --config FILE [serve]",
+        "  or:  tether-edge --config FILE token create ",
+        "\nCommands:\n",
+        "  serve ",
+        "  token create ",
+        "  token list ",
+        "  token revoke ID ",
+        "  endpoint list ",
+        "  endpoint release NAME\n",
+        "\nOptions:\n",
+        "  -c, --config FILE ",
+        "      --description TEXT\n",
+        "      --allow NAME ",
+        "  -h, --help ",
+        "  -V, --version ",
+        "there is no default path",
+        // Files: the config and the token store.
+        "\nFiles:\n",
+        "<state_dir>/tokens.db",
+        "error: FILE:LINE: FIELD: REASON",
+        "error: FILE: cannot read the config file: REASON",
+        // The stdout lines (README, "Machine-readable output").
+        "LISTEN agent <ip:port>, LISTEN tls <ip:port>",
+        "BOUND <endpoint> <url>",
+        "UNBOUND <endpoint>",
+        // Signals: the two it handles and the one people expect.
+        "SIGTERM, SIGINT ",
+        "GOAWAY(NO_ERROR)",
+        "SIGHUP",
+        // Every exit code the program uses.
+        "\nExit status:\n",
+        "  0    ",
+        "  1    ",
+        "  64   ",
+        // The environment.
+        "\nEnvironment:\n",
+        "RUST_LOG",
+    ] {
+        assert!(help.contains(want), "--help lacks {want:?}:\n{help}");
+    }
+    // The usage alone comes with a usage error, and points to --help.
+    let (code, _, err) = edge_args(&["frobnicate".as_ref()]);
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("Usage: tether-edge") && err.contains("--help"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unreadable_config_file_is_named_without_a_line_or_field_and_exits_64() {
+    let dir = TempDir::new("cli-noconfig");
+    // A missing file, and a directory where the file should be.
+    for path in [dir.path().join("nonexistent.toml"), dir.path().join("")] {
+        let why = std::fs::read_to_string(&path).unwrap_err().to_string();
+        let want = format!(
+            "error: {}: cannot read the config file: {why}",
+            path.display()
+        );
+        for args in [&["serve"][..], &["token", "list"]] {
+            let (code, _, err) = edge(&path, args);
+            assert_eq!(code, 64, "{args:?}: {err}");
+            let line = err.lines().find(|l| l.starts_with("error: ")).unwrap();
+            assert_eq!(line, want, "{args:?}");
+            assert!(!line.contains(":1:") && !line.contains(" -: "), "{line}");
+        }
+    }
 }
