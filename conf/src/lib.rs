@@ -32,7 +32,8 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 /// The field named when the problem is not in one field (a syntax error
-/// before any key, a file that cannot be read, a missing top-level table).
+/// before any key, a missing top-level table; a file that cannot be read has
+/// no line or field at all, and each program says so without this).
 pub const WHOLE_FILE: &str = "-";
 
 /// The 1-based line of byte offset `pos` in `text` (an offset past the end

@@ -52,13 +52,13 @@ pub enum TrustError {
 impl fmt::Display for TrustError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TrustError::Read(p, e) => write!(f, "ca_file {}: {e}", p.display()),
+            TrustError::Read(p, e) => write!(f, "{}: cannot read the ca_file: {e}", p.display()),
             TrustError::Empty(p) => {
-                write!(f, "ca_file {}: no PEM CERTIFICATE in the file", p.display())
+                write!(f, "{}: the ca_file holds no PEM CERTIFICATE", p.display())
             }
             TrustError::BadAnchor(p, e) => write!(
                 f,
-                "ca_file {}: not a usable CA certificate: {e}",
+                "{}: the ca_file is not a usable CA certificate: {e}",
                 p.display()
             ),
             TrustError::Tls(e) => write!(f, "TLS configuration: {e}"),
