@@ -131,6 +131,22 @@ fn frames(wire: &[u8]) -> Vec<FrameHeader> {
 
 #[test]
 fn closed_session_whose_peer_stops_reading_ends_within_linger() {
+    // The GOAWAY is a few bytes; now and then the kernel reopens a sliver
+    // of the full connection's window (it collapses the peer's receive
+    // queue), the GOAWAY fits, and the session closes cleanly at once.
+    // That run is correct but proves nothing about the linger: run again.
+    for attempt in 1..=3 {
+        if linger_run() {
+            return;
+        }
+        eprintln!("attempt {attempt}: the GOAWAY fitted into the pipe after all; again");
+    }
+    panic!("in 3 runs the pipe never stayed full: the test proves nothing");
+}
+
+/// One run: false when the session closed cleanly before the linger (the
+/// pipe took the GOAWAY), true when it lingered and everything was checked.
+fn linger_run() -> bool {
     smol::block_on(async {
         let (c, peer) = small_tcp_pair();
         let linger = Duration::from_millis(500);
@@ -153,6 +169,9 @@ fn closed_session_whose_peer_stops_reading_ends_within_linger() {
             .await
             .expect("the driver of a closed session must end at the linger deadline");
         let took = t0.elapsed();
+        if matches!(end, Closed::Mux(CloseReason::Local(ErrorCode::INTERNAL))) && took < linger {
+            return false;
+        }
         assert!(
             matches!(
                 end,
@@ -171,7 +190,8 @@ fn closed_session_whose_peer_stops_reading_ends_within_linger() {
         let got = smol::unblock(move || read_to_eof(peer, Duration::from_secs(5))).await;
         assert!(got.is_some(), "the dropped pipe's fd is still open");
         drop(drv);
-    });
+        true
+    })
 }
 
 #[test]
