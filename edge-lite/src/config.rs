@@ -394,14 +394,27 @@ impl Config {
             ));
             combos.push((format!("endpoint_policy.{key}"), layers));
         }
+        // The [tls] identity, read once, for the plans that need a server of
+        // their own (the default plan is served by the shared one).
+        let mut identity = None;
         for (field, layers) in combos {
             let refs: Vec<_> = layers.iter().map(|(l, p)| (l.clone(), &**p)).collect();
             let eff = policy::combine(&refs, policy::Carriage::Terminated)
                 .map_err(|c| doc.at_path(&field, c.message))?;
-            if let (Some(plan), Some(t)) = (&eff.tls, &self.tls) {
-                let id = tls::load_identity(&t.cert, &t.key)
-                    .map_err(|e| doc.at(&["tls", "cert"], e.to_string()))?;
-                tls::endpoint_server(&id, plan)
+            let (Some(plan), Some(t)) = (&eff.tls, &self.tls) else {
+                continue;
+            };
+            if plan.is_default() {
+                continue;
+            }
+            if identity.is_none() {
+                identity = Some(
+                    tls::load_identity(&t.cert, &t.key)
+                        .map_err(|e| doc.at(&["tls", "cert"], e.to_string()))?,
+                );
+            }
+            if let Some(id) = &identity {
+                tls::endpoint_server(id, plan)
                     .map_err(|e| doc.at_path(&field, format!("cannot serve this TLS: {e}")))?;
             }
         }
