@@ -510,10 +510,10 @@ fn two_sessions_fit(session: &tether_proto::Config, addressable: u64) -> Option<
         ..*session
     }
     .buffer_len() as u64
-        + tether_driver::IO_BUFFER as u64;
-    let per_stream = session.window as u64
-        + tether_proto::MAX_META as u64
-        + 2 * crate::proxy::COPY_BUFFER as u64;
+        + tether_driver::IO_BUFFER as u64
+        + tether_driver::READ_AHEAD as u64;
+    let per_stream =
+        session.window as u64 + tether_proto::MAX_META as u64 + crate::proxy::COPY_BUFFER as u64;
     let one = (session.max_streams as u64)
         .checked_mul(per_stream)?
         .checked_add(fixed)?;

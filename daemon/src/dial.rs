@@ -27,6 +27,7 @@ use futures_rustls::rustls::pki_types::pem::PemObject;
 use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
 use futures_rustls::rustls::{self, ClientConfig, RootCertStore};
 use futures_rustls::TlsConnector;
+use tether_driver::{ReadAhead, READ_AHEAD};
 
 use crate::config::HostPort;
 
@@ -34,7 +35,7 @@ use crate::config::HostPort;
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS stream to the edge.
-pub type EdgeStream = TlsStream<TcpStream>;
+pub type EdgeStream = TlsStream<ReadAhead<TcpStream>>;
 
 /// Why the trust anchors could not be set up (at start: exit 64).
 #[derive(Debug)]
@@ -194,7 +195,7 @@ pub async fn dial(
     let stream = timeout(
         "TLS handshake with",
         addr.to_string(),
-        tls.connect(name.clone(), tcp),
+        tls.connect(name.clone(), ReadAhead::new(tcp, READ_AHEAD)),
     )
     .await?
     .map_err(

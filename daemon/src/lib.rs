@@ -23,7 +23,7 @@
 //! threads. Memory is fixed by the configuration: per session the
 //! multiplexer's buffers (`max_streams × (window + 512)` plus queues,
 //! allocated once by `tether-driver`) and the driver's 64 KiB read buffer,
-//! plus per live stream two 16 KiB copy buffers: [`session_memory_bound`].
+//! plus per live stream one 32 KiB copy buffer: [`session_memory_bound`].
 //! While the edge
 //! drains a session (`GOAWAY(NO_ERROR)`) the old and the new session both
 //! hold their buffers until the old one's streams are done: plan for two.
@@ -66,10 +66,14 @@ pub use dial::TrustError;
 
 /// Every byte one session may buffer for its streams, whatever the traffic:
 /// the multiplexer's fixed buffers ([`tether_proto::Config::buffer_len`]),
-/// the driver's read buffer and two copy buffers per stream. rustls's own
+/// the driver's read buffer, the read-ahead under TLS
+/// ([`tether_driver::READ_AHEAD`]) and one copy buffer per stream. rustls's own
 /// record buffers come on top (bounded by rustls's default buffer limits).
 pub fn session_memory_bound(session: &tether_proto::Config) -> usize {
-    session.buffer_len() + tether_driver::IO_BUFFER + session.max_streams * 2 * proxy::COPY_BUFFER
+    session.buffer_len()
+        + tether_driver::IO_BUFFER
+        + tether_driver::READ_AHEAD
+        + session.max_streams * proxy::COPY_BUFFER
 }
 
 use backoff::Backoff;

@@ -12,16 +12,26 @@
 //! connection shut down. The idle timer is one async-io `Timer` per stream,
 //! moved only when it fires (activity just records the time).
 //!
-//! With `proxy_protocol = "v2"` the upstream direction's copy buffer starts
-//! out holding the PROXY v2 header ([`crate::proxy_header`]: the public
-//! client from the stream's metadata, the upstream's address, the SNI and a
-//! verified client certificate's CN), so it reaches the upstream before any
-//! of the stream's bytes, with no buffer of its own.
+//! The two directions copy differently:
+//! - upstream → stream reads the upstream into a copy buffer of
+//!   [`COPY_BUFFER`] bytes and writes that into the stream (the mux copies
+//!   it into its transmit queue);
+//! - stream → upstream has no buffer: the stream's received bytes go from
+//!   the mux's receive window straight into the upstream socket
+//!   ([`Stream::poll_write_received`], one `writev` of whatever has
+//!   arrived), which saves a copy per byte and makes the writes as large as
+//!   the data allows.
 //!
-//! Memory: each stream owns two copy buffers of [`COPY_BUFFER`] bytes (one per
-//! direction), allocated when the stream starts and freed when it ends. The
+//! With `proxy_protocol = "v2"` the PROXY v2 header ([`crate::proxy_header`]:
+//! the public client from the stream's metadata, the upstream's address, the
+//! SNI and a verified client certificate's CN) is written to the upstream
+//! before any of the stream's bytes, from a small buffer of its own that
+//! lives only until it is written.
+//!
+//! Memory: each stream owns one copy buffer of [`COPY_BUFFER`] bytes,
+//! allocated when the stream starts and freed when it ends. The
 //! multiplexer refuses streams past `max_streams`, so the copy buffers add at
-//! most `max_streams × 2 × COPY_BUFFER` to the session's fixed buffers; no
+//! most `max_streams × COPY_BUFFER` to the session's fixed buffers; no
 //! buffer grows with traffic. A slow reader on one side stops only that
 //! direction of that stream (the mux's per-stream credit does the rest).
 
@@ -43,8 +53,14 @@ use tether_proto::ErrorCode;
 use crate::config::{HostPort, ProxyProtocol};
 use crate::proxy_header::Header;
 
-/// Bytes of each of the two copy buffers of a stream.
-pub const COPY_BUFFER: usize = 16 * 1024;
+/// Bytes of the copy buffer of a stream (upstream → stream): two frames'
+/// payload, so one `recv` from the upstream fills two `DATA` frames.
+pub const COPY_BUFFER: usize = 32 * 1024;
+
+/// Room for the PROXY v2 header: its fixed part and addresses (52 bytes)
+/// and three record heads, plus the SNI and CN, which come from the
+/// stream's metadata and so fit in [`tether_proto::MAX_META`] together.
+const PROXY_HEADER_BUFFER: usize = 64 + tether_proto::MAX_META;
 
 /// How long a stream may wait for its upstream, and stay silent once joined.
 #[derive(Clone, Copy, Debug)]
@@ -110,12 +126,14 @@ pub async fn serve(
     let _ = tcp.set_nodelay(true);
 
     let mut down = Pump::new(); // upstream -> stream (towards the public client)
-    let mut up = Pump::new(); // stream -> upstream
-                              // The header goes first in the upstream direction's buffer: the pump
-                              // writes it before it reads the stream's first byte.
+    let mut up = Forward::default(); // stream -> upstream
+                                     // The header goes first: `up` writes it before the stream's first byte.
     let header = match proxy_protocol {
         None => Ok(0),
-        Some(ProxyProtocol::V2) => proxy_v2_header(meta.as_ref(), &tcp, &mut up.buf),
+        Some(ProxyProtocol::V2) => {
+            up.header = vec![0u8; PROXY_HEADER_BUFFER];
+            proxy_v2_header(meta.as_ref(), &tcp, &mut up.header)
+        }
     };
     let header_len = match header {
         Ok(n) => n,
@@ -126,7 +144,7 @@ pub async fn serve(
             return;
         }
     };
-    up.end = header_len;
+    up.header.truncate(header_len);
     let with_header = if header_len > 0 { " (PROXY v2)" } else { "" };
     match meta.as_ref().and_then(|m| m.client.as_ref()) {
         // The edge verified the certificate; its names are still escaped,
@@ -145,7 +163,7 @@ pub async fn serve(
     let result = std::future::poll_fn(|cx| {
         let before = down.moves + up.moves;
         let d = down.poll(cx, &mut tcp, &mut stream);
-        let u = up.poll(cx, &mut stream, &mut tcp);
+        let u = up.poll(cx, &stream, &mut tcp);
         match (d, u) {
             (Poll::Ready(Err(e)), _) => return Poll::Ready(End::Failed("upstream", e)),
             (_, Poll::Ready(Err(e))) => return Poll::Ready(End::Failed("stream", e)),
@@ -208,8 +226,77 @@ fn proxy_v2_header(meta: Option<&Meta>, tcp: &TcpStream, buf: &mut [u8]) -> io::
     header.encode(buf).map_err(io::Error::other)
 }
 
-/// One direction of a copy: a fixed buffer, read until EOF, then close the
-/// writer (half-close).
+/// The stream → upstream direction: the PROXY header if there is one, then
+/// the stream's bytes straight from its receive window, then the upstream's
+/// write half is shut down (half-close).
+#[derive(Default)]
+struct Forward {
+    /// The PROXY v2 header, written from `header[hpos..]` first.
+    header: Vec<u8>,
+    hpos: usize,
+    eof: bool,
+    done: bool,
+    total: u64,
+    /// Writes and closes that completed: activity, for the idle timer.
+    moves: u64,
+}
+
+impl Forward {
+    /// Moves what it can from `stream` to `w`; `Ready(Ok)` once the stream
+    /// ended and `w` was closed.
+    fn poll<W>(&mut self, cx: &mut Context<'_>, stream: &Stream, w: &mut W) -> Poll<io::Result<()>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            if self.hpos < self.header.len() {
+                match Pin::new(&mut *w).poll_write(cx, &self.header[self.hpos..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => {
+                        self.hpos += n;
+                        self.total += n as u64;
+                        self.moves += 1;
+                        if self.hpos == self.header.len() {
+                            self.header = Vec::new(); // its memory goes now
+                            self.hpos = 0;
+                        }
+                        continue;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.eof {
+                return match Pin::new(&mut *w).poll_close(cx) {
+                    Poll::Ready(Ok(())) => {
+                        self.done = true;
+                        self.moves += 1;
+                        Poll::Ready(Ok(()))
+                    }
+                    other => other,
+                };
+            }
+            match stream.poll_write_received(cx, w) {
+                Poll::Ready(Ok(0)) => {
+                    self.eof = true;
+                    self.moves += 1;
+                }
+                Poll::Ready(Ok(n)) => {
+                    self.total += n as u64;
+                    self.moves += 1;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The upstream → stream direction of a copy: a fixed buffer, read until
+/// EOF, then close the writer (half-close).
 struct Pump {
     buf: Box<[u8]>,
     pos: usize,

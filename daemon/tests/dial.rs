@@ -25,7 +25,7 @@ fn the_tunnel_socket_gets_keepalive_and_user_timeout_from_dead_after() {
     for dead_after in [Duration::from_millis(90_000), Duration::from_millis(4_500)] {
         let (stream, _) =
             async_io::block_on(tetherd::dial::dial(&hp, &name, &tls, dead_after)).expect("dial");
-        let fd = stream.get_ref().0.as_fd();
+        let fd = stream.get_ref().0.get_ref().as_fd();
         let want = TunnelSocketTimes::for_dead_after(dead_after);
         assert!(sockopt::socket_keepalive(fd).expect("SO_KEEPALIVE"));
         assert_eq!(

@@ -39,17 +39,23 @@
 //! `TCP_USER_TIMEOUT` on sent data the peer never acknowledges. Both
 //! programs call it on the TCP socket before the TLS handshake.
 //!
+//! [`ReadAhead`] (module [`read_ahead`]) goes between the tunnel's TCP
+//! socket and its TLS layer in both programs: one `recv` per 64 KiB instead
+//! of several per TLS record.
+//!
 //! This crate does not know about TLS, tokens or endpoints.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+pub mod read_ahead;
+pub use read_ahead::{ReadAhead, READ_AHEAD};
 #[cfg(any(target_os = "linux", target_os = "android"))]
 pub mod socket;
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -79,7 +85,9 @@ pub const IO_BUFFER: usize = 64 * 1024;
 
 /// Pieces of output up to this size (the small frames: `WINDOW`, `RESET`,
 /// `PING`, `GOAWAY`, and the tails of frames a pipe took in part) are
-/// gathered into one write instead of one write each.
+/// gathered and written with the next large piece in one vectored write
+/// (so a `WINDOW` rides in the same TLS record as the data after it), or on
+/// their own at the end of a pass.
 const COALESCE_MAX: usize = 64;
 /// The buffer that gathers them.
 const COALESCE_BUFFER: usize = 1024;
@@ -708,6 +716,68 @@ impl Stream {
             .map(|m| Meta::from_wire(&m))
     }
 
+    /// Writes what the stream has received into `w` straight from the
+    /// stream's receive window (one vectored write of up to two slices), so
+    /// that a copy loop needs no buffer of its own in this direction and
+    /// hands the socket as much as has arrived, not one buffer's worth.
+    ///
+    /// `Ready(Ok(n))`: `n > 0` bytes were written and are gone from the
+    /// stream (its credit is granted as for a read). `Ready(Ok(0))`: the
+    /// peer finished and every byte was written, as a read's EOF.
+    /// `Pending`: nothing has arrived (this task is woken when something
+    /// does) or `w` takes nothing now (`w` wakes it).
+    ///
+    /// The session's lock is held during `w`'s `poll_write_vectored`: `w`
+    /// must not be, or wait on, this session (a socket or another TLS
+    /// connection is what it is for).
+    pub fn poll_write_received<W>(&self, cx: &mut Context<'_>, w: &mut W) -> Poll<io::Result<usize>>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut inner = self.shared.lock();
+        let mut wrote = None;
+        let r = inner.mux.recv_with(self.id, |a, b| {
+            let both = [IoSlice::new(a), IoSlice::new(b)];
+            let bufs = if b.is_empty() { &both[..1] } else { &both[..] };
+            match Pin::new(&mut *w).poll_write_vectored(cx, bufs) {
+                Poll::Ready(Ok(n)) => {
+                    wrote = Some(Ok(n));
+                    n
+                }
+                Poll::Ready(Err(e)) => {
+                    wrote = Some(Err(e));
+                    0
+                }
+                Poll::Pending => 0,
+            }
+        });
+        match r {
+            Ok(Recv::Data(_)) => match wrote {
+                Some(Ok(0)) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the writer accepts no more bytes",
+                ))),
+                Some(Ok(n)) => {
+                    inner.wake_driver(); // a WINDOW grant may be due
+                    Poll::Ready(Ok(n))
+                }
+                Some(Err(e)) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            Ok(Recv::Fin) => Poll::Ready(Ok(0)),
+            Ok(Recv::Blocked) => {
+                if inner.ended {
+                    return Poll::Ready(Err(closed_error(&inner)));
+                }
+                if let Some(wk) = inner.streams.get_mut(&self.id.get()) {
+                    wk.read = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Err(e) => Poll::Ready(Err(stream_error(e))),
+        }
+    }
+
     /// Resets the stream with `code`: both directions end now.
     pub fn reset(&self, code: ErrorCode) {
         let mut inner = self.shared.lock();
@@ -716,12 +786,8 @@ impl Stream {
     }
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
+impl Stream {
+    fn read_some(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let mut inner = self.shared.lock();
         match inner.mux.recv(self.id, buf) {
             Ok(Recv::Data(n)) => {
@@ -741,14 +807,8 @@ impl AsyncRead for Stream {
             Err(e) => Poll::Ready(Err(stream_error(e))),
         }
     }
-}
 
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -772,12 +832,7 @@ impl AsyncWrite for Stream {
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Queued bytes belong to the driver, which flushes the pipe itself.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn finish_some(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut inner = self.shared.lock();
         match inner.mux.finish(self.id) {
             Ok(()) => {
@@ -798,6 +853,43 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+/// `Stream` and `&Stream` read and write alike, so that one task can read
+/// a stream while another (or the same) writes it without a lock around it.
+macro_rules! stream_io {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut [u8],
+            ) -> Poll<io::Result<usize>> {
+                self.read_some(cx, buf)
+            }
+        }
+
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.write_some(cx, buf)
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                // Queued bytes belong to the driver, which flushes the pipe itself.
+                Poll::Ready(Ok(()))
+            }
+
+            fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.finish_some(cx)
+            }
+        }
+    };
+}
+stream_io!(Stream);
+stream_io!(&Stream);
 
 impl Drop for Stream {
     fn drop(&mut self) {
@@ -909,6 +1001,45 @@ fn flush_small<T: AsyncWrite + Unpin>(
     Ok(true)
 }
 
+/// Writes the gathered small pieces and `bytes` after them, in one vectored
+/// write where the pipe takes both (TLS puts them in one record and one
+/// `writev`). `Ok(Some(k))`: the small pieces are all out and `k > 0` bytes
+/// of `bytes` too; `Ok(None)`: the pipe takes no more now.
+fn write_gathered<T: AsyncWrite + Unpin>(
+    io: &mut T,
+    cx: &mut Context<'_>,
+    small: &[u8],
+    spos: &mut usize,
+    send: &mut usize,
+    bytes: &[u8],
+) -> io::Result<Option<usize>> {
+    loop {
+        let pending = *send - *spos;
+        if pending == 0 {
+            *spos = 0;
+            *send = 0;
+            return write_some(io, cx, bytes);
+        }
+        let bufs = [IoSlice::new(&small[*spos..*send]), IoSlice::new(bytes)];
+        match Pin::new(&mut *io).poll_write_vectored(cx, &bufs) {
+            Poll::Ready(Ok(0)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "pipe accepts no more bytes",
+                ))
+            }
+            Poll::Ready(Ok(n)) if n <= pending => *spos += n, // the rest next turn
+            Poll::Ready(Ok(n)) => {
+                *spos = 0;
+                *send = 0;
+                return Ok(Some(n - pending));
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(None),
+        }
+    }
+}
+
 /// What writing the mux's output to the pipe did.
 #[derive(Default)]
 struct Output {
@@ -948,20 +1079,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<T> {
                 *send += bytes.len();
                 return bytes.len();
             }
-            // A large piece: what was gathered goes first, then the piece
-            // is written from the mux's queue as it is.
-            match flush_small(io, cx, small, spos, send) {
-                Ok(true) => {}
-                Ok(false) => {
-                    out.blocked = true;
-                    return 0;
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    return 0;
-                }
-            }
-            match write_some(io, cx, bytes) {
+            // A large piece: what was gathered goes first, in the same
+            // vectored write as the piece, which is written from the mux's
+            // queue as it is.
+            match write_gathered(io, cx, small, spos, send, bytes) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
                     out.blocked = true;

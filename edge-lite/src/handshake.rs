@@ -17,6 +17,11 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
 use smol::net::TcpStream;
+use tether_driver::{ReadAhead, READ_AHEAD};
+
+/// An agent's connection once TLS is up: the TCP socket read through a
+/// [`ReadAhead`] (one `recv` per 64 KiB, not per 4 KiB) under rustls.
+pub(crate) type AgentTls = TlsStream<ReadAhead<TcpStream>>;
 use tether_proto::{Control, ErrorCode, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL};
 
 use crate::config::ms;
@@ -72,7 +77,7 @@ pub(crate) async fn authenticate(
     state: &State,
     tcp: TcpStream,
     peer: SocketAddr,
-) -> Option<(TlsStream<TcpStream>, Authenticated)> {
+) -> Option<(AgentTls, Authenticated)> {
     let limits = &state.cfg.limits;
     let tls_deadline = ms(limits.tls_handshake_timeout_ms);
     let started = std::time::Instant::now();
@@ -101,10 +106,11 @@ async fn authenticate_tls(
     tcp: TcpStream,
     peer: SocketAddr,
     tls_deadline: Duration,
-) -> Option<(TlsStream<TcpStream>, Authenticated)> {
+) -> Option<(AgentTls, Authenticated)> {
     let limits = &state.cfg.limits;
     let acceptor = TlsAcceptor::from(state.agent_tls.clone());
-    let mut tls = match timeout(tls_deadline, acceptor.accept(tcp)).await {
+    let pipe = ReadAhead::new(tcp, READ_AHEAD);
+    let mut tls = match timeout(tls_deadline, acceptor.accept(pipe)).await {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
             log::debug!("agent tls handshake failed: peer={peer}: {e}");
@@ -168,10 +174,7 @@ enum FirstFrame {
 }
 
 /// Reads one frame into `buf`; `Ok(len)` of its `CONTROL` payload.
-async fn read_first_frame(
-    tls: &mut TlsStream<TcpStream>,
-    buf: &mut [u8],
-) -> Result<usize, FirstFrame> {
+async fn read_first_frame(tls: &mut AgentTls, buf: &mut [u8]) -> Result<usize, FirstFrame> {
     let mut header = [0u8; HEADER_LEN];
     tls.read_exact(&mut header)
         .await
@@ -278,12 +281,7 @@ async fn check_hello(state: &State, payload: &[u8]) -> Result<Authenticated, Ref
 
 /// Writes `CONTROL(error)` (if any) and `GOAWAY(code)` as raw frames, within
 /// `session.linger_ms`, then closes: a peer that does not read loses them.
-async fn goaway(
-    state: &State,
-    tls: &mut TlsStream<TcpStream>,
-    code: ErrorCode,
-    error: Option<&Control<'_>>,
-) {
+async fn goaway(state: &State, tls: &mut AgentTls, code: ErrorCode, error: Option<&Control<'_>>) {
     let mut out = Vec::with_capacity(64);
     if let Some(msg) = error {
         let mut body = [0u8; 512];

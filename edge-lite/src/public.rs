@@ -31,7 +31,7 @@ use futures_lite::io::{split, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt
 use futures_rustls::TlsAcceptor;
 use smol::net::{TcpListener, TcpStream};
 use smol::Timer;
-use tether_driver::{ClientIdentity, Meta, Session};
+use tether_driver::{ClientIdentity, Meta, Session, Stream};
 use tether_proto::EndpointKind;
 
 use crate::admission::Pending;
@@ -44,8 +44,9 @@ use crate::tls::{self, Denied};
 
 /// How long a public connection waits for a free stream on its session.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The copy buffer of one direction of one connection.
-const COPY_BUFFER: usize = 16 * 1024;
+/// The copy buffer of a public connection (client → stream; the other
+/// direction needs none: [`forward`]): two frames' payload per `recv`.
+const COPY_BUFFER: usize = 32 * 1024;
 
 /// One public connection counted against `limits.public_connections`.
 struct Slot {
@@ -477,11 +478,13 @@ where
     drop(waiting);
     let id = stream.id();
     let (pr, pw) = split(public);
-    let (sr, sw) = split(stream);
     let activity = Activity::new();
     // try_zip: the first error (a reset stream, a reset client) ends both
     // directions at once; a clean EOF only half-closes the other side.
-    let copy = futures_lite::future::try_zip(pump(pr, sw, &activity), pump(sr, pw, &activity));
+    let copy = futures_lite::future::try_zip(
+        pump(pr, &stream, &activity),
+        forward(&stream, pw, &activity),
+    );
     let ended = futures_lite::future::or(async { Some(copy.await) }, async {
         activity.idle_for(idle).await;
         None
@@ -538,7 +541,29 @@ impl Activity {
     }
 }
 
-/// Copies `r` to `w` until EOF, then closes `w`'s write half.
+/// Writes what `stream` receives into `w` straight from the stream's
+/// receive window (no copy buffer: [`Stream::poll_write_received`]) until
+/// the stream's EOF, then closes `w`'s write half.
+async fn forward<W>(stream: &Stream, mut w: W, activity: &Activity) -> io::Result<u64>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut total = 0u64;
+    loop {
+        let n = std::future::poll_fn(|cx| stream.poll_write_received(cx, &mut w)).await?;
+        if n == 0 {
+            break;
+        }
+        activity.touch();
+        // A TLS client's records may wait inside rustls; push them out.
+        w.flush().await?;
+        total += n as u64;
+    }
+    w.close().await?;
+    Ok(total)
+}
+
+/// Copies `r` to `w` through a buffer until EOF, then closes `w`'s write half.
 async fn pump<R, W>(mut r: R, mut w: W, activity: &Activity) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,

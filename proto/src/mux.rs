@@ -1828,19 +1828,43 @@ where
 
     /// Copies received bytes of a stream into `out`.
     pub fn recv(&mut self, id: StreamId, out: &mut [u8]) -> Result<Recv, StreamError> {
+        self.recv_with(id, |a, b| {
+            let first = a.len().min(out.len());
+            out[..first].copy_from_slice(&a[..first]);
+            let second = b.len().min(out.len() - first);
+            out[first..first + second].copy_from_slice(&b[..second]);
+            first + second
+        })
+    }
+
+    /// [`Mux::recv`] without a copy: `take` is shown the stream's received
+    /// bytes in order, as up to two slices of its receive window (the second
+    /// is empty unless they wrap around the window's end), and returns how
+    /// many of them it consumed (at most their total; more is treated as
+    /// all). Those bytes are gone and credit is granted for them as for
+    /// [`Mux::recv`]. `take` is called only when there is at least one byte;
+    /// `Recv::Data(0)` means it took none. For a caller that writes the
+    /// bytes straight into a socket (`writev`).
+    pub fn recv_with<F>(&mut self, id: StreamId, take: F) -> Result<Recv, StreamError>
+    where
+        F: FnOnce(&[u8], &[u8]) -> usize,
+    {
         let idx = self.slot(id)?;
         let s = &self.slots.as_ref()[idx];
         if let Some(code) = s.reset {
             return Err(StreamError::Reset(code));
         }
-        if s.recv.len() == 0 {
+        let queued = s.recv.len();
+        if queued == 0 {
             return Ok(if s.recv_fin { Recv::Fin } else { Recv::Blocked });
         }
         let r = self.region(idx);
         let threshold = self.cfg.window / 4;
         let mem = &self.buf.as_ref()[r.start + MAX_META..r.end];
+        let (a, b) = s.recv.slices(mem);
+        let n = take(a, b).min(queued);
         let s = &mut self.slots.as_mut()[idx];
-        let n = s.recv.pop(mem, out);
+        s.recv.consume(r.end - r.start - MAX_META, n);
         s.unacked += n as u32;
         if s.unacked >= threshold && !s.recv_fin {
             s.grant_out += s.unacked;

@@ -73,7 +73,9 @@ impl Ring {
         };
     }
 
-    /// Moves up to `out.len()` bytes from the front into `out`.
+    /// Moves up to `out.len()` bytes from the front into `out` (the mux
+    /// reads through [`Ring::slices`] and [`Ring::consume`]; the tests use this).
+    #[cfg(test)]
     pub(crate) fn pop(&mut self, mem: &[u8], out: &mut [u8]) -> usize {
         let n = self.peek(mem, out);
         self.consume(mem.len(), n);
