@@ -6,21 +6,33 @@
 //! traffic policies cost it.
 //!
 //! What it starts (127.0.0.1 only, every port chosen by the OS and read back
-//! from the programs' stdout lines, as `scripts/demo` does):
+//! from the programs' stdout lines, as `scripts/demo` does; `scripts/bench`
+//! runs it in a private network namespace when it can):
 //! - two upstreams in this process: a *sink* (reads until EOF, counting, then
 //!   replies with the count as 8 bytes little-endian and closes) and an *echo*;
+//! - a third upstream, `iperf3 -s` on its own port (a child; module [`iperf`];
+//!   iperf3 must be installed);
 //! - `tether-edge serve` with a tcp and a tls (SNI-routed) public listener, a
 //!   PKI generated here with rcgen (CA, agent-port and wildcard certificates);
-//! - `tetherd` with four endpoints: `sink` and `echo` (kind tcp), `sink-tls`
-//!   and `echo-tls` (kind tls), all on the upstreams above.
+//! - `tetherd` (`--tetherd`, the device build) with five endpoints: `sink`,
+//!   `echo` and `iperf` (kind tcp), `sink-tls` and `echo-tls` (kind tls), on
+//!   the upstreams above;
+//! - a second tetherd (`--tetherd-release`, the plain release build) on the
+//!   same edge with its own token and the same five endpoints, named
+//!   `rel-sink` ... `rel-iperf`.
 //!
 //! Every case runs on three paths, interleaved within each repetition:
 //! `direct` (a TCP connection straight to the upstream: the baseline),
 //! `tcp` (the edge's tcp endpoint port) and `tls` (the edge's shared TLS port,
 //! client-side TLS 1.3 with rustls verifying the dev CA; the edge terminates
-//! TLS and carries the plaintext as a stream).
+//! TLS and carries the plaintext as a stream). The latency and connection
+//! cases add a fourth, `release`: the release tetherd's tcp endpoint.
 //!
 //! Cases (medians over `TETHER_BENCH_REPS` repetitions):
+//! - iperf3 (module [`compare`]): `iperf3 -c -J -t TETHER_BENCH_IPERF_SECS`
+//!   forward with 1 and 8 streams (`-P 8`) and reverse (`-R`), each direct
+//!   and through both tetherds' `iperf` endpoints in turn, with tetherd's and
+//!   the edge's CPU seconds per GB received;
 //! - upload throughput, 1 and 8 concurrent streams: each stream writes
 //!   `TETHER_BENCH_MB / streams` MiB in 64 KiB writes to the sink, half-closes
 //!   and waits for the sink's count (which must match). Timed from when every
@@ -30,14 +42,18 @@
 //! - round-trip latency: 64-byte messages to the echo, one in flight,
 //!   `TETHER_BENCH_RTT` round trips on one connection per route (after 200
 //!   untimed), the routes taking turns every 50 round trips;
-//! - new connections per second: connect (plus the TLS handshake on `tls`),
-//!   64-byte echo, half-close, read to EOF, close; repeated for
-//!   `TETHER_BENCH_CONN_SECS` seconds per route and repetition, one at a
-//!   time, the routes taking turns every half second;
+//! - new connections per second, and the p50/p99 time of each: connect (plus
+//!   the TLS handshake on `tls`), 64-byte echo, half-close, read to EOF,
+//!   close; repeated for `TETHER_BENCH_CONN_SECS` seconds per route and
+//!   repetition, one at a time, the routes taking turns every half second;
 //! - tetherd memory: VmRSS after connect + bind (idle, before any traffic) and
 //!   VmHWM after 64 concurrent busy echo streams through the tcp endpoint
 //!   (each writes and reads `TETHER_BENCH_PEAK_MB` MiB at once), checked
 //!   against idle + `tetherd::session_memory_bound` of the default settings.
+//!   Both tetherds' idle VmRSS, and the edge's at the same moments.
+//!
+//! It prints two tables: the cases above by route (direct, tcp, tls), then
+//! the comparison of direct against the two tetherd builds.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -60,6 +76,8 @@ use tether_tests::sys::{big_mappings, vm};
 use tether_tests::Lines;
 
 mod bounds;
+mod compare;
+mod iperf;
 mod policy;
 
 /// The domain of the TLS endpoints.
@@ -87,8 +105,12 @@ fn main() {
 struct Args {
     edge: PathBuf,
     tetherd: PathBuf,
+    /// tunnel: the release build of tetherd, next to `tetherd`'s.
+    tetherd_release: Option<PathBuf>,
     out: PathBuf,
     pidfile: Option<PathBuf>,
+    /// tunnel: which network it runs in, as the caller says (`--net`).
+    net: Option<String>,
 }
 
 /// Which benchmark the arguments name.
@@ -100,7 +122,7 @@ enum Bench {
 
 fn parse_args() -> Res<(Bench, Args)> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: tether-bench tunnel|bounds|policy --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n       tether-bench buffer-len";
+    let usage = "usage: tether-bench tunnel|bounds|policy --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n                    [--tetherd-release PATH (tunnel: required)] [--net LABEL (tunnel)]\n       tether-bench buffer-len";
     let bench = match it.next().as_deref() {
         Some("tunnel") => Bench::Tunnel,
         Some("bounds") => Bench::Bounds,
@@ -115,6 +137,7 @@ fn parse_args() -> Res<(Bench, Args)> {
         _ => return Err(usage.into()),
     };
     let (mut edge, mut tetherd, mut out, mut pidfile) = (None, None, None, None);
+    let (mut tetherd_release, mut net) = (None, None);
     while let Some(a) = it.next() {
         let v = it
             .next()
@@ -122,6 +145,8 @@ fn parse_args() -> Res<(Bench, Args)> {
         match a.as_str() {
             "--edge" => edge = Some(PathBuf::from(v)),
             "--tetherd" => tetherd = Some(PathBuf::from(v)),
+            "--tetherd-release" => tetherd_release = Some(PathBuf::from(v)),
+            "--net" => net = Some(v),
             "--out" => out = Some(PathBuf::from(v)),
             "--pidfile" => pidfile = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown argument {a}\n{usage}")),
@@ -132,8 +157,10 @@ fn parse_args() -> Res<(Bench, Args)> {
         Args {
             edge: edge.ok_or(usage)?,
             tetherd: tetherd.ok_or(usage)?,
+            tetherd_release,
             out: out.ok_or(usage)?,
             pidfile,
+            net,
         },
     ))
 }
@@ -322,9 +349,13 @@ enum Route {
     Direct,
     Tcp,
     Tls,
+    /// The tcp endpoint of the release tetherd.
+    Release,
 }
 
 const ROUTES: [Route; 3] = [Route::Direct, Route::Tcp, Route::Tls];
+/// The routes of the latency and connection cases.
+const LAT_ROUTES: [Route; 4] = [Route::Direct, Route::Tcp, Route::Tls, Route::Release];
 
 impl Route {
     fn name(self) -> &'static str {
@@ -332,6 +363,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Tcp => "tcp",
             Route::Tls => "tls",
+            Route::Release => "release",
         }
     }
 }
@@ -347,6 +379,9 @@ struct Targets {
     echo: SocketAddr,
     sink_tcp: SocketAddr,
     echo_tcp: SocketAddr,
+    /// The release tetherd's tcp endpoints.
+    sink_rel: SocketAddr,
+    echo_rel: SocketAddr,
     tls: SocketAddr,
     client: Arc<ClientConfig>,
     resumed: AtomicU64,
@@ -365,6 +400,8 @@ impl Conn {
             (Route::Direct, Up::Echo) => t.echo,
             (Route::Tcp, Up::Sink) => t.sink_tcp,
             (Route::Tcp, Up::Echo) => t.echo_tcp,
+            (Route::Release, Up::Sink) => t.sink_rel,
+            (Route::Release, Up::Echo) => t.echo_rel,
             (Route::Tls, _) => t.tls,
         };
         let sock = TcpStream::connect(addr)?;
@@ -493,15 +530,15 @@ fn upload(t: &Arc<Targets>, route: Route, streams: usize, total: u64) -> Res<Dur
     Ok(start.elapsed())
 }
 
-/// Round-trip times (µs) of `n` 64-byte echoes per route, one connection
-/// per route, the routes taking turns in blocks of [`LAT_BLOCK`] round trips
-/// so that every route sees the same machine (the host is shared and its
-/// wake-up latency drifts); after 200 untimed round trips on each.
-fn latency(t: &Targets, n: usize) -> Res<BTreeMap<Route, Vec<f64>>> {
+/// Round-trip times (µs) of `n` 64-byte echoes per route of `routes`, one
+/// connection per route, the routes taking turns in blocks of [`LAT_BLOCK`]
+/// round trips so that every route sees the same machine (the host is shared
+/// and its wake-up latency drifts); after 200 untimed round trips on each.
+fn latency(t: &Targets, routes: &[Route], n: usize) -> Res<BTreeMap<Route, Vec<f64>>> {
     let msg = pattern(MSG);
     let mut back = [0u8; MSG];
     let mut conns = Vec::new();
-    for r in ROUTES {
+    for &r in routes {
         let c = Conn::open(t, r, Up::Echo).map_err(|e| format!("connect {}: {e}", r.name()))?;
         conns.push((r, c));
     }
@@ -540,14 +577,17 @@ fn latency(t: &Targets, n: usize) -> Res<BTreeMap<Route, Vec<f64>>> {
     Ok(out)
 }
 
-/// Sequential connect / 64-byte echo / close for `secs`; returns the
-/// connections made and the seconds taken.
-fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<(u64, f64)> {
+/// Sequential connect / 64-byte echo / close for `secs`; returns the time
+/// of each connection (µs, from before connect to after close) and the
+/// seconds taken in all.
+fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<(Vec<f64>, f64)> {
     let msg = pattern(MSG);
     let mut back = [0u8; MSG];
     let start = Instant::now();
-    let mut n = 0u64;
+    let mut times = Vec::new();
     loop {
+        let n = times.len();
+        let t0 = Instant::now();
         let mut c = Conn::open(t, route, Up::Echo).map_err(|e| format!("connect #{n}: {e}"))?;
         c.write_all(&msg).map_err(|e| format!("write: {e}"))?;
         c.flush().map_err(|e| format!("flush: {e}"))?;
@@ -556,10 +596,10 @@ fn conn_rate(t: &Targets, route: Route, secs: f64) -> Res<(u64, f64)> {
         c.finish().map_err(|e| format!("half-close: {e}"))?;
         c.drain().map_err(|e| format!("drain #{n}: {e}"))?;
         drop(c);
-        n += 1;
+        times.push(t0.elapsed().as_secs_f64() * 1e6);
         let el = start.elapsed().as_secs_f64();
         if el >= secs {
-            return Ok((n, el));
+            return Ok((times, el));
         }
     }
 }
@@ -773,8 +813,19 @@ fn tetherd_args(toml: &Path) -> Res<Vec<&str>> {
 /// for `CONNECTED` and then for the `BOUND <name> ...` line of each name in
 /// `bound`, in order; returns tetherd and those lines.
 fn start_tetherd(args: &Args, dir: &Path, toml: &Path, bound: &[&str]) -> Res<(Proc, Vec<String>)> {
+    start_tetherd_bin(&args.tetherd, args, dir, toml, bound)
+}
+
+/// [`start_tetherd`] with the tetherd binary `bin`.
+fn start_tetherd_bin(
+    bin: &Path,
+    args: &Args,
+    dir: &Path,
+    toml: &Path,
+    bound: &[&str],
+) -> Res<(Proc, Vec<String>)> {
     let daemon = Proc::spawn(
-        &args.tetherd,
+        bin,
         &tetherd_args(toml)?,
         dir.join("tetherd.log"),
         args.pidfile.as_deref(),
@@ -932,6 +983,32 @@ fn real_main() -> Res<()> {
 }
 
 fn tunnel(args: Args) -> Res<()> {
+    if !iperf::available() {
+        eprintln!("tether-bench: {}", iperf::REQUIRED);
+        std::process::exit(1);
+    }
+    let release_bin = args
+        .tetherd_release
+        .clone()
+        .ok_or("tunnel needs --tetherd-release PATH (tetherd built with --release)")?;
+    // The columns are named after the builds' target directories (min, release).
+    let profile = |p: &Path| {
+        p.parent()
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .unwrap_or("tetherd")
+            .to_owned()
+    };
+    let n_min = profile(&args.tetherd);
+    let mut n_rel = profile(&release_bin);
+    if n_rel == n_min {
+        n_rel.push_str("-2");
+    }
+    let net = args
+        .net
+        .clone()
+        .unwrap_or_else(|| "127.0.0.1 (network not given by --net)".into());
+    let iperf_secs = env_num("TETHER_BENCH_IPERF_SECS", 3);
     let mb = env_num("TETHER_BENCH_MB", 2048);
     let reps = env_num("TETHER_BENCH_REPS", 5) as usize;
     let rtts = env_num("TETHER_BENCH_RTT", 5000) as usize;
@@ -966,32 +1043,41 @@ fn tunnel(args: Args) -> Res<()> {
         ),
     )?;
     let edge_cfg = edge_toml.to_str().ok_or("non-UTF-8 path")?;
-    let names = ["sink", "echo", "sink-tls", "echo-tls"];
+    // The same five endpoints on both tetherds, the release one's prefixed.
+    let names = ["sink", "echo", "sink-tls", "echo-tls", "iperf"];
+    let kinds = ["tcp", "tcp", "tls", "tls", "tcp"];
+    let rel_names: Vec<String> = names.iter().map(|n| format!("rel-{n}")).collect();
+    let rel_names: Vec<&str> = rel_names.iter().map(String::as_str).collect();
     let device_token = token(&args.edge, edge_cfg, &names)?;
+    let rel_token = token(&args.edge, edge_cfg, &rel_names)?;
     let (mut edge, agent) = start_edge(&args, dir, edge_cfg)?;
     let tls = last_addr(&edge.wait_line("LISTEN tls")?)?;
+    let epid = edge.pid();
 
-    // The upstreams and tetherd.
+    // The upstreams and the tetherds.
     let sink_addr = upstream(sink)?;
     let echo_addr = upstream(echo)?;
+    let mut iperf_srv = iperf::Server::start(dir, args.pidfile.as_deref())?;
+    let ups = [sink_addr, echo_addr, sink_addr, echo_addr, iperf_srv.addr];
+    let endpoints = |names: &[&'static str]| -> Vec<(&'static str, &'static str, SocketAddr)> {
+        (0..names.len())
+            .map(|i| (names[i], kinds[i], ups[i]))
+            .collect()
+    };
+    let edge_rss_no_session = vm(epid, "VmRSS");
     let d_toml = write_tetherd_toml(
         dir,
         agent,
         &pki,
         &device_token,
         &session_toml,
-        &[
-            ("sink", "tcp", sink_addr),
-            ("echo", "tcp", echo_addr),
-            ("sink-tls", "tls", sink_addr),
-            ("echo-tls", "tls", echo_addr),
-        ],
+        &endpoints(&names),
     )?;
     let (mut daemon, bound_lines) = start_tetherd(&args, dir, &d_toml, &names)?;
     let sink_tcp = last_addr(&bound_lines[0])?;
     let echo_tcp = last_addr(&bound_lines[1])?;
+    let iperf_tcp = last_addr(&bound_lines[4])?;
     let dpid = daemon.pid();
-    let epid = edge.pid();
 
     // Idle: connected and bound, no traffic yet.
     thread::sleep(Duration::from_secs(1));
@@ -999,8 +1085,29 @@ fn tunnel(args: Args) -> Res<()> {
     let idle_hwm = vm(dpid, "VmHWM");
     let edge_idle_rss = vm(epid, "VmRSS");
     eprintln!(
-        "tetherd pid {dpid}, edge pid {epid}; tetherd idle VmRSS {} KiB",
+        "tetherd ({n_min}) pid {dpid}, edge pid {epid}, iperf3 -s pid {}; tetherd idle VmRSS {} KiB",
+        iperf_srv.pid(),
         idle_rss / 1024
+    );
+
+    // The release tetherd, in a directory of its own; idle likewise.
+    let rdir = dir.join("release");
+    std::fs::create_dir_all(&rdir).map_err(|e| format!("{}: {e}", rdir.display()))?;
+    let rel_eps: Vec<(&str, &str, SocketAddr)> = endpoints(&names)
+        .into_iter()
+        .zip(&rel_names)
+        .map(|((_, kind, up), name)| (*name, kind, up))
+        .collect();
+    let r_toml = write_tetherd_toml(&rdir, agent, &pki, &rel_token, &session_toml, &rel_eps)?;
+    let (mut rel_daemon, rel_bound) =
+        start_tetherd_bin(&release_bin, &args, &rdir, &r_toml, &rel_names)?;
+    let rpid = rel_daemon.pid();
+    thread::sleep(Duration::from_secs(1));
+    let rel_idle_rss = vm(rpid, "VmRSS");
+    let edge_idle_rss2 = vm(epid, "VmRSS");
+    eprintln!(
+        "tetherd ({n_rel}) pid {rpid}; idle VmRSS {} KiB",
+        rel_idle_rss / 1024
     );
 
     let t = Arc::new(Targets {
@@ -1008,6 +1115,8 @@ fn tunnel(args: Args) -> Res<()> {
         echo: echo_addr,
         sink_tcp,
         echo_tcp,
+        sink_rel: last_addr(&rel_bound[0])?,
+        echo_rel: last_addr(&rel_bound[1])?,
         tls,
         client: Arc::new(tls13_client(&pki.ca)?.with_no_client_auth()),
         resumed: AtomicU64::new(0),
@@ -1018,8 +1127,28 @@ fn tunnel(args: Args) -> Res<()> {
     for r in ROUTES {
         upload(&t, r, 1, 8 << 20)?;
     }
-    latency(&t, 200)?;
+    latency(&t, &LAT_ROUTES, 200)?;
     let mut mem_trace = vec![("idle", idle_rss, idle_hwm)];
+
+    // iperf3: direct, then through each tetherd.
+    let paths = [
+        (Route::Direct, "direct", iperf_srv.addr, None),
+        (Route::Tcp, n_min.as_str(), iperf_tcp, Some(dpid)),
+        (
+            Route::Release,
+            n_rel.as_str(),
+            last_addr(&rel_bound[4])?,
+            Some(rpid),
+        ),
+    ]
+    .map(|(route, name, to, tetherd)| compare::Path {
+        route,
+        name: name.to_owned(),
+        to,
+        tetherd,
+    });
+    let iperf_res = compare::iperf_cases(&paths, epid, reps, iperf_secs, tck)?;
+    mem_trace.push(("after iperf3 cases", vm(dpid, "VmRSS"), vm(dpid, "VmHWM")));
 
     // Throughput (upload) and CPU per GB.
     let stream_counts = [1usize, 8];
@@ -1082,8 +1211,8 @@ fn tunnel(args: Args) -> Res<()> {
     let mut p99: Samples = BTreeMap::new();
     mem_trace.push(("after upload cases", vm(dpid, "VmRSS"), vm(dpid, "VmHWM")));
     for rep in 0..reps {
-        let all = latency(&t, rtts).map_err(|e| format!("latency: {e}"))?;
-        for r in ROUTES {
+        let all = latency(&t, &LAT_ROUTES, rtts).map_err(|e| format!("latency: {e}"))?;
+        for r in LAT_ROUTES {
             let v = &all[&r];
             let (a, b) = (percentile(v, 50.0), percentile(v, 99.0));
             push(&mut p50, r, a);
@@ -1098,6 +1227,8 @@ fn tunnel(args: Args) -> Res<()> {
 
     // New connections per second.
     let mut cps: Samples = BTreeMap::new();
+    let mut conn_p50: Samples = BTreeMap::new();
+    let mut conn_p99: Samples = BTreeMap::new();
     let (res0, full0) = (
         t.resumed.load(Ordering::Relaxed),
         t.full.load(Ordering::Relaxed),
@@ -1105,22 +1236,29 @@ fn tunnel(args: Args) -> Res<()> {
     // The routes take turns in slices of CONN_SLICE seconds, so that each
     // sees the same machine; one rate per route per repetition.
     for rep in 0..reps {
-        let mut acc: BTreeMap<Route, (u64, f64)> = BTreeMap::new();
+        let mut acc: BTreeMap<Route, (Vec<f64>, f64)> = BTreeMap::new();
         let slices = (conn_secs / CONN_SLICE).ceil().max(1.0) as usize;
         for _ in 0..slices {
-            for r in ROUTES {
-                let (n, el) =
+            for r in LAT_ROUTES {
+                let (times, el) =
                     conn_rate(&t, r, CONN_SLICE).map_err(|e| format!("conns {}: {e}", r.name()))?;
-                let e = acc.entry(r).or_insert((0, 0.0));
-                e.0 += n;
+                let e = acc.entry(r).or_default();
+                e.0.extend(times);
                 e.1 += el;
             }
         }
-        for r in ROUTES {
-            let (n, el) = acc[&r];
-            let v = n as f64 / el;
+        for r in LAT_ROUTES {
+            let (times, el) = &acc[&r];
+            let v = times.len() as f64 / el;
+            let (a, b) = (percentile(times, 50.0), percentile(times, 99.0));
             push(&mut cps, r, v);
-            eprintln!("rep {}/{reps} conns {:>6}: {v:8.1} /s", rep + 1, r.name());
+            push(&mut conn_p50, r, a);
+            push(&mut conn_p99, r, b);
+            eprintln!(
+                "rep {}/{reps} conns {:>7}: {v:8.1} /s, each p50 {a:7.1} us, p99 {b:7.1} us",
+                rep + 1,
+                r.name()
+            );
         }
     }
     mem_trace.push((
@@ -1172,6 +1310,8 @@ fn tunnel(args: Args) -> Res<()> {
     }
 
     daemon.stop();
+    rel_daemon.stop();
+    iperf_srv.stop();
     edge.stop();
 
     // ------------------------------------------------------------ report
@@ -1243,7 +1383,7 @@ fn tunnel(args: Args) -> Res<()> {
     let _ = writeln!(table);
     let _ = writeln!(
         table,
-        "tetherd RSS idle (connected, 4 endpoints bound): {:.0} KiB",
+        "tetherd RSS idle (connected, 5 endpoints bound): {:.0} KiB",
         kib(idle_rss)
     );
     let _ = writeln!(
@@ -1286,18 +1426,34 @@ fn tunnel(args: Args) -> Res<()> {
     );
     let _ = writeln!(
         table,
-        "medians of {reps} runs; {mb} MiB per upload case; {rtts} round trips per latency run; {conn_secs} s per connection run"
+        "medians of {reps} runs; {mb} MiB per upload case; {rtts} round trips per latency run; {conn_secs} s per connection run; {iperf_secs} s per iperf3 run"
     );
     println!("{table}");
+
+    let (cmp_table, cmp_json) = compare::render(&compare::Inputs {
+        iperf: &iperf_res,
+        cols: [(Route::Tcp, &n_min), (Route::Release, &n_rel)],
+        rtt_p50: &p50,
+        rtt_p99: &p99,
+        conn_p50: &conn_p50,
+        conn_p99: &conn_p99,
+        conns_per_s: &cps,
+        idle_rss: [(idle_rss, edge_idle_rss), (rel_idle_rss, edge_idle_rss2)],
+        edge_rss_no_session,
+        reps,
+        iperf_secs,
+        network: &net,
+    });
+    println!("{cmp_table}");
 
     // JSON.
     let mut j = json_start(
         "tunnel",
         cpus,
         &loadavg,
-        "2-core machine shared with another agent building; loopback 127.0.0.1",
+        &format!("2-core machine shared with another agent building; network: {net}"),
     );
-    let _ = writeln!(j, "  \"settings\": {{\"mib_per_upload_case\": {mb}, \"reps\": {reps}, \"round_trips\": {rtts}, \"conn_secs\": {conn_secs}, \"write_size\": {WRITE}, \"message\": {MSG}, \"peak_streams\": {PEAK_STREAMS}, \"peak_mib_per_stream\": {peak_mb}, \"statistic\": \"median over reps\"}},");
+    let _ = writeln!(j, "  \"settings\": {{\"mib_per_upload_case\": {mb}, \"reps\": {reps}, \"round_trips\": {rtts}, \"conn_secs\": {conn_secs}, \"write_size\": {WRITE}, \"message\": {MSG}, \"peak_streams\": {PEAK_STREAMS}, \"peak_mib_per_stream\": {peak_mb}, \"iperf_secs\": {iperf_secs}, \"statistic\": \"median over reps\"}},");
     let _ = writeln!(j, "  \"throughput\": {{\"direction\": \"upload: public client -> edge -> tetherd -> sink upstream (sink replies with the count)\", \"unit\": \"MB/s (10^6 bytes/s)\", \"cases\": [");
     let mut cases = Vec::new();
     for &s in &stream_counts {
@@ -1361,11 +1517,13 @@ fn tunnel(args: Args) -> Res<()> {
         .iter()
         .map(|&r| {
             format!(
-                "\"{}\": {{\"per_s\": {}, \"ratio\": {}, \"runs\": {}}}",
+                "\"{}\": {{\"per_s\": {}, \"ratio\": {}, \"runs\": {}, \"each_p50_us\": {}, \"each_p99_us\": {}}}",
                 r.name(),
                 jnum(med(&cps, r)),
                 jnum(med(&cps, r) / med(&cps, Route::Direct)),
-                jlist(&cps[&r])
+                jlist(&cps[&r]),
+                jnum(med(&conn_p50, r)),
+                jnum(med(&conn_p99, r))
             )
         })
         .collect();
@@ -1396,7 +1554,7 @@ fn tunnel(args: Args) -> Res<()> {
     );
     let _ = writeln!(
         j,
-        "  \"edge_memory\": {{\"idle_vmrss\": {edge_idle_rss}, \"peak_vmhwm\": {edge_hwm}}}\n}}"
+        "  \"edge_memory\": {{\"idle_vmrss\": {edge_idle_rss}, \"peak_vmhwm\": {edge_hwm}}},\n{cmp_json}\n}}"
     );
     write_results(&args.out, &j)
 }
