@@ -63,7 +63,7 @@ pub(crate) async fn serve_agent(
         token: auth.token.id().clone(),
         session,
     });
-    let driver = smol::spawn(driver);
+    let driver = crate::state::spawn(driver);
     if state.add_tunnel(&tunnel) {
         let welcomed = welcome(&state, &tunnel, &auth).await;
         drop(pending);

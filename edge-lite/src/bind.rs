@@ -216,7 +216,7 @@ pub(crate) async fn bind(
     }
     let tcp = tcp.map(|(listener, port)| TcpPort {
         port,
-        task: smol::spawn(public::accept_tcp(
+        task: crate::state::spawn(public::accept_tcp(
             Arc::downgrade(state),
             endpoint.to_owned(),
             listener,

@@ -157,7 +157,7 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
         let idle = ms(state.cfg.limits.idle_timeout_ms);
         let counters = state.counters.clone();
         drop(state);
-        smol::spawn(async move {
+        crate::state::spawn(async move {
             let _slot = slot;
             if let Err(why) = carry(conn, r.session, r.waiting, meta, idle).await {
                 counters.refuse(why);
@@ -198,7 +198,7 @@ pub(crate) async fn accept_tls(state: Arc<State>, listener: TcpListener) {
                     continue;
                 };
                 let state = state.clone();
-                smol::spawn(async move {
+                crate::state::spawn(async move {
                     let _slot = slot;
                     serve_tls_client(&state, conn, peer, pending).await;
                 })

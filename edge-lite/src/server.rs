@@ -227,14 +227,21 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, sends
     /// `GOAWAY(NO_ERROR)` to every session and waits up to
     /// `shutdown_grace_ms` for their streams to finish.
+    ///
+    /// Every task of the server runs inside this future, on the thread that
+    /// polls it (the edge's one executor, `state::EXECUTOR`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        crate::state::EXECUTOR.run(self.serve(shutdown)).await
+    }
+
+    async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         let Server {
             state, agent, tls, ..
         } = self;
-        let agents = smol::spawn(accept_agents(state.clone(), agent));
-        let public = tls.map(|(l, _)| smol::spawn(public::accept_tls(state.clone(), l)));
-        let watcher = smol::spawn(watch_store(state.clone()));
-        let summary = smol::spawn(crate::metrics::summarise(
+        let agents = crate::state::spawn(accept_agents(state.clone(), agent));
+        let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
+        let watcher = crate::state::spawn(watch_store(state.clone()));
+        let summary = crate::state::spawn(crate::metrics::summarise(
             state.counters.clone(),
             state.denials.clone(),
             SUMMARY_EVERY,
@@ -322,7 +329,7 @@ async fn accept_agents(state: Arc<State>, listener: TcpListener) {
             }
             Ok((conn, peer)) => match state.admission.try_admit(peer.ip()) {
                 Ok(pending) => {
-                    smol::spawn(serve_agent(state.clone(), conn, peer, pending)).detach();
+                    crate::state::spawn(serve_agent(state.clone(), conn, peer, pending)).detach();
                 }
                 Err(Busy::Source) => state.counters.refuse(Refusal::SourceBusy),
                 Err(Busy::Total) => state.counters.refuse(Refusal::PendingFull),
@@ -376,7 +383,7 @@ fn apply_revocations(state: &Arc<State>, ids: HashSet<TokenId>) {
             emit(format!("UNBOUND {name}"));
         }
         drop(gone);
-        smol::spawn(async move {
+        crate::state::spawn(async move {
             close_tunnel(
                 &t,
                 ErrorCode::TOKEN_REVOKED,

@@ -1,7 +1,7 @@
 //! What every task of the server shares ([`State`]), and the small helpers
-//! they all use: the one [`timeout`], calls into the store on the blocking
-//! pool ([`State::store_call`]), and closing a tunnel with a reason
-//! ([`close_tunnel`]).
+//! they all use: the one [`timeout`], the one executor ([`spawn`]), calls
+//! into the store on the blocking pool ([`State::store_call`]), and closing
+//! a tunnel with a reason ([`close_tunnel`]).
 //!
 //! The modules form one chain: `server` -> `agent` -> `handshake` / `bind`
 //! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`,
@@ -29,6 +29,23 @@ use crate::tls::Identity;
 pub(crate) const ERROR_QUEUE_TIMEOUT: Duration = Duration::from_millis(200);
 
 pub(crate) use tether_driver::timeout;
+
+/// The edge's one executor. Every task of the server is spawned on it
+/// ([`spawn`]) and it runs inside [`crate::Server::run`], so on the thread
+/// that polls that future (the main thread in `tether-edge serve`): a
+/// session's driver, its public connections and the reactor that wakes them
+/// share one thread, and a round trip through the edge crosses no thread.
+/// (smol's global executor ran them on a thread of its own, so every wake-up
+/// from the reactor on the main thread was a hand-off between threads:
+/// `scripts/bench tunnel`, README "Performance".)
+pub(crate) static EXECUTOR: smol::Executor<'static> = smol::Executor::new();
+
+/// Spawns `f` on the edge's [`EXECUTOR`].
+pub(crate) fn spawn<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> smol::Task<T> {
+    EXECUTOR.spawn(f)
+}
 
 /// Agent strings (`agent`, `arch`, `upstream`, endpoint names that failed
 /// their check) as they go into a log line: at most 64 characters, with
