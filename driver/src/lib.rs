@@ -1229,14 +1229,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Future for Driver<T> {
                         .poll_timeout()
                         .map(|t| inner.origin + Duration::from_millis(t.0)),
                 };
-                if deadline != this.timer_at {
-                    this.timer_at = deadline;
-                    match deadline {
-                        Some(t) => this.timer.set_at(t),
-                        None => this.timer = Timer::never(),
+                // Re-arm only for an earlier deadline. The heartbeat's
+                // deadline moves later with every frame that comes in, and
+                // each re-arm costs a round through the reactor (a timer op
+                // and an eventfd write); a timer armed for an earlier moment
+                // just fires early once and is then set to the deadline of
+                // that moment. No deadline: the armed timer, if any, wakes
+                // us once for nothing.
+                if let Some(t) = deadline {
+                    if this.timer_at.is_none_or(|armed| t < armed) {
+                        this.timer_at = Some(t);
+                        this.timer.set_at(t);
                     }
                 }
-                if deadline.is_some() && Pin::new(&mut this.timer).poll(cx).is_ready() {
+                if this.timer_at.is_some() && Pin::new(&mut this.timer).poll(cx).is_ready() {
                     this.timer_at = None;
                     continue;
                 }

@@ -205,6 +205,57 @@ fn stream_metadata_reaches_the_acceptor() {
     });
 }
 
+/// The driver re-arms its timer only for an earlier deadline (the heartbeat's
+/// moves later with every frame in): the early firings must neither end a
+/// live session nor lose the real deadline once the peer falls silent.
+#[test]
+fn a_peer_that_falls_silent_after_a_lively_second_is_dropped_at_the_deadline() {
+    smol::block_on(async {
+        let (c, s) = tcp_pair();
+        let quick = |role| Config {
+            ping_interval_ms: 100,
+            dead_after_ms: 300,
+            ..cfg(role)
+        };
+        let (client, cdrv) = Session::new(c, quick(Role::Client)).expect("client session");
+        let (_server, sdrv) = Session::new(s, quick(Role::Server)).expect("server session");
+        let cdrv = smol::spawn(cdrv);
+        // One second of pings both ways: the client's deadline moves on about
+        // ten times. Then the server's driver is kept but never polled again:
+        // its socket stays open and silent.
+        let mut sdrv = Box::pin(sdrv);
+        let lively = future::or(async { Some((&mut sdrv).await) }, async {
+            async_io::Timer::after(Duration::from_secs(1)).await;
+            None
+        })
+        .await;
+        assert!(lively.is_none(), "the server's session ended: {lively:?}");
+        assert!(
+            !client.is_closing(),
+            "the client dropped a peer that answered every ping"
+        );
+        let silent = Instant::now();
+        let end = tether_driver::timeout(Duration::from_secs(5), cdrv)
+            .await
+            .expect("the client never noticed the silence");
+        let took = silent.elapsed();
+        assert!(
+            matches!(end, Closed::Mux(CloseReason::Timeout)),
+            "ended with {end}"
+        );
+        // The last pong came at most one ping interval before the silence.
+        assert!(
+            took >= Duration::from_millis(150),
+            "dropped before its deadline: {took:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "detected late: {took:?}"
+        );
+        drop(sdrv);
+    });
+}
+
 #[test]
 fn silent_peer_ends_the_session_at_the_heartbeat_deadline() {
     smol::block_on(async {
