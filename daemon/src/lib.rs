@@ -262,6 +262,9 @@ pub fn run_with_stats(
 ) -> Result<(), RunError> {
     let ex = Rc::new(LocalExecutor::new());
     let previous = EXECUTOR.with(|e| e.borrow_mut().replace(ex.clone()));
+    // The executor polls its main future on every wake-up; the signal
+    // stream in `shutdown` is polled only when a signal comes.
+    let shutdown = tether_driver::on_wake(shutdown);
     let result = async_io::block_on(ex.run(run_inner(config, shutdown, stats)));
     EXECUTOR.with(|e| *e.borrow_mut() = previous);
     drop(ex); // cancels what is left: streams past the grace period

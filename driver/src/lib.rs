@@ -54,6 +54,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+pub mod on_wake;
+pub use on_wake::on_wake;
 pub mod read_ahead;
 pub use read_ahead::{ReadAhead, READ_AHEAD};
 #[cfg(any(target_os = "linux", target_os = "android"))]

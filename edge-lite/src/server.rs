@@ -231,6 +231,9 @@ impl Server {
     /// Every task of the server runs inside this future, on the thread that
     /// polls it (the edge's one executor, `state::EXECUTOR`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+        // The executor polls this future on every wake-up; the signal
+        // stream in `shutdown` is polled only when a signal comes.
+        let shutdown = tether_driver::on_wake(shutdown);
         crate::state::EXECUTOR.run(self.serve(shutdown)).await
     }
 
