@@ -22,7 +22,8 @@
 //! and of upstreams given by name) go through, which `main` bounds to 2
 //! threads. Memory is fixed by the configuration: per session the
 //! multiplexer's buffers (`max_streams × (window + 512)` plus queues,
-//! allocated once by `tether-driver`) and the driver's 64 KiB read buffer,
+//! allocated once by `tether-driver`), the driver's 64 KiB read buffer and
+//! the 64 KiB read-ahead under TLS,
 //! plus per live stream one 32 KiB copy buffer: [`session_memory_bound`].
 //! While the edge
 //! drains a session (`GOAWAY(NO_ERROR)`) the old and the new session both

@@ -14,7 +14,12 @@
 //! queued record with one `writev`); `futures_lite::io::BufReader` would
 //! turn those into one `write` per record, which is why this type exists.
 //!
-//! Memory: the buffer is allocated once in [`ReadAhead::new`] and never grows.
+//! Memory: the buffer is allocated once, in [`ReadAhead::new`] or by
+//! [`ReadAhead::set_capacity`], and never grows. With capacity 0 (a
+//! [`ReadAhead::passthrough`]) nothing is allocated and every read goes
+//! straight to the inner pipe: the edge starts an agent's connection so and
+//! gives it the buffer once the agent has authenticated, so that a
+//! connection still in its handshake costs no 64 KiB.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -36,14 +41,32 @@ pub struct ReadAhead<T> {
 }
 
 impl<T> ReadAhead<T> {
-    /// Wraps `inner` with a read buffer of `capacity` bytes (at least 1).
+    /// Wraps `inner` with a read buffer of `capacity` bytes (0: none, as
+    /// [`ReadAhead::passthrough`]).
     pub fn new(inner: T, capacity: usize) -> ReadAhead<T> {
         ReadAhead {
             inner,
-            buf: vec![0u8; capacity.max(1)].into_boxed_slice(),
+            buf: vec![0u8; capacity].into_boxed_slice(),
             pos: 0,
             end: 0,
         }
+    }
+
+    /// Wraps `inner` with no buffer yet: reads go straight through until
+    /// [`ReadAhead::set_capacity`] gives it one.
+    pub fn passthrough(inner: T) -> ReadAhead<T> {
+        ReadAhead::new(inner, 0)
+    }
+
+    /// Gives the pipe a read buffer of `capacity` bytes, allocated now. The
+    /// bytes still buffered are kept: the new buffer is at least as large.
+    pub fn set_capacity(&mut self, capacity: usize) {
+        let keep = self.end - self.pos;
+        let mut buf = vec![0u8; capacity.max(keep)].into_boxed_slice();
+        buf[..keep].copy_from_slice(&self.buf[self.pos..self.end]);
+        self.buf = buf;
+        self.pos = 0;
+        self.end = keep;
     }
 
     /// The inner pipe.
@@ -80,7 +103,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         }
         if this.pos == this.end {
             // Nothing buffered: a read at least as large as the buffer goes
-            // straight to the caller, anything smaller fills the buffer.
+            // straight to the caller (every read, with no buffer), anything
+            // smaller fills the buffer.
             if out.len() >= this.buf.len() {
                 return Pin::new(&mut this.inner).poll_read(cx, out);
             }
@@ -222,6 +246,29 @@ mod tests {
             // The other 904 bytes came in one read; 10 of them are out.
             assert_eq!(p.buffered(), 894);
             assert_eq!(small[0], (4096 % 251) as u8);
+        });
+    }
+
+    #[test]
+    fn a_passthrough_buffers_nothing_until_it_is_given_a_capacity() {
+        futures_lite::future::block_on(async {
+            let mut p = ReadAhead::passthrough(counting(3000));
+            assert_eq!(p.capacity(), 0);
+            let mut piece = [0u8; 10];
+            for _ in 0..3 {
+                assert_eq!(p.read(&mut piece).await.expect("read"), 10);
+            }
+            assert_eq!(p.get_ref().reads, 3, "one inner read per read");
+            assert_eq!(p.buffered(), 0);
+            p.set_capacity(1024);
+            assert_eq!(p.read(&mut piece).await.expect("read"), 10);
+            assert_eq!(p.buffered(), 1014);
+            assert_eq!(piece[0], 30u8, "the bytes go on in order");
+            p.set_capacity(4096); // keeps what is buffered
+            let mut rest = Vec::new();
+            p.read_to_end(&mut rest).await.expect("read");
+            let want: Vec<u8> = (40..3000).map(|i| (i % 251) as u8).collect();
+            assert_eq!(rest, want);
         });
     }
 

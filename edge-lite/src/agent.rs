@@ -42,9 +42,12 @@ pub(crate) async fn serve_agent(
         log::debug!("agent socket options: peer={peer}: {e}");
     }
     let held = state.counters.hold(Gauge::PendingHandshakes);
-    let Some((tls, auth)) = authenticate(&state, tcp, peer).await else {
+    let Some((mut tls, auth)) = authenticate(&state, tcp, peer).await else {
         return;
     };
+    // An authenticated session reads through a full read-ahead buffer; a
+    // connection still in its handshake had none.
+    tls.get_mut().0.set_capacity(tether_driver::READ_AHEAD);
     let options = tether_driver::Options {
         linger: ms(state.cfg.session.linger_ms),
         refuse_peer_streams: true,

@@ -17,10 +17,11 @@ use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::server::TlsStream;
 use futures_rustls::TlsAcceptor;
 use smol::net::TcpStream;
-use tether_driver::{ReadAhead, READ_AHEAD};
+use tether_driver::ReadAhead;
 
 /// An agent's connection once TLS is up: the TCP socket read through a
-/// [`ReadAhead`] (one `recv` per 64 KiB, not per 4 KiB) under rustls.
+/// [`ReadAhead`] under rustls, which gets its 64 KiB buffer (one `recv` per
+/// 64 KiB, not per 4 KiB) once the agent has authenticated.
 pub(crate) type AgentTls = TlsStream<ReadAhead<TcpStream>>;
 use tether_proto::{Control, ErrorCode, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL};
 
@@ -109,7 +110,8 @@ async fn authenticate_tls(
 ) -> Option<(AgentTls, Authenticated)> {
     let limits = &state.cfg.limits;
     let acceptor = TlsAcceptor::from(state.agent_tls.clone());
-    let pipe = ReadAhead::new(tcp, READ_AHEAD);
+    // No read-ahead buffer until the agent has authenticated (agent.rs).
+    let pipe = ReadAhead::passthrough(tcp);
     let mut tls = match timeout(tls_deadline, acceptor.accept(pipe)).await {
         Some(Ok(t)) => t,
         Some(Err(e)) => {
