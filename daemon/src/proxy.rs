@@ -47,7 +47,7 @@ use async_net::TcpStream;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use futures_lite::FutureExt;
 use log::{debug, info, warn};
-use tether_driver::{Meta, Stream};
+use tether_driver::{Meta, Stream, WakeGate};
 use tether_proto::ErrorCode;
 
 use crate::config::{HostPort, ProxyProtocol};
@@ -160,10 +160,20 @@ pub async fn serve(
     let idle = timeouts.idle;
     let mut idle_timer = Timer::after(idle);
     let mut last_moved = Instant::now();
+    // Each direction runs only when its own waker fired: polling both on
+    // every wake-up would make the idle one try its socket (a recv that
+    // fails with EAGAIN, and an epoll_ctl) each time the busy one moves.
+    let (down_gate, up_gate) = (WakeGate::new(), WakeGate::new());
     let result = std::future::poll_fn(|cx| {
         let before = down.moves + up.moves;
-        let d = down.poll(cx, &mut tcp, &mut stream);
-        let u = up.poll(cx, &stream, &mut tcp);
+        let d = match down.done {
+            true => Poll::Ready(Ok(())),
+            false => down_gate.poll(cx, |cx| down.poll(cx, &mut tcp, &mut stream)),
+        };
+        let u = match up.done {
+            true => Poll::Ready(Ok(())),
+            false => up_gate.poll(cx, |cx| up.poll(cx, &stream, &mut tcp)),
+        };
         match (d, u) {
             (Poll::Ready(Err(e)), _) => return Poll::Ready(End::Failed("upstream", e)),
             (_, Poll::Ready(Err(e))) => return Poll::Ready(End::Failed("stream", e)),

@@ -55,7 +55,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 pub mod on_wake;
-pub use on_wake::on_wake;
+pub use on_wake::{on_wake, WakeGate};
 pub mod read_ahead;
 pub use read_ahead::{ReadAhead, READ_AHEAD};
 #[cfg(any(target_os = "linux", target_os = "android"))]

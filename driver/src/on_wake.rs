@@ -1,4 +1,5 @@
-//! [`on_wake`]: a future that is polled only after it asked to be.
+//! [`on_wake`]: a future that is polled only after it asked to be, and
+//! [`WakeGate`], the same for one half of a poll function.
 //!
 //! An executor's `run(main)` polls `main` on every wake-up of the thread
 //! (async-executor's `run` is `main.or(run_tasks)`), and so does any
@@ -7,6 +8,12 @@
 //! call per wake-up of the whole program. Wrapped in [`on_wake`], the inner
 //! future is polled once at first and then only after its own waker fired,
 //! so the wake-ups of other tasks cost nothing here.
+//!
+//! The two directions of a copy are the same story inside one task: a
+//! `try_zip` or a poll function that polls both on every wake-up makes the
+//! idle direction try its socket each time the busy one is woken, a `recv`
+//! that fails with `EAGAIN` and an `epoll_ctl` to re-arm it. With a
+//! [`WakeGate`] per direction, each runs only when its own waker fired.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,17 +26,64 @@ use std::task::{Context, Poll, Wake, Waker};
 pub fn on_wake<F: Future>(f: F) -> OnWake<F> {
     OnWake {
         f: Box::pin(f),
-        flag: Arc::new(Flag {
-            woken: AtomicBool::new(true),
-            outer: Mutex::new(None),
-        }),
+        gate: WakeGate::new(),
     }
 }
 
 /// The future [`on_wake`] returns.
 pub struct OnWake<F> {
     f: Pin<Box<F>>,
+    gate: WakeGate,
+}
+
+/// Runs a poll function only when the waker it was last given has fired
+/// (and the first time). See the module docs.
+pub struct WakeGate {
     flag: Arc<Flag>,
+}
+
+impl Default for WakeGate {
+    fn default() -> WakeGate {
+        WakeGate::new()
+    }
+}
+
+impl WakeGate {
+    /// A gate that lets the first call through.
+    pub fn new() -> WakeGate {
+        WakeGate {
+            flag: Arc::new(Flag {
+                woken: AtomicBool::new(true),
+                outer: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// `f` with a context whose waker is this gate's, if that waker fired
+    /// since `f` last ran (or `f` never ran); otherwise `Pending` without
+    /// running `f`. Either way `cx`'s waker is woken when the gate's is.
+    /// Once `f` is `Ready`, keep its result: the gate does not remember it.
+    pub fn poll<T>(
+        &self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        {
+            // Register first, then look at the flag: a wake in between
+            // sets the flag and finds this waker.
+            let mut outer = self.flag.outer.lock().unwrap_or_else(|e| e.into_inner());
+            match outer.as_ref() {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *outer = Some(cx.waker().clone()),
+            }
+        }
+        if !self.flag.woken.swap(false, Ordering::SeqCst) {
+            return Poll::Pending;
+        }
+        let inner_waker = Waker::from(self.flag.clone());
+        let mut inner_cx = Context::from_waker(&inner_waker);
+        f(&mut inner_cx)
+    }
 }
 
 struct Flag {
@@ -59,21 +113,8 @@ impl<F: Future> Future for OnWake<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // `f` is boxed, so `OnWake` is `Unpin` whatever `F` is.
         let this = self.get_mut();
-        {
-            // Register first, then look at the flag: a wake in between
-            // sets the flag and finds this waker.
-            let mut outer = this.flag.outer.lock().unwrap_or_else(|e| e.into_inner());
-            match outer.as_ref() {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *outer = Some(cx.waker().clone()),
-            }
-        }
-        if !this.flag.woken.swap(false, Ordering::SeqCst) {
-            return Poll::Pending;
-        }
-        let inner_waker = Waker::from(this.flag.clone());
-        let mut inner_cx = Context::from_waker(&inner_waker);
-        this.f.as_mut().poll(&mut inner_cx)
+        let f = &mut this.f;
+        this.gate.poll(cx, |inner| f.as_mut().poll(inner))
     }
 }
 

@@ -481,9 +481,12 @@ where
     let activity = Activity::new();
     // try_zip: the first error (a reset stream, a reset client) ends both
     // directions at once; a clean EOF only half-closes the other side.
+    // on_wake: each direction is polled only when its own waker fired (a
+    // try_zip polls both on every wake-up, and the idle one would try its
+    // socket each time: a recv that fails with EAGAIN and an epoll_ctl).
     let copy = futures_lite::future::try_zip(
-        pump(pr, &stream, &activity),
-        forward(&stream, pw, &activity),
+        tether_driver::on_wake(pump(pr, &stream, &activity)),
+        tether_driver::on_wake(forward(&stream, pw, &activity)),
     );
     let ended = futures_lite::future::or(async { Some(copy.await) }, async {
         activity.idle_for(idle).await;
