@@ -236,6 +236,24 @@ fn proxy_v2_header(meta: Option<&Meta>, tcp: &TcpStream, buf: &mut [u8]) -> io::
     header.encode(buf).map_err(io::Error::other)
 }
 
+/// The end of either direction: `w`'s write half is closed (a FIN), after
+/// which the direction is `done`.
+fn close_writer<W: AsyncWrite + Unpin>(
+    cx: &mut Context<'_>,
+    w: &mut W,
+    done: &mut bool,
+    moves: &mut u64,
+) -> Poll<io::Result<()>> {
+    match Pin::new(w).poll_close(cx) {
+        Poll::Ready(Ok(())) => {
+            *done = true;
+            *moves += 1;
+            Poll::Ready(Ok(()))
+        }
+        other => other,
+    }
+}
+
 /// The stream → upstream direction: the PROXY header if there is one, then
 /// the stream's bytes straight from its receive window, then the upstream's
 /// write half is shut down (half-close).
@@ -280,14 +298,7 @@ impl Forward {
                 }
             }
             if self.eof {
-                return match Pin::new(&mut *w).poll_close(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.done = true;
-                        self.moves += 1;
-                        Poll::Ready(Ok(()))
-                    }
-                    other => other,
-                };
+                return close_writer(cx, w, &mut self.done, &mut self.moves);
             }
             match stream.poll_write_received(cx, w) {
                 Poll::Ready(Ok(0)) => {
@@ -356,14 +367,7 @@ impl Pump {
                 }
             }
             if self.eof {
-                return match Pin::new(&mut *w).poll_close(cx) {
-                    Poll::Ready(Ok(())) => {
-                        self.done = true;
-                        self.moves += 1;
-                        Poll::Ready(Ok(()))
-                    }
-                    other => other,
-                };
+                return close_writer(cx, w, &mut self.done, &mut self.moves);
             }
             match Pin::new(&mut *r).poll_read(cx, &mut self.buf) {
                 Poll::Ready(Ok(0)) => {
