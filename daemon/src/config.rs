@@ -34,10 +34,15 @@ pub struct Config {
     #[serde(default)]
     pub server_name: Option<TlsName>,
     /// A pinned CA (PEM); absent = the public web PKI (webpki-roots).
+    /// A relative path is relative to the config file's directory.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// The credential file: the token on its first line, mode 0600.
-    pub credential: PathBuf,
+    /// The credential file: the token on its first line, mode 0600. A
+    /// relative path is relative to the config file's directory. Absent:
+    /// `$CREDENTIALS_DIRECTORY/credential`, the file systemd passes with
+    /// `LoadCredential=credential:PATH` ([`Config::credential_path`]).
+    #[serde(default)]
+    pub credential: Option<PathBuf>,
     /// Reconnect timing.
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -47,6 +52,9 @@ pub struct Config {
     /// The endpoints to publish, at least one.
     #[serde(rename = "endpoint", default)]
     pub endpoints: Vec<Endpoint>,
+    /// The file this was read from (what SIGHUP reads again).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 /// The values each numeric field accepts, and why.
@@ -679,7 +687,30 @@ impl Config {
                 ));
             }
         }
+        let mut cfg = cfg;
+        // Relative paths are relative to the file that names them, so a
+        // bundle's `ca_file = "ca.crt"` works wherever the bundle is laid.
+        let dir = file.parent().unwrap_or(Path::new(""));
+        if let Some(p) = cfg.ca_file.take() {
+            cfg.ca_file = Some(dir.join(p));
+        }
+        if let Some(p) = cfg.credential.take() {
+            cfg.credential = Some(dir.join(p));
+        }
+        cfg.path = file.to_owned();
         Ok(cfg)
+    }
+
+    /// The credential file to read: `credential` when set, else
+    /// `$CREDENTIALS_DIRECTORY/credential` (systemd's `LoadCredential=`).
+    pub fn credential_path(&self) -> Result<PathBuf, CredentialError> {
+        if let Some(p) = &self.credential {
+            return Ok(p.clone());
+        }
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(d) if !d.is_empty() => Ok(Path::new(&d).join(CREDENTIAL_NAME)),
+            _ => Err(CredentialError::Unset(self.path.clone())),
+        }
     }
 
     /// The TLS server name to verify: `server_name`, or the host of `edge`.
@@ -704,9 +735,15 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// The name of the credential under `$CREDENTIALS_DIRECTORY`
+/// (`LoadCredential=credential:/etc/tether/credential`).
+pub const CREDENTIAL_NAME: &str = "credential";
+
 /// Why the credential file was refused.
 #[derive(Debug)]
 pub enum CredentialError {
+    /// The config names no credential file and `$CREDENTIALS_DIRECTORY` is unset.
+    Unset(PathBuf),
     /// The file could not be read.
     Read(PathBuf, std::io::Error),
     /// The file is readable or writable by group or others.
@@ -718,6 +755,11 @@ pub enum CredentialError {
 impl fmt::Display for CredentialError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            CredentialError::Unset(config) => write!(
+                f,
+                "{}: credential: not set, and $CREDENTIALS_DIRECTORY is not set either (set credential = \"PATH\", or run under systemd with LoadCredential={CREDENTIAL_NAME}:PATH)",
+                config.display()
+            ),
             CredentialError::Read(p, e) => {
                 write!(f, "{}: cannot read the credential file: {e}", p.display())
             }

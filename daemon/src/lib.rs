@@ -36,7 +36,11 @@
 //! past [`CUT_DEADLINE`] its task is dropped, which drops its connection.
 //! [`Stats`] counts the session drivers alive.
 //!
-//! Not here (yet): credential rotation, systemd notification.
+//! systemd ([`service`]): `READY=1` once the first dial starts, `STATUS=`
+//! lines, `WATCHDOG=1` from a task of the same executor, `STOPPING=1`;
+//! SIGHUP ([`Signal::Reload`]) reloads the endpoints ([`reload`]).
+//!
+//! Not here (yet): credential rotation.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -48,7 +52,7 @@ use std::time::Duration;
 
 use async_executor::{LocalExecutor, Task};
 use async_io::Timer;
-use futures_lite::{future, FutureExt};
+use futures_lite::{future, FutureExt, Stream, StreamExt};
 use futures_rustls::rustls::pki_types::ServerName;
 use futures_rustls::TlsConnector;
 use log::{info, warn};
@@ -60,6 +64,8 @@ pub mod config;
 pub mod dial;
 pub mod proxy;
 pub mod proxy_header;
+mod reload;
+mod service;
 mod tunnel;
 
 pub use config::{Config, ConfigError, Credential, CredentialError};
@@ -246,6 +252,15 @@ pub(crate) fn spawn<T: 'static>(f: impl Future<Output = T> + 'static) -> Task<T>
     })
 }
 
+/// What the process asks of a running daemon ([`run_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// Stop gracefully (SIGTERM, SIGINT).
+    Stop,
+    /// Read the config file again and apply its endpoints (SIGHUP).
+    Reload,
+}
+
 /// Runs the daemon on a new single-threaded executor until `shutdown`
 /// resolves, then drains gracefully: `GOAWAY(NO_ERROR)` on every session,
 /// up to [`SHUTDOWN_GRACE`] for open streams to finish. Returns `Ok` after a
@@ -261,23 +276,40 @@ pub fn run_with_stats(
     shutdown: impl Future<Output = ()>,
     stats: Arc<Stats>,
 ) -> Result<(), RunError> {
+    let signals = futures_lite::stream::once_future(shutdown).map(|()| Signal::Stop);
+    run_with(config, signals, stats)
+}
+
+/// [`run`], driven by `signals`: [`Signal::Stop`] stops it as `shutdown`
+/// does, [`Signal::Reload`] reloads the endpoints from `config.path`. The
+/// stream ending counts as a stop.
+pub fn run_with(
+    config: Config,
+    signals: impl Stream<Item = Signal>,
+    stats: Arc<Stats>,
+) -> Result<(), RunError> {
     let ex = Rc::new(LocalExecutor::new());
     let previous = EXECUTOR.with(|e| e.borrow_mut().replace(ex.clone()));
-    // The executor polls its main future on every wake-up; the signal
-    // stream in `shutdown` is polled only when a signal comes.
-    let shutdown = tether_driver::on_wake(shutdown);
-    let result = async_io::block_on(ex.run(run_inner(config, shutdown, stats)));
+    let result = async_io::block_on(ex.run(run_inner(config, signals, stats)));
     EXECUTOR.with(|e| *e.borrow_mut() = previous);
     drop(ex); // cancels what is left: streams past the grace period
     result
 }
 
 async fn run_inner(
-    config: Config,
-    shutdown: impl Future<Output = ()>,
+    mut config: Config,
+    signals: impl Stream<Item = Signal>,
     stats: Arc<Stats>,
 ) -> Result<(), RunError> {
-    let credential = Credential::load(&config.credential)?;
+    let notifier = match tether_notify::Notifier::from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            warn!("NOTIFY_SOCKET: {e}; systemd will not hear from tetherd");
+            tether_notify::Notifier::disabled()
+        }
+    };
+    let service = Rc::new(service::Service::new(notifier));
+    let credential = Credential::load(&config.credential_path()?)?;
     let tls = TlsConnector::from(dial::client_config(config.ca_file.as_deref())?);
     let name = config.tls_name().map_err(RunError::ServerName)?;
     let trust = config
@@ -298,26 +330,69 @@ async fn run_inner(
         Duration::from_millis(rc.max_backoff_ms),
         Duration::from_millis(rc.healthy_after_ms),
     );
+    check_state_directory();
     let rt = Rc::new(Runtime {
-        endpoints: config.endpoints,
+        endpoints: std::cell::RefCell::new(Rc::new(config.endpoints.clone())),
         credential,
         mux: config.session.mux_config(),
         stats,
+        service: service.clone(),
+        edge: config.edge.to_string(),
+        live: Default::default(),
+        bound: Default::default(),
+        why: Default::default(),
     });
+    if let Some(every) = tether_notify::watchdog_interval() {
+        info!(
+            "systemd watchdog: WATCHDOG=1 every {} ms",
+            every.as_millis()
+        );
+        spawn(service::watchdog(service.clone(), every)).detach();
+    }
     let stop = Rc::new(Stop::default());
+    let edge = config.edge.clone();
     let watch = async {
-        shutdown.await;
+        // The executor polls its main future on every wake-up; the signal
+        // stream is polled only when a signal comes.
+        let mut signals = std::pin::pin!(signals);
+        while let Some(Signal::Reload) = tether_driver::on_wake(signals.next()).await {
+            reload::reload(&mut config, &rt).await;
+        }
         info!("stop requested");
+        service.stopping();
         stop.fire();
     };
     // The supervisor returns only once `stop` fired, so the zip ends with it.
     future::zip(
         watch,
-        supervise(config.edge, name, tls, rt, backoff, stop.clone()),
+        supervise(edge, name, tls, rt.clone(), backoff, stop.clone()),
     )
     .await;
     info!("stopped");
     Ok(())
+}
+
+/// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), where rotated
+/// credentials will live: said at start, and warned about when it is not a
+/// directory, so that a unit without it is noticed
+/// before a rotation needs it.
+fn check_state_directory() {
+    let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) else {
+        return;
+    };
+    // systemd passes several, colon-separated, when the unit names several.
+    let first = std::path::PathBuf::from(
+        dir.to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned(),
+    );
+    if first.is_dir() {
+        info!("state directory {}", first.display());
+    } else {
+        warn!("STATE_DIRECTORY {}: not a directory", first.display());
+    }
 }
 
 /// Waits for a cut session's driver to end, at most [`CUT_DEADLINE`], then
@@ -360,6 +435,8 @@ async fn supervise(
     // The session that is draining (the edge's GOAWAY), at most one; on
     // stop, the live one joins it.
     let mut draining: Vec<(Session, Task<Closed>)> = Vec::new();
+    // Validated and about to dial: systemd may go on booting.
+    rt.service.ready(&format!("connecting to {edge}"));
     while !stop.is_fired() {
         draining.retain(|(_, t)| !t.is_finished());
         debug_assert!(draining.len() <= 1, "at most one session drains");
@@ -374,6 +451,7 @@ async fn supervise(
             None => break,
             Some(Err(e)) => {
                 warn!("dialing {edge} failed: {e}");
+                rt.ended_because(e.to_string());
                 backoff.next_delay(&mut rng)
             }
             Some(Ok((stream, addr))) => match tunnel::serve(&rt, stream, addr, &stop).await {
@@ -432,6 +510,8 @@ async fn supervise(
                 delay.as_millis(),
                 backoff.attempt()
             );
+            let why = rt.why.borrow().clone();
+            rt.service.status(&service::reconnecting(delay, &why));
             let stopped = async {
                 Timer::after(delay).await;
                 false

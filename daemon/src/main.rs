@@ -1,6 +1,7 @@
 //! `tetherd --config FILE [--allow-root]`: parse the arguments, start
-//! logging, print the build line, load the config, refuse root, wire
-//! SIGTERM/SIGINT to a graceful stop and call [`tetherd::run`].
+//! logging (with `<N>` priorities when stderr is the journal), print the
+//! build line, load the config, refuse root, wire SIGTERM/SIGINT to a
+//! graceful stop and SIGHUP to a reload, and call [`tetherd::run_with`].
 //!
 //! [`HELP`] is the reference for flags, files, stdout lines, signals, exit
 //! codes and environment (`scripts/man` turns it into tetherd(8)); keep it
@@ -38,12 +39,27 @@ Output:
                      the edge accepted an endpoint; <url> is tcp://<ip>:<port>
                      or tls://<name>.<domain>:<port>
 
+  UNBOUND <endpoint>  a reload (SIGHUP) unbound an endpoint
+
 Signals:
   SIGTERM, SIGINT    graceful stop: no new streams, GOAWAY(NO_ERROR) on every
                      session, up to 5 s for open streams to finish (then they
                      are cut), exit 0
-  other signals      not handled: SIGHUP, for one, keeps its default action
-                     (the process ends at once) and reloads nothing
+  SIGHUP             reload FILE's endpoints without dropping the session:
+                     new ones are bound, removed ones unbound, changed ones
+                     bound again. A file that does not parse is logged
+                     (file:line:field) and the running config is kept; a
+                     change to edge, server_name, ca_file, credential,
+                     [session] or [reconnect] takes a restart (a warning
+                     says so)
+
+systemd:
+  Run it as Type=notify (systemd/tetherd.service): READY=1 once the config
+  and the credential are validated and the first dial starts, STATUS= lines
+  for systemctl status (\"connected to edge.example.com:7443, 2 endpoints\",
+  \"reconnecting in 8.0 s: connection refused\"), RELOADING=1 and READY=1
+  around a reload, STOPPING=1 on stop, and WATCHDOG=1 from the daemon's
+  event loop when WatchdogSec= is set.
 
 Exit status:
   0    stopped by SIGTERM or SIGINT; or --help, --version
@@ -66,8 +82,9 @@ Options:
 Files:
   FILE (--config)    edge = \"host:port\" (resolved again on every dial),
                      server_name (default: the host part of edge), ca_file,
-                     credential, [reconnect], [session] and the [[endpoint]]
-                     tables. An error in it is reported as
+                     credential (default: $CREDENTIALS_DIRECTORY/credential),
+                     [reconnect], [session] and the [[endpoint]] tables;
+                     relative paths are relative to FILE's directory. An error in it is reported as
                      \"error: FILE:LINE: FIELD: REASON\", and a file that
                      cannot be read as
                      \"error: FILE: cannot read the config file: REASON\".
@@ -84,7 +101,21 @@ Environment:
                      info; e.g. RUST_LOG=debug or RUST_LOG=tetherd=debug
   BLOCKING_MAX_THREADS
                      set to 2 by tetherd itself (the threads DNS lookups run
-                     on); a value from the environment is overridden";
+                     on); a value from the environment is overridden
+  NOTIFY_SOCKET      systemd's notification socket (a path or @name); unset,
+                     nothing is sent
+  WATCHDOG_USEC      the watchdog period: WATCHDOG=1 is sent every half of it
+                     (when WATCHDOG_PID is unset or this process)
+  CREDENTIALS_DIRECTORY
+                     where systemd's LoadCredential= put the credentials:
+                     credential, when the config names none, is
+                     $CREDENTIALS_DIRECTORY/credential
+  STATE_DIRECTORY    systemd's StateDirectory=: logged at start, and warned
+                     about when it is not a directory
+  JOURNAL_STREAM     when it names stderr (device:inode), log lines start
+                     with a syslog priority <N> (3 error, 4 warning, 6 info,
+                     7 debug) and carry no timestamp, so that
+                     journalctl -p warning works";
 
 /// The build line: printed first on stderr at start, and by `--version`.
 fn build_line() -> String {
@@ -145,9 +176,18 @@ fn main() -> ExitCode {
             )
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .target(env_logger::Target::Stderr)
-        .init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    logger.target(env_logger::Target::Stderr);
+    if tether_notify::stderr_is_journal() {
+        // The journal has the time and the unit; it wants the priority.
+        logger.format(|buf, record| {
+            use std::io::Write;
+            let prio = tether_notify::journal_priority(record.level() as usize);
+            writeln!(buf, "<{prio}>{}: {}", record.target(), record.args())
+        });
+    }
+    logger.init();
     eprintln!("{}", build_line());
 
     let config = match tetherd::Config::load(&args.config) {
@@ -160,18 +200,23 @@ fn main() -> ExitCode {
             "refusing to run as root (euid 0): run tetherd as an unprivileged user, or pass --allow-root",
         );
     }
-    let signals =
-        match async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int]) {
-            Ok(s) => s,
-            Err(e) => return fail(71, format_args!("cannot install signal handlers: {e}")),
-        };
-    let shutdown = async move {
-        let mut signals = signals;
-        if let Some(Ok(sig)) = signals.next().await {
-            log::info!("received {sig:?}");
-        }
+    use async_signal::Signal as Sig;
+    let signals = match async_signal::Signals::new([Sig::Term, Sig::Int, Sig::Hup]) {
+        Ok(s) => s,
+        Err(e) => return fail(71, format_args!("cannot install signal handlers: {e}")),
     };
-    match tetherd::run(config, shutdown) {
+    let signals = signals.filter_map(|sig| match sig {
+        Ok(Sig::Hup) => Some(tetherd::Signal::Reload),
+        Ok(sig) => {
+            log::info!("received {sig:?}");
+            Some(tetherd::Signal::Stop)
+        }
+        Err(e) => {
+            log::warn!("reading signals: {e}");
+            None
+        }
+    });
+    match tetherd::run_with(config, signals, Default::default()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.exit_code(), e),
     }

@@ -12,6 +12,7 @@
 //! It does not dial, sleep or decide on backoff.
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -31,10 +32,43 @@ use crate::dial::EdgeStream;
 
 /// What every session of this run shares.
 pub(crate) struct Runtime {
-    pub endpoints: Vec<Endpoint>,
+    /// The endpoints to publish; a reload (SIGHUP) replaces the list.
+    pub endpoints: RefCell<Rc<Vec<Endpoint>>>,
     pub credential: Credential,
     pub mux: tether_proto::Config,
     pub stats: std::sync::Arc<crate::Stats>,
+    /// What systemd is told.
+    pub service: Rc<crate::service::Service>,
+    /// The edge as configured, for status lines.
+    pub edge: String,
+    /// The welcomed session, while there is one (a reload binds on it).
+    pub live: RefCell<Option<Session>>,
+    /// The endpoints the live session has published (`BindOk`).
+    pub bound: RefCell<BTreeSet<String>>,
+    /// Why the last session ended, for the next status line.
+    pub why: RefCell<String>,
+}
+
+impl Runtime {
+    /// The endpoints now.
+    pub fn endpoints(&self) -> Rc<Vec<Endpoint>> {
+        self.endpoints.borrow().clone()
+    }
+
+    /// Tells systemd how many endpoints the live session publishes.
+    pub fn say_connected(&self) {
+        let line = crate::service::connected(
+            &self.edge,
+            self.bound.borrow().len(),
+            self.endpoints.borrow().len(),
+        );
+        self.service.status(&line);
+    }
+
+    /// Records why a session ended.
+    pub fn ended_because(&self, why: impl Into<String>) {
+        *self.why.borrow_mut() = why.into();
+    }
 }
 
 /// A one-shot stop signal that many tasks can wait on.
@@ -237,6 +271,11 @@ pub(crate) async fn serve(
                 rt.credential.id(),
                 retry_after_ms
             );
+            rt.ended_because(format!(
+                "{}: {code} ({})",
+                refusal_subject(code),
+                crate::printable(message)
+            ));
             // The edge follows with GOAWAY and closes; give it a moment.
             let _ = tether_driver::timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Refused {
@@ -252,8 +291,11 @@ pub(crate) async fn serve(
         }
     };
     let welcomed = Instant::now();
+    rt.bound.borrow_mut().clear();
+    *rt.live.borrow_mut() = Some(sess.clone());
+    rt.say_connected();
 
-    for ep in &rt.endpoints {
+    for ep in rt.endpoints().iter() {
         let upstream = ep.upstream.to_string();
         // Fits one control message: the policy's size was checked at load.
         if let Err(e) = sess.send_control(&ep.bind(&upstream)).await {
@@ -266,7 +308,12 @@ pub(crate) async fn serve(
     }
 
     let refused: Rc<Cell<Option<Duration>>> = Rc::new(Cell::new(None));
-    let control = crate::spawn(control_loop(sess.clone(), session_no, refused.clone()));
+    let control = crate::spawn(control_loop(
+        sess.clone(),
+        rt.clone(),
+        session_no,
+        refused.clone(),
+    ));
     crate::spawn(accept_loop(sess.clone(), rt.clone(), session_no)).detach();
 
     let event = async { Event::Driver((&mut driver).await) }
@@ -280,6 +327,8 @@ pub(crate) async fn serve(
         })
         .await;
     let lived = welcomed.elapsed();
+    rt.live.borrow_mut().take();
+    rt.bound.borrow_mut().clear();
     match event {
         Event::Stop | Event::PeerDrains => control.detach(),
         Event::Driver(_) => {
@@ -328,6 +377,7 @@ pub(crate) async fn serve(
                 "session {session_no} with {addr} ended after {} s: {closed}",
                 lived.as_secs()
             );
+            rt.ended_because(format!("session ended: {closed}"));
             Outcome::Ended { lived: Some(lived) }
         }
     }
@@ -364,12 +414,19 @@ async fn peer_drains(sess: &Session) {
 }
 
 /// Reads control messages until the session ends.
-async fn control_loop(sess: Session, session_no: u64, refused: Rc<Cell<Option<Duration>>>) {
+async fn control_loop(
+    sess: Session,
+    rt: Rc<Runtime>,
+    session_no: u64,
+    refused: Rc<Cell<Option<Duration>>>,
+) {
     while let Some(bytes) = sess.recv_control().await {
         match Control::decode(&bytes) {
             Ok(Control::BindOk { endpoint, url }) => {
                 info!("session {session_no}: endpoint {endpoint} is published at {url}");
                 stdout_line(format_args!("BOUND {endpoint} {url}"));
+                rt.bound.borrow_mut().insert(endpoint.to_owned());
+                rt.say_connected();
             }
             Ok(Control::BindErr {
                 endpoint,
@@ -399,6 +456,11 @@ async fn control_loop(sess: Session, session_no: u64, refused: Rc<Cell<Option<Du
                     "session {session_no}: {}: {code} ({message}); retry after {retry_after_ms} ms",
                     refusal_subject(code)
                 );
+                rt.ended_because(format!(
+                    "{}: {code} ({})",
+                    refusal_subject(code),
+                    crate::printable(message)
+                ));
                 refused.set(Some(retry_hint(retry_after_ms)));
             }
             Ok(Control::RotateOffer { token_id, .. }) => {
@@ -425,7 +487,10 @@ async fn accept_loop(sess: Session, rt: Rc<Runtime>, session_no: u64) {
     while let Some(stream) = sess.accept().await {
         let meta = stream.meta();
         let name = meta.as_ref().map_or("", |m| m.endpoint.as_str());
-        let Some(index) = rt.endpoints.iter().position(|e| e.name() == name) else {
+        // The list as it is now: a stream for an endpoint that a reload
+        // removed is refused like one for an endpoint never configured.
+        let endpoints = rt.endpoints();
+        let Some(index) = endpoints.iter().position(|e| e.name() == name) else {
             warn!(
                 "session {session_no}: {} for unknown endpoint `{name}`; resetting with CONNECT_FAILED",
                 stream.id()
@@ -433,9 +498,8 @@ async fn accept_loop(sess: Session, rt: Rc<Runtime>, session_no: u64) {
             stream.reset(ErrorCode::CONNECT_FAILED);
             continue;
         };
-        let rt = rt.clone();
         crate::spawn(async move {
-            let ep = &rt.endpoints[index];
+            let ep = &endpoints[index];
             let timeouts = crate::proxy::Timeouts {
                 connect: Duration::from_millis(ep.connect_timeout_ms),
                 idle: Duration::from_millis(ep.idle_timeout_ms),

@@ -3,7 +3,7 @@
 //! multiplexer is allocated only now, for an authenticated agent; it is
 //! admitted to the registry (evicting the token's oldest sessions past
 //! `limits.sessions_per_token`), answered with `Welcome`, and serves `Bind`s
-//! (`bind`) until it ends; then whatever it held is unbound.
+//! (`bind`) and `Unbind`s until it ends; then whatever it held is unbound.
 //!
 //! Streams are opened by the edge only (`public`); the multiplexer refuses
 //! every stream the agent opens without giving it a slot or credit. Once a
@@ -205,6 +205,27 @@ async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>, auth: &Authent
                     break;
                 }
             }
+            Control::Unbind { endpoint } => {
+                let gone = {
+                    let mut reg = state.registry();
+                    match reg.get(endpoint) {
+                        Some(b) if b.tunnel.no == tunnel.no => reg.remove(endpoint),
+                        _ => None,
+                    }
+                };
+                if gone.is_some() {
+                    log::info!("session {}: unbound {endpoint} (Unbind)", tunnel.no);
+                    emit(format!("UNBOUND {endpoint}"));
+                } else {
+                    log::debug!(
+                        "session {}: Unbind {:?}: not held by this session; ignored",
+                        tunnel.no,
+                        for_log(endpoint)
+                    );
+                }
+                // The binding's drop (outside the lock) closes its port.
+                drop(gone);
+            }
             Control::RotateStored { token_id } => {
                 log::warn!(
                     "session {}: RotateStored for {:?} without an offer; ignored",
@@ -233,6 +254,7 @@ fn control_name(c: &Control<'_>) -> &'static str {
         Control::Bind { .. } => "Bind",
         Control::BindOk { .. } => "BindOk",
         Control::BindErr { .. } => "BindErr",
+        Control::Unbind { .. } => "Unbind",
         _ => "other",
     }
 }

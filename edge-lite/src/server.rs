@@ -249,8 +249,15 @@ impl Server {
             state.denials.clone(),
             SUMMARY_EVERY,
         ));
+        // systemd (Type=notify): the listeners are bound and accepting.
+        let notifier = tether_notify::Notifier::from_env().unwrap_or_else(|e| {
+            log::warn!("NOTIFY_SOCKET: {e}; systemd will not hear from tether-edge");
+            tether_notify::Notifier::disabled()
+        });
+        let _ = notifier.send("READY=1\nSTATUS=serving");
 
         shutdown.await;
+        let _ = notifier.send("STOPPING=1\nSTATUS=draining sessions");
 
         // 1. Stop accepting: every listener closes.
         state.start_shutdown();

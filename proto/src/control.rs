@@ -120,6 +120,13 @@ pub enum Control<'a> {
         /// Public id of the new token.
         token_id: &'a str,
     },
+    /// Agent → edge: stop publishing an endpoint this session bound (its
+    /// config was reloaded without it). No answer; streams already open on
+    /// it go on until they end.
+    Unbind {
+        /// Endpoint name.
+        endpoint: &'a str,
+    },
 }
 
 impl Control<'_> {
@@ -293,6 +300,7 @@ mod tests {
             },
             Control::RotateStored { token_id: "tok_x" },
             Control::RotateConfirmed { token_id: "tok_x" },
+            Control::Unbind { endpoint: "cam" },
         ];
         let mut buf = [0u8; 256];
         for (i, m) in msgs.iter().enumerate() {

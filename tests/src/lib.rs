@@ -275,7 +275,46 @@ impl Proc {
         Proc::spawn_command(name, cmd)
     }
 
-    fn spawn_command(name: &'static str, mut cmd: Command) -> Proc {
+    /// Starts `bin` with `args` the way systemd starts a unit: `env` added
+    /// to the environment and, with `journal`, stderr a pipe whose
+    /// device:inode `$JOURNAL_STREAM` names (as systemd does for the journal's
+    /// stream socket).
+    pub fn spawn_as_service(
+        name: &'static str,
+        args: &[&str],
+        env: &[(&str, String)],
+        journal: bool,
+    ) -> Proc {
+        let mut cmd = Command::new(bin_dir().join(name));
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        if !journal {
+            return Proc::spawn_command(name, cmd);
+        }
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", writer.as_raw_fd()))
+            .expect("stat the pipe");
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+        cmd.stderr(Stdio::from(writer));
+        let proc = Proc::spawn_command_with(name, cmd, false);
+        // The child holds the write end now; ours is gone with `cmd`.
+        pump(reader, proc.err.clone(), Some(name));
+        proc
+    }
+
+    fn spawn_command(name: &'static str, cmd: Command) -> Proc {
+        Proc::spawn_command_with(name, cmd, true)
+    }
+
+    /// `pipe_stderr: false` when the caller set stderr itself.
+    fn spawn_command_with(name: &'static str, mut cmd: Command, pipe_stderr: bool) -> Proc {
+        if pipe_stderr {
+            cmd.stderr(Stdio::piped());
+        }
         let mut child = cmd
             .env(
                 "RUST_LOG",
@@ -283,7 +322,6 @@ impl Proc {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let out = Lines::default();
@@ -293,11 +331,9 @@ impl Proc {
             out.clone(),
             Some(name),
         );
-        pump(
-            child.stderr.take().expect("stderr"),
-            err.clone(),
-            Some(name),
-        );
+        if let Some(stderr) = child.stderr.take() {
+            pump(stderr, err.clone(), Some(name));
+        }
         Proc {
             child,
             out,

@@ -189,6 +189,9 @@ pub enum CtlSpec {
     RotateConfirmed {
         token_id: String,
     },
+    Unbind {
+        endpoint: String,
+    },
 }
 
 impl CtlSpec {
@@ -260,6 +263,7 @@ impl CtlSpec {
             },
             CtlSpec::RotateStored { token_id } => Control::RotateStored { token_id },
             CtlSpec::RotateConfirmed { token_id } => Control::RotateConfirmed { token_id },
+            CtlSpec::Unbind { endpoint } => Control::Unbind { endpoint },
         }
     }
 }
