@@ -84,7 +84,8 @@ Files:
                      server_name (default: the host part of edge), ca_file,
                      credential (default: $CREDENTIALS_DIRECTORY/credential),
                      [reconnect], [session] and the [[endpoint]] tables;
-                     relative paths are relative to FILE's directory. An error in it is reported as
+                     relative paths are relative to FILE's directory. An
+                     error in it is reported as
                      \"error: FILE:LINE: FIELD: REASON\", and a file that
                      cannot be read as
                      \"error: FILE: cannot read the config file: REASON\".
