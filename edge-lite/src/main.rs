@@ -1,10 +1,13 @@
 //! `tether-edge`: parse the arguments, start logging, load the config (exit
 //! 64 with file, line and field on error), then either run the server with
-//! SIGTERM/SIGINT wired to a graceful shutdown, or run a `token` command.
+//! SIGTERM/SIGINT wired to a graceful shutdown, or run a `token`,
+//! `endpoint` or `provision` command ([`provision`]).
 //!
 //! [`HELP`] is the reference for commands, flags, stdout lines, signals, exit
 //! codes and environment (`scripts/man` turns it into tether-edge(8)); keep
 //! it true to the code.
+
+mod provision;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,6 +24,10 @@ Usage: tether-edge --config FILE [serve]
   or:  tether-edge --config FILE token revoke ID
   or:  tether-edge --config FILE endpoint list
   or:  tether-edge --config FILE endpoint release NAME
+  or:  tether-edge --config FILE provision (--devices CSV | --serial SERIAL...)
+         --edge HOST:PORT --ca PEM [--server-name NAME] [--endpoint SPEC...]
+         (--out DIR | --root DIR --uid N --gid N --manifest FILE)
+         [--manifest FILE] [--reissue SERIAL...]
   or:  tether-edge --help | --version";
 
 /// `--help` after [`USAGE`], in help2man's layout: a description and its
@@ -49,6 +56,22 @@ Commands:
                         forget an endpoint's owner, so that the next token
                         allowed to bind it owns it (to move an endpoint to a
                         new device)
+  provision             factory provisioning, on the store offline: one
+                        token per device, allowed exactly that device's
+                        endpoints (description provision:SERIAL), and a
+                        bundle per device (credential 0600, ca.crt,
+                        tetherd.toml with edge, server_name, ca_file =
+                        \"ca.crt\" and an [[endpoint]] per endpoint, no
+                        credential key: the unit passes it with
+                        LoadCredential=) in DIR/SERIAL/ (--out) or in
+                        ROOT/etc/tether/ (--root), plus a manifest. Every
+                        row, flag, the CA and the manifest are checked before
+                        anything is minted: on any error nothing is minted,
+                        revoked or written (exit 64). Serials already in the
+                        manifest are skipped. A token marked for a serial of
+                        the run or the manifest but not recorded in the
+                        manifest (an interrupted run) is revoked and named on
+                        stderr. Secrets are written only to the bundles
 
 Output:
   serve prints only these lines on stdout, for scripts and tests; token
@@ -62,6 +85,14 @@ Output:
                         a bind changed who serves an endpoint; <url> is
                         tcp://<ip>:<port> or tls://<name>.<domain>:<port>
   UNBOUND <endpoint>    the session that served it ended
+  PROVISIONED <serial> <token id>
+                        provision: the device's bundle is complete and the
+                        manifest records it
+  REISSUED <serial> <token id> <old token id>
+                        provision --reissue: new bundle recorded, old token
+                        revoked
+  SUMMARY provisioned=N reissued=N skipped=N orphans_revoked=N
+                        provision: the last line
 
 Signals:
   SIGTERM, SIGINT       serve stops gracefully: the listeners close, every
@@ -78,9 +109,15 @@ Exit status:
        key is unusable, the token store cannot be opened, the signal
        handlers cannot be installed); a token or endpoint command failed
        (the store cannot be opened or written, no token with that id, an
-       endpoint without an owner)
+       endpoint without an owner); provision could not write a bundle or the
+       manifest, or --root names a serial already provisioned whose bundle
+       the root does not hold (--reissue it)
   64   a usage or configuration error: an unknown command or flag, a missing
-       --config or --allow, a config file that cannot be read or is invalid
+       --config or --allow, a config file that cannot be read or is invalid;
+       provision: a bad flag, CSV row (\"error: FILE:LINE: FIELD: REASON\"),
+       CA file or manifest, or an endpoint name another token may bind
+       (nothing was minted or written)
+  99   provision stopped by TETHER_PROVISION_ABORT_AFTER (tests only)
 
 Options:
   -c, --config FILE     the config file (TOML), required by every command:
@@ -89,6 +126,44 @@ Options:
                         token create: a note stored with the token
       --allow NAME      token create: an endpoint the token may bind (repeat
                         for more), or '*' for every endpoint
+      --devices CSV     provision: the devices, a CSV with the header
+                        serial[,endpoints] ('#' starts a comment line). A
+                        serial is 1-64 of A-Z a-z 0-9 . _ -, not starting
+                        with '.' or '-'. The endpoints cell, when not empty,
+                        replaces the --endpoint templates for that row:
+                        entries separated by ';' or spaces, each a SPEC or a
+                        bare NAME that takes the upstream and kind of the
+                        --endpoint at the same position
+      --serial SERIAL   provision: only this device (repeatable); without
+                        --devices, these serials with the templates
+      --edge HOST:PORT  provision: the edge's agent address for tetherd.toml
+      --ca PEM          provision: the CA that signed the edge's agent
+                        certificate, copied to every bundle as ca.crt
+                        (certificates only; a private key is refused)
+      --server-name NAME
+                        provision: server_name in tetherd.toml (default: the
+                        host of --edge)
+      --endpoint SPEC   provision: NAME=UPSTREAM[,KIND], an endpoint every
+                        device gets (repeatable); KIND is tcp (default), tls
+                        or tls-passthrough; in NAME, {serial} is the serial
+                        and {label} the serial as a DNS label (lowercase, '.'
+                        and '_' as '-'), e.g. 'ssh-{label}=127.0.0.1:22'
+      --out DIR         provision: write each device's credential, ca.crt
+                        and tetherd.toml into DIR/SERIAL/; DIR is made 0700
+      --root DIR        provision: one device (pick it with --serial or a
+                        one-row CSV) into an image root, in
+                        DIR/etc/tether (mode 0755): credential (0600, owner
+                        --uid:--gid), ca.crt and tetherd.toml (0644, owner
+                        0:0)
+      --uid N, --gid N  provision --root: the numeric owner of the
+                        credential, the image's tetherd user and group (not
+                        the host's)
+      --manifest FILE   provision: serial,token_id,created_unix, one line
+                        per device (never a secret); default DIR/manifest.csv
+                        with --out, required with --root
+      --reissue SERIAL  provision: mint a new token for a serial in the
+                        manifest, rewrite its bundle, record it, then revoke
+                        the old token (repeatable)
   -h, --help            print this text and exit 0
   -V, --version         print the build line (name, version, architecture)
                         and exit 0
@@ -107,10 +182,19 @@ Files:
                         endpoint owners, never a token itself. serve and the
                         commands share it; serve notices a revocation within
                         1 s.
+  <DIR>/<SERIAL>/, <ROOT>/etc/tether/
+                        provision's bundles. Each is complete or absent: it
+                        is written under a temporary name (.tmp-*), every
+                        file and directory fsynced, then renamed into place,
+                        before the manifest records it.
 
 Environment:
   RUST_LOG              the log filter for stderr (env_logger syntax),
-                        default info; e.g. RUST_LOG=tether_edge=debug";
+                        default info; e.g. RUST_LOG=tether_edge=debug
+  TETHER_PROVISION_ABORT_AFTER
+                        tests only: provision=N stops (exit 99) after writing
+                        the bundle of the N+1th device it mints, before the
+                        manifest records it, as a crash would";
 
 /// EX_USAGE / EX_CONFIG-style exit code for bad arguments or config.
 const EXIT_USAGE: u8 = 64;
@@ -125,6 +209,7 @@ enum Command {
     Revoke(String),
     Endpoints,
     Release(String),
+    Provision(Box<provision::Options>),
 }
 
 struct Args {
@@ -158,7 +243,57 @@ fn parse_args() -> Result<Parsed, String> {
     let mut description = None;
     let mut allow = Vec::new();
     let mut words = Vec::new();
+    let mut prov = provision::Options::default();
+    let mut prov_flag: Option<&'static str> = None;
+    fn string(p: &mut lexopt::Parser) -> Result<String, String> {
+        p.value()
+            .map_err(|e| e.to_string())?
+            .string()
+            .map_err(|e| e.to_string())
+    }
+    fn number(p: &mut lexopt::Parser, flag: &str) -> Result<u32, String> {
+        let v = string(p)?;
+        v.parse().map_err(|_| {
+            format!("{flag} {v:?}: not a number (a numeric id of the image's user or group)")
+        })
+    }
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        if let Long(
+            f @ ("devices" | "serial" | "edge" | "ca" | "server-name" | "endpoint" | "out" | "root"
+            | "uid" | "gid" | "manifest" | "reissue"),
+        ) = arg
+        {
+            let flag: &'static str = match f {
+                "devices" => "--devices",
+                "serial" => "--serial",
+                "edge" => "--edge",
+                "ca" => "--ca",
+                "server-name" => "--server-name",
+                "endpoint" => "--endpoint",
+                "out" => "--out",
+                "root" => "--root",
+                "uid" => "--uid",
+                "gid" => "--gid",
+                "manifest" => "--manifest",
+                _ => "--reissue",
+            };
+            prov_flag = Some(flag);
+            match flag {
+                "--devices" => prov.devices = Some(string(&mut p)?.into()),
+                "--serial" => prov.serials.push(string(&mut p)?),
+                "--edge" => prov.edge = Some(string(&mut p)?),
+                "--ca" => prov.ca = Some(string(&mut p)?.into()),
+                "--server-name" => prov.server_name = Some(string(&mut p)?),
+                "--endpoint" => prov.endpoints.push(string(&mut p)?),
+                "--out" => prov.out = Some(string(&mut p)?.into()),
+                "--root" => prov.root = Some(string(&mut p)?.into()),
+                "--uid" => prov.uid = Some(number(&mut p, flag)?),
+                "--gid" => prov.gid = Some(number(&mut p, flag)?),
+                "--manifest" => prov.manifest = Some(string(&mut p)?.into()),
+                _ => prov.reissue.push(string(&mut p)?),
+            }
+            continue;
+        }
         match arg {
             Short('c') | Long("config") => {
                 config = Some(PathBuf::from(p.value().map_err(|e| e.to_string())?))
@@ -212,8 +347,15 @@ fn parse_args() -> Result<Parsed, String> {
         ["token", "revoke", id] => Command::Revoke((*id).to_owned()),
         ["endpoint", "list"] => Command::Endpoints,
         ["endpoint", "release", name] => Command::Release((*name).to_owned()),
+        ["provision"] => {
+            prov_flag = None;
+            Command::Provision(Box::new(std::mem::take(&mut prov)))
+        }
         _ => return Err(format!("unknown command: {}", words.join(" "))),
     };
+    if let Some(flag) = prov_flag {
+        return Err(format!("{flag} goes with `provision`"));
+    }
     if description.is_some() || !allow.is_empty() {
         return Err("--description and --allow go with `token create`".into());
     }
@@ -279,6 +421,20 @@ fn main() -> ExitCode {
                 }
             })
         }),
+        Command::Provision(opts) => match provision::run(*opts, &cfg.state_dir) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(provision::Error::Input(errors)) => {
+                for e in &errors {
+                    eprintln!("error: {e}");
+                }
+                eprintln!("nothing was minted or written");
+                ExitCode::from(EXIT_USAGE)
+            }
+            Err(provision::Error::Failed(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Revoke(id) => with_store(&cfg, |s| {
             Ok(match s.revoke(&id)? {
                 Revoked::Now => {

@@ -413,6 +413,20 @@ impl Store {
         }
     }
 
+    /// Creates one token per `(description, allow)`, all in one transaction:
+    /// either every token is stored or none is (one commit instead of one
+    /// per token: `provision` mints a factory batch this way). The returned
+    /// credentials are in the order of `specs`.
+    pub fn create_many(&self, specs: &[(String, Allow)]) -> Result<Vec<NewToken>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let mut out = Vec::with_capacity(specs.len());
+        for (description, allow) in specs {
+            out.push(self.create(description, allow)?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
     /// Every token, oldest first.
     pub fn list(&self) -> Result<Vec<TokenInfo>, StoreError> {
         let mut st = self.conn.prepare(
