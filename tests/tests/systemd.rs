@@ -122,6 +122,24 @@ fn unit_config(
     (cfg, creds)
 }
 
+/// A unit config (credential `tk_a.bbbb` in `creds/`) whose edge is an
+/// address nothing listens on, so that every dial is refused: the address,
+/// the config and the credentials directory.
+fn unreachable_edge_unit(dir: &Path) -> (SocketAddr, PathBuf, PathBuf) {
+    let pki = Pki::generate(dir);
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let (cfg, creds) = unit_config(
+        dir,
+        closed,
+        &pki.ca,
+        "tk_a.bbbb",
+        &[("ssh", "tcp", echo_upstream())],
+    );
+    (closed, cfg, creds)
+}
+
 fn signal(p: &Proc, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &p.pid().to_string()])
@@ -140,19 +158,7 @@ fn signal(p: &Proc, sig: &str) {
 fn ready_comes_without_network_and_status_watchdog_and_priorities_follow() {
     let tmp = tempdir();
     let dir = tmp.path();
-    let pki = Pki::generate(dir);
-    // An address nothing listens on: every dial is refused.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let upstream = echo_upstream();
-    let (cfg, creds) = unit_config(
-        dir,
-        closed,
-        &pki.ca,
-        "tk_a.bbbb",
-        &[("ssh", "tcp", upstream)],
-    );
+    let (closed, cfg, creds) = unreachable_edge_unit(dir);
     let state = dir.join("state");
     std::fs::create_dir_all(&state).expect("state dir");
     let sd = Systemd::listen(dir);
@@ -225,17 +231,7 @@ fn ready_comes_without_network_and_status_watchdog_and_priorities_follow() {
 fn without_the_journal_lines_have_no_priority_prefix() {
     let tmp = tempdir();
     let dir = tmp.path();
-    let pki = Pki::generate(dir);
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let (cfg, creds) = unit_config(
-        dir,
-        closed,
-        &pki.ca,
-        "tk_a.bbbb",
-        &[("ssh", "tcp", echo_upstream())],
-    );
+    let (_closed, cfg, creds) = unreachable_edge_unit(dir);
     let a = args(&cfg);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let env = [
