@@ -33,7 +33,7 @@ pub struct Config {
     /// TLS server name to verify; default: the host part of `edge`.
     #[serde(default)]
     pub server_name: Option<TlsName>,
-    /// A pinned CA (PEM); absent = the public web PKI (webpki-roots).
+    /// A pinned CA (PEM); absent = the system CA bundle ([`crate::dial::system_bundle`]).
     /// A relative path is relative to the config file's directory.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,

@@ -7,9 +7,15 @@
 //! after about the session's `dead_after` (keepalive probes and
 //! `TCP_USER_TIMEOUT`, [`tether_driver::tune_tunnel_socket`]; a failure is
 //! logged, not fatal), and runs a rustls client handshake that offers TLS
-//! 1.3 only and the ALPN id `tether/1`. The edge's certificate is always verified, against
-//! the public web PKI (webpki-roots) or the CA pinned by `ca_file`: there is
-//! no way to turn verification off, in the config or in this API.
+//! 1.3 only and the ALPN id `tether/1`. The edge's certificate is always
+//! verified, against the CA pinned by `ca_file` or, without one, against the
+//! system's CA bundle ([`system_bundle`]: `$SSL_CERT_FILE`, else
+//! `/etc/ssl/certs/ca-certificates.crt`). A build with the `webpki-roots`
+//! feature trusts Mozilla's roots compiled in instead, for images without a
+//! CA bundle; it is off by default because those roots are 61,440 bytes of
+//! the armv7 binary (1,367,540 -> 1,306,100) and a provisioned device pins
+//! its edge's CA anyway. There is no way to turn verification off, in the
+//! config or in this API.
 //!
 //! This module knows nothing of the tether protocol; the `tunnel` module runs
 //! the session over the stream it returns.
@@ -46,6 +52,9 @@ pub enum TrustError {
     Empty(PathBuf),
     /// A certificate in the CA file is not a usable trust anchor.
     BadAnchor(PathBuf, rustls::Error),
+    /// No `ca_file` is set and the system CA bundle cannot be read or holds
+    /// no usable certificate.
+    System(PathBuf, String),
     /// rustls refused the TLS 1.3-only configuration.
     Tls(rustls::Error),
 }
@@ -62,6 +71,12 @@ impl fmt::Display for TrustError {
                 "{}: the ca_file is not a usable CA certificate: {e}",
                 p.display()
             ),
+            TrustError::System(p, e) => write!(
+                f,
+                "no ca_file is set, and the system CA bundle {} {e}: set ca_file to the edge's CA \
+                 (or SSL_CERT_FILE, or install ca-certificates)",
+                p.display()
+            ),
             TrustError::Tls(e) => write!(f, "TLS configuration: {e}"),
         }
     }
@@ -69,28 +84,72 @@ impl fmt::Display for TrustError {
 
 impl std::error::Error for TrustError {}
 
+/// The system CA bundle tetherd trusts when `ca_file` is not set (and the
+/// `webpki-roots` feature is off): `$SSL_CERT_FILE` when set, as OpenSSL
+/// reads it, else the path Debian, Yocto's and Buildroot's ca-certificates
+/// and Alpine all install.
+pub fn system_bundle() -> PathBuf {
+    match std::env::var_os("SSL_CERT_FILE") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+    }
+}
+
+/// Where the trust anchors come from: `ca_file`, the system bundle, or the
+/// compiled-in roots. For the log line at start.
+pub fn trust_source(ca_file: Option<&Path>) -> String {
+    match ca_file {
+        Some(p) => p.display().to_string(),
+        None if cfg!(feature = "webpki-roots") => "webpki-roots (compiled in)".to_owned(),
+        None => format!("{} (system CA bundle)", system_bundle().display()),
+    }
+}
+
+/// Reads the PEM certificates of `path` as trust anchors. A `ca_file`
+/// (`system` false) must hold only usable CA certificates; the system
+/// bundle (`system` true) may hold some that webpki cannot use as anchors,
+/// which are skipped, as OpenSSL-based clients do, but at least one must be
+/// usable.
+fn read_anchors(path: &Path, system: bool) -> Result<RootCertStore, TrustError> {
+    let read_err = |e: String| {
+        if system {
+            TrustError::System(path.to_owned(), format!("cannot be read: {e}"))
+        } else {
+            TrustError::Read(path.to_owned(), e)
+        }
+    };
+    let mut roots = RootCertStore::empty();
+    let iter = CertificateDer::pem_file_iter(path).map_err(|e| read_err(e.to_string()))?;
+    for cert in iter {
+        let cert = cert.map_err(|e| read_err(e.to_string()))?;
+        match roots.add(cert) {
+            Ok(()) => {}
+            Err(_) if system => {}
+            Err(e) => return Err(TrustError::BadAnchor(path.to_owned(), e)),
+        }
+    }
+    if roots.is_empty() {
+        return Err(if system {
+            TrustError::System(path.to_owned(), "holds no usable CA certificate".to_owned())
+        } else {
+            TrustError::Empty(path.to_owned())
+        });
+    }
+    Ok(roots)
+}
+
 /// The client TLS configuration: TLS 1.3 only, ALPN `tether/1`, trust in
-/// `ca_file` when given, else in webpki-roots.
+/// `ca_file` when given, else in the system bundle (or, built with the
+/// `webpki-roots` feature, in Mozilla's roots).
 pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TrustError> {
     let roots = match ca_file {
+        #[cfg(feature = "webpki-roots")]
         None => RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         },
-        Some(path) => {
-            let mut roots = RootCertStore::empty();
-            let iter = CertificateDer::pem_file_iter(path)
-                .map_err(|e| TrustError::Read(path.to_owned(), e.to_string()))?;
-            for cert in iter {
-                let cert = cert.map_err(|e| TrustError::Read(path.to_owned(), e.to_string()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| TrustError::BadAnchor(path.to_owned(), e))?;
-            }
-            if roots.is_empty() {
-                return Err(TrustError::Empty(path.to_owned()));
-            }
-            roots
-        }
+        #[cfg(not(feature = "webpki-roots"))]
+        None => read_anchors(&system_bundle(), true)?,
+        Some(path) => read_anchors(path, false)?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)
@@ -211,4 +270,62 @@ pub async fn dial(
         return Err(DialError::Alpn(addr));
     }
     Ok((stream, addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    /// A PEM CERTIFICATE block whose DER is not a certificate.
+    const BOGUS: &str = "-----BEGIN CERTIFICATE-----\nAAECAwQFBgc=\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn the_system_bundle_skips_unusable_certificates_a_ca_file_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bundle.crt");
+        std::fs::write(&path, format!("{BOGUS}{}", ca_pem())).unwrap();
+        let roots = read_anchors(&path, true).expect("one usable anchor is enough");
+        assert_eq!(roots.len(), 1);
+        match read_anchors(&path, false) {
+            Err(TrustError::BadAnchor(p, _)) => assert_eq!(p, path),
+            other => panic!(
+                "a ca_file with a bad certificate: {:?}",
+                other.map(|r| r.len())
+            ),
+        }
+    }
+
+    #[test]
+    fn an_unusable_system_bundle_says_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.crt");
+        let e = read_anchors(&missing, true).map(|r| r.len()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, TrustError::System(..)), "{msg}");
+        assert!(
+            msg.contains("none.crt") && msg.contains("cannot be read"),
+            "{msg}"
+        );
+        assert!(msg.contains("set ca_file"), "{msg}");
+
+        let bogus = dir.path().join("bogus.crt");
+        std::fs::write(&bogus, BOGUS).unwrap();
+        let msg = read_anchors(&bogus, true)
+            .map(|r| r.len())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("holds no usable CA certificate"), "{msg}");
+
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "").unwrap();
+        let e = read_anchors(&empty, false).map(|r| r.len()).unwrap_err();
+        assert!(matches!(e, TrustError::Empty(_)), "{e}");
+    }
 }

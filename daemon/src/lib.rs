@@ -312,10 +312,7 @@ async fn run_inner(
     let credential = Credential::load(&config.credential_path()?)?;
     let tls = TlsConnector::from(dial::client_config(config.ca_file.as_deref())?);
     let name = config.tls_name().map_err(RunError::ServerName)?;
-    let trust = config
-        .ca_file
-        .as_ref()
-        .map_or_else(|| "webpki-roots".to_owned(), |p| p.display().to_string());
+    let trust = dial::trust_source(config.ca_file.as_deref());
     info!(
         "edge {} (server name {}, trust {trust}), credential {}, {} endpoint(s)",
         config.edge,

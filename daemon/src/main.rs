@@ -95,9 +95,12 @@ Files:
                      be 0600 or stricter).
   ca_file            the CA certificates (PEM) that the edge's certificate
                      must chain to, read at start; without ca_file, the
-                     public web PKI (webpki-roots)
+                     system CA bundle: $SSL_CERT_FILE, else
+                     /etc/ssl/certs/ca-certificates.crt (a build with the
+                     webpki-roots feature trusts Mozilla's roots instead)
 
 Environment:
+  SSL_CERT_FILE      the system CA bundle used when ca_file is not set
   RUST_LOG           the log filter for stderr (env_logger syntax), default
                      info; e.g. RUST_LOG=debug or RUST_LOG=tetherd=debug
   BLOCKING_MAX_THREADS

@@ -81,13 +81,15 @@ pub(crate) async fn watchdog(service: Rc<Service>, every: Duration) {
 }
 
 /// "reconnecting in 8 s: connection refused": `delay` in seconds, with one
-/// decimal under 10 s.
+/// decimal under 10 s, rounded (in integers: the line needs no float
+/// formatting code in the binary).
 pub(crate) fn reconnecting(delay: Duration, why: &str) -> String {
-    let s = delay.as_secs_f64();
-    if s < 10.0 {
-        format!("reconnecting in {s:.1} s: {why}")
+    let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX / 2);
+    let tenths = (ms + 50) / 100;
+    if tenths < 100 {
+        format!("reconnecting in {}.{} s: {why}", tenths / 10, tenths % 10)
     } else {
-        format!("reconnecting in {} s: {why}", delay.as_secs())
+        format!("reconnecting in {} s: {why}", (ms + 500) / 1000)
     }
 }
 
@@ -121,6 +123,14 @@ mod tests {
         assert_eq!(
             reconnecting(Duration::from_millis(61_400), "x"),
             "reconnecting in 61 s: x"
+        );
+        assert_eq!(
+            reconnecting(Duration::from_millis(9_960), "x"),
+            "reconnecting in 10 s: x"
+        );
+        assert_eq!(
+            reconnecting(Duration::from_millis(249), "x"),
+            "reconnecting in 0.2 s: x"
         );
         assert_eq!(
             connected("edge.example.com:7443", 2, 2),

@@ -450,6 +450,89 @@ fn wrong_ca_is_refused_with_a_clear_message() {
     assert_eq!(daemon.out.count("CONNECTED"), 0, "never connects");
 }
 
+/// Without `ca_file`, tetherd trusts the system CA bundle, which
+/// `$SSL_CERT_FILE` names as for OpenSSL: the edge's CA there connects, a
+/// bundle without it is refused, and a missing bundle stops tetherd at start
+/// (exit 64) naming the path and what to set.
+#[test]
+fn without_ca_file_the_system_bundle_is_trusted() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let pki = Pki::generate(dir);
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).expect("dir");
+    let other_pki = Pki::generate(&other);
+    let cfg = write_edge_config(dir, &pki, &EdgeOpts::default());
+    let (token, _) = Edge::create_token(&cfg, &[]);
+    let edge = Edge::start(&cfg);
+    let dcfg = write_daemon_config(
+        dir,
+        edge.agent,
+        &pki.ca,
+        &token,
+        &[("e", "tcp", echo_upstream())],
+        (15_000, 45_000),
+    );
+    let text = std::fs::read_to_string(&dcfg).expect("read tetherd.toml");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ca_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&dcfg, text).expect("write tetherd.toml");
+    let c = dcfg.to_str().expect("utf-8");
+    let mut args = vec!["--config", c];
+    if is_root() {
+        args.push("--allow-root");
+    }
+    let run = |bundle: &std::path::Path| {
+        Proc::spawn_as_service(
+            "tetherd",
+            &args,
+            &[("SSL_CERT_FILE", bundle.display().to_string())],
+            false,
+        )
+    };
+
+    let good = run(&pki.ca);
+    assert!(
+        good.out
+            .wait_contains("CONNECTED", Duration::from_secs(10))
+            .is_some(),
+        "connects with the edge's CA as the system bundle: {:#?}",
+        good.err.all()
+    );
+    assert!(
+        good.err.count("(system CA bundle)") >= 1,
+        "says where its trust comes from: {:#?}",
+        good.err.all()
+    );
+    drop(good);
+
+    let wrong = run(&other_pki.ca);
+    let line = wrong
+        .err
+        .wait_contains("certificate", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no certificate error: {:#?}", wrong.err.all()));
+    assert!(line.contains("invalid peer certificate"), "{line}");
+    assert_eq!(wrong.out.count("CONNECTED"), 0, "never connects");
+    drop(wrong);
+
+    let missing = dir.join("no-such-bundle.crt");
+    let mut gone = run(&missing);
+    assert_eq!(
+        gone.wait_exit(Duration::from_secs(10)),
+        Some(64),
+        "{:#?}",
+        gone.err.all()
+    );
+    let all = gone.err.all().join("\n");
+    assert!(
+        all.contains(&missing.display().to_string()) && all.contains("set ca_file"),
+        "names the bundle and what to set: {all}"
+    );
+}
+
 #[test]
 fn bad_config_exits_64_naming_file_and_line() {
     let tmp = tempdir();

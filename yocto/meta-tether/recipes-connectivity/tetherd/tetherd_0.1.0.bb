@@ -72,3 +72,7 @@ do_install:append() {
 
 FILES:${PN} += "${nonarch_libdir}/sysusers.d/tetherd.conf ${nonarch_libdir}/tmpfiles.d/tetherd.conf"
 CONFFILES:${PN} = "${sysconfdir}/tether/tetherd.toml"
+
+# Without ca_file, tetherd trusts /etc/ssl/certs/ca-certificates.crt. A
+# provisioned bundle pins the edge's CA, so the bundle is only recommended.
+RRECOMMENDS:${PN} += "ca-certificates"
