@@ -273,6 +273,7 @@ pub async fn dial(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
