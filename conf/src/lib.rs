@@ -26,6 +26,10 @@
 
 #![forbid(unsafe_code)]
 
+mod host_port;
+
+pub use host_port::HostPort;
+
 use std::ops::Range;
 
 use toml::de::{DeTable, DeValue};

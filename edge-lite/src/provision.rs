@@ -69,6 +69,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use tether_conf::HostPort;
 
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use tether_edge::config::valid_endpoint_name;
@@ -275,34 +276,15 @@ fn expand(name: &str, serial: &str) -> String {
         .replace("{label}", &label(serial))
 }
 
-/// Checks `host:port` the way tetherd's config does (IPv6 in brackets, port
-/// 1-65535, no spaces or control characters, no quotes), returning it as is.
+/// Checks `host:port` with tetherd's own parser ([`HostPort`]), and that
+/// it holds no quote, backslash or comma (it is written into a TOML string
+/// and a CSV manifest as is), returning it as given.
 fn check_host_port(s: &str) -> Result<String, String> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("`{s}` is not host:port"))?;
-    let host = match host.strip_prefix('[') {
-        Some(h) => h
-            .strip_suffix(']')
-            .ok_or_else(|| format!("`{s}`: unclosed '['"))?,
-        None if host.contains(':') => {
-            return Err(format!(
-                "`{s}`: write an IPv6 address in brackets, as [addr]:port"
-            ))
-        }
-        None => host,
-    };
-    if host.is_empty()
-        || host.bytes().any(|b| {
-            b.is_ascii_whitespace() || b.is_ascii_control() || matches!(b, b'"' | b'\\' | b',')
-        })
-    {
+    let hp = HostPort::parse(s)?;
+    if hp.host.bytes().any(|b| matches!(b, b'"' | b'\\' | b',')) {
         return Err(format!("`{s}`: empty or invalid host"));
     }
-    match port.parse::<u16>() {
-        Ok(p) if p != 0 => Ok(s.to_owned()),
-        _ => Err(format!("`{s}`: port must be 1..=65535")),
-    }
+    Ok(s.to_owned())
 }
 
 /// Parses `NAME=UPSTREAM[,KIND]`.
