@@ -505,7 +505,10 @@ fn read_devices(path: &Path, templates: &[Spec], errors: &mut Errors) -> Vec<Dev
             return Vec::new();
         }
     };
+    // Flexible: a row may leave out trailing empty cells (`GW-0001` under
+    // `serial,endpoints`); more cells than the header has is an error below.
     let mut rdr = csv::ReaderBuilder::new()
+        .flexible(true)
         .comment(Some(b'#'))
         .trim(csv::Trim::All)
         .from_reader(io::BufReader::new(file));
@@ -556,6 +559,15 @@ fn read_devices(path: &Path, templates: &[Spec], errors: &mut Errors) -> Vec<Dev
             }
         };
         let line = line_of(rec.position());
+        if rec.len() > headers.len() {
+            errors.push(format!(
+                "{p}:{line}: -: {} cells, but the header has {} ({})",
+                rec.len(),
+                headers.len(),
+                headers.iter().collect::<Vec<_>>().join(",")
+            ));
+            continue;
+        }
         let serial = rec.get(serial_col).unwrap_or_default();
         if !valid_serial(serial) {
             errors.push(format!(

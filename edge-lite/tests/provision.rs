@@ -170,7 +170,7 @@ const THREE: &str = "\
 serial,endpoints
 # a comment line
 GW-0001,
-GW-0002,
+GW-0002
 gw.3,\"acme-ssh;web-{label}=127.0.0.1:80,tls\"
 ";
 
@@ -316,6 +316,11 @@ fn a_bad_row_is_named_by_file_line_and_field_and_nothing_is_minted_or_written() 
             "serial,endpoints\nGW-1,x y\n".into(),
             vec![],
             "devices.csv:2: endpoints: `y` has no upstream",
+        ),
+        (
+            "serial,endpoints\nGW-1,web,extra\n".into(),
+            vec![],
+            "devices.csv:2: -: 3 cells, but the header has 2 (serial,endpoints)",
         ),
         (
             "serial,mac\nGW-1,00:11\n".into(),
