@@ -12,7 +12,7 @@ LICENSE = "Apache-2.0"
 # The workspace's license field (Cargo.toml, line 12): the repository has no
 # LICENSE file yet. Once it has one (the Apache-2.0 text), point this at it:
 # file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57
-LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=12;endline=12;md5=2507bd5f0713f05419cd2f22fa06fe62"
+LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 
 # The source is the repository this layer lives in, fetched by git like any
 # other upstream: the recipe does not reach out of the layer into the
@@ -22,7 +22,7 @@ LIC_FILES_CHKSUM = "file://Cargo.toml;beginline=12;endline=12;md5=2507bd5f0713f0
 # tetherd-crates.inc was made from: scripts/yocto-crates --check checks it.
 TETHER_GIT_URI ??= "git://example.invalid/tether.git;protocol=https;branch=main"
 SRC_URI = "${TETHER_GIT_URI};destsuffix=${BP}"
-SRCREV = "62cb57a169ec1617ab97de145d764f6e84e55192"
+SRCREV = "b298820802a0185ff162c9f2f976e786d652036a"
 # scarthgap unpacks into WORKDIR; wrynose sets UNPACKDIR (WORKDIR/sources)
 # itself, and this weak default then does nothing.
 UNPACKDIR ??= "${WORKDIR}"
