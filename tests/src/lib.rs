@@ -820,6 +820,19 @@ dead_after_ms = {da}
     path
 }
 
+/// Removes the top-level `key = ...` line from a written config, for tests
+/// of what a program does without that key.
+pub fn remove_config_key(path: &Path, key: &str) {
+    let text = std::fs::read_to_string(path).expect("read config");
+    let prefix = format!("{key} =");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with(&prefix))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(path, text).expect("write config");
+}
+
 /// Starts tetherd (as root in CI, hence `--allow-root` when euid is 0).
 pub fn start_daemon(config: &Path) -> Proc {
     let cfg = config.to_str().expect("utf-8");

@@ -415,8 +415,9 @@ fn revoked_token_closes_the_session_within_a_second_without_a_reconnect_storm() 
     assert!(w.daemon.is_running(), "the daemon is still running");
 }
 
-#[test]
-fn wrong_ca_is_refused_with_a_clear_message() {
+/// An edge with its PKI, a token on it, and a second CA that did not sign
+/// the edge's certificate.
+fn edge_and_a_foreign_ca() -> (tempfile::TempDir, Pki, Pki, String, Edge) {
     let tmp = tempdir();
     let dir = tmp.path();
     let pki = Pki::generate(dir);
@@ -426,6 +427,13 @@ fn wrong_ca_is_refused_with_a_clear_message() {
     let cfg = write_edge_config(dir, &pki, &EdgeOpts::default());
     let (token, _) = Edge::create_token(&cfg, &[]);
     let edge = Edge::start(&cfg);
+    (tmp, pki, other_pki, token, edge)
+}
+
+#[test]
+fn wrong_ca_is_refused_with_a_clear_message() {
+    let (tmp, _pki, other_pki, token, edge) = edge_and_a_foreign_ca();
+    let dir = tmp.path();
     let dcfg = write_daemon_config(
         dir,
         edge.agent,
@@ -456,15 +464,8 @@ fn wrong_ca_is_refused_with_a_clear_message() {
 /// (exit 64) naming the path and what to set.
 #[test]
 fn without_ca_file_the_system_bundle_is_trusted() {
-    let tmp = tempdir();
+    let (tmp, pki, other_pki, token, edge) = edge_and_a_foreign_ca();
     let dir = tmp.path();
-    let pki = Pki::generate(dir);
-    let other = dir.join("other");
-    std::fs::create_dir_all(&other).expect("dir");
-    let other_pki = Pki::generate(&other);
-    let cfg = write_edge_config(dir, &pki, &EdgeOpts::default());
-    let (token, _) = Edge::create_token(&cfg, &[]);
-    let edge = Edge::start(&cfg);
     let dcfg = write_daemon_config(
         dir,
         edge.agent,
@@ -473,13 +474,7 @@ fn without_ca_file_the_system_bundle_is_trusted() {
         &[("e", "tcp", echo_upstream())],
         (15_000, 45_000),
     );
-    let text = std::fs::read_to_string(&dcfg).expect("read tetherd.toml");
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("ca_file"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&dcfg, text).expect("write tetherd.toml");
+    remove_config_key(&dcfg, "ca_file");
     let c = dcfg.to_str().expect("utf-8");
     let mut args = vec!["--config", c];
     if is_root() {

@@ -109,13 +109,7 @@ fn unit_config(
     endpoints: &[(&str, &str, SocketAddr)],
 ) -> (PathBuf, PathBuf) {
     let cfg = write_daemon_config(dir, edge, ca, token, endpoints, (500, 3000));
-    let text = std::fs::read_to_string(&cfg).expect("read config");
-    let text: String = text
-        .lines()
-        .filter(|l| !l.starts_with("credential"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&cfg, text).expect("write config");
+    remove_config_key(&cfg, "credential");
     let creds = dir.join("creds");
     std::fs::create_dir_all(&creds).expect("creds dir");
     std::fs::rename(dir.join("credential"), creds.join("credential")).expect("move credential");
