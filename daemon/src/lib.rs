@@ -62,6 +62,7 @@ use tether_proto::ErrorCode;
 pub mod backoff;
 pub mod config;
 pub mod dial;
+pub mod logger;
 pub mod proxy;
 pub mod proxy_header;
 mod reload;

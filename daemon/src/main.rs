@@ -101,8 +101,11 @@ Files:
 
 Environment:
   SSL_CERT_FILE      the system CA bundle used when ca_file is not set
-  RUST_LOG           the log filter for stderr (env_logger syntax), default
-                     info; e.g. RUST_LOG=debug or RUST_LOG=tetherd=debug
+  RUST_LOG           the log filter for stderr, default info: a LEVEL (error,
+                     warn, info, debug, trace, off), and/or TARGET=LEVEL per
+                     module path, comma-separated, e.g. RUST_LOG=debug or
+                     RUST_LOG=warn,tetherd::proxy=debug; with only
+                     TARGET=LEVEL, other modules log errors only
   BLOCKING_MAX_THREADS
                      set to 2 by tetherd itself (the threads DNS lookups run
                      on); a value from the environment is overridden
@@ -180,18 +183,7 @@ fn main() -> ExitCode {
             )
         }
     };
-    let mut logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    logger.target(env_logger::Target::Stderr);
-    if tether_notify::stderr_is_journal() {
-        // The journal has the time and the unit; it wants the priority.
-        logger.format(|buf, record| {
-            use std::io::Write;
-            let prio = tether_notify::journal_priority(record.level() as usize);
-            writeln!(buf, "<{prio}>{}: {}", record.target(), record.args())
-        });
-    }
-    logger.init();
+    tetherd::logger::init(tether_notify::stderr_is_journal());
     eprintln!("{}", build_line());
 
     let config = match tetherd::Config::load(&args.config) {
