@@ -197,7 +197,20 @@ fn endpoint_names_follow_the_one_rule_in_tether_proto() {
     };
     let long = "a".repeat(63);
     let too_long = "a".repeat(64);
-    for name in ["a", "0", "web", "a-b", "9-lives", long.as_str()] {
+    // Dotted names (`*.site-42` rules match them), 127 bytes at most.
+    let longest = format!("{long}.{long}");
+    let too_long_dotted = format!("{long}.{long}.a");
+    for name in [
+        "a",
+        "0",
+        "web",
+        "a-b",
+        "9-lives",
+        "cam.site-42",
+        "a.b.c",
+        long.as_str(),
+        longest.as_str(),
+    ] {
         assert!(tether_proto::valid_endpoint_name(name), "{name}");
         assert!(parse(name).is_ok(), "`{name}` is accepted");
     }
@@ -207,9 +220,13 @@ fn endpoint_names_follow_the_one_rule_in_tether_proto() {
         "web-",
         "Web",
         "a_b",
-        "a.b",
+        "a..b",
+        ".a",
+        "a.",
+        "a.-b",
         "wéb",
         too_long.as_str(),
+        too_long_dotted.as_str(),
     ] {
         assert!(!tether_proto::valid_endpoint_name(name), "{name}");
         let e = parse(name).expect_err("refused");

@@ -20,7 +20,7 @@ use tether_proto::{Control, ErrorCode};
 use crate::admission::Pending;
 use crate::bind::{bind, Bound};
 use crate::config::ms;
-use crate::handshake::{authenticate, Authenticated, RETRY_CREDENTIAL_MS};
+use crate::handshake::{authenticate, Authenticated, RETRY_BUSY_MS, RETRY_CREDENTIAL_MS};
 use crate::lines::emit;
 use crate::metrics::{Gauge, Refusal};
 use crate::registry::Tunnel;
@@ -42,6 +42,9 @@ pub(crate) async fn serve_agent(
         log::debug!("agent socket options: peer={peer}: {e}");
     }
     let held = state.counters.hold(Gauge::PendingHandshakes);
+    // Scope changes the registry applies from now on may postdate the
+    // scope that `authenticate` reads: `welcome` re-reads it if any came.
+    let generation = state.registry().generation();
     let Some((mut tls, auth)) = authenticate(&state, tcp, peer).await else {
         return;
     };
@@ -68,12 +71,12 @@ pub(crate) async fn serve_agent(
     });
     let driver = crate::state::spawn(driver);
     if state.add_tunnel(&tunnel) {
-        let welcomed = welcome(&state, &tunnel, &auth).await;
+        let welcomed = welcome(&state, &tunnel, &auth, generation).await;
         drop(pending);
         drop(held);
         if welcomed {
             let _live = state.counters.hold(Gauge::Sessions);
-            serve_controls(&state, &tunnel, &auth).await;
+            serve_controls(&state, &tunnel).await;
         }
     } else {
         drop(pending);
@@ -93,22 +96,73 @@ pub(crate) async fn serve_agent(
     log::info!("session {} closed: {closed} (peer={peer})", tunnel.no);
 }
 
-/// Admits the session and sends `Welcome`; false if it is already over.
-async fn welcome(state: &Arc<State>, tunnel: &Arc<Tunnel>, auth: &Authenticated) -> bool {
+/// The token's scope for a session about to go live: the one read at
+/// `Hello`, unless the registry applied changes since `generation`; then
+/// the store's (again, until no change came between the read and the
+/// admission). Admits the session under that scope.
+async fn admit(
+    state: &Arc<State>,
+    tunnel: &Arc<Tunnel>,
+    auth: &Authenticated,
+    mut generation: u64,
+) -> Result<Vec<Arc<Tunnel>>, ErrorCode> {
     let per_token = state.cfg.limits.sessions_per_token;
-    let admitted = state.registry().admit(tunnel, per_token);
+    let mut scope = Arc::new(auth.token.scope().clone());
+    loop {
+        {
+            let mut reg = state.registry();
+            if reg.generation() == generation {
+                return reg
+                    .admit(tunnel, scope, per_token)
+                    .map_err(|_| ErrorCode::TOKEN_REVOKED);
+            }
+            generation = reg.generation();
+        }
+        let id = tunnel.token.to_string();
+        match state.store_call(move |s| s.get(&id)).await {
+            Ok(Some(t)) if t.revoked_at.is_none() => {
+                if !t.scope.admits(tunnel.peer.ip()) {
+                    return Err(ErrorCode::AUTH_FAILED);
+                }
+                scope = Arc::new(t.scope);
+            }
+            Ok(_) => return Err(ErrorCode::TOKEN_REVOKED),
+            Err(e) => {
+                log::error!("session {}: cannot re-read its token: {e}", tunnel.no);
+                return Err(ErrorCode::SERVER_BUSY);
+            }
+        }
+    }
+}
+
+/// Admits the session and sends `Welcome`; false if it is already over.
+async fn welcome(
+    state: &Arc<State>,
+    tunnel: &Arc<Tunnel>,
+    auth: &Authenticated,
+    generation: u64,
+) -> bool {
+    let per_token = state.cfg.limits.sessions_per_token;
+    let admitted = admit(state, tunnel, auth, generation).await;
     let evicted = match admitted {
         Ok(evicted) => evicted,
-        Err(_) => {
-            // Revoked between the store's answer and now.
-            state.counters.refuse(Refusal::RevokedToken);
-            close_tunnel(
-                tunnel,
-                ErrorCode::TOKEN_REVOKED,
-                RETRY_CREDENTIAL_MS,
-                "token revoked",
-            )
-            .await;
+        Err(code) => {
+            // Revoked, or narrowed, between the store's answer and now.
+            let (why, message) = match code {
+                ErrorCode::TOKEN_REVOKED => (Refusal::RevokedToken, "token revoked"),
+                ErrorCode::AUTH_FAILED => (
+                    Refusal::TokenSource,
+                    "the token may not connect from this address",
+                ),
+                _ => (Refusal::StoreBusy, "token store unavailable"),
+            };
+            state.counters.refuse(why);
+            let retry = if code == ErrorCode::SERVER_BUSY {
+                RETRY_BUSY_MS
+            } else {
+                RETRY_CREDENTIAL_MS
+            };
+            close_tunnel(tunnel, code, retry, message).await;
             return false;
         }
     };
@@ -146,7 +200,7 @@ async fn welcome(state: &Arc<State>, tunnel: &Arc<Tunnel>, auth: &Authenticated)
 }
 
 /// Serves control messages after `Welcome` until the session ends.
-async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>, auth: &Authenticated) {
+async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
     while let Some(bytes) = tunnel.session.recv_control().await {
         let Ok(msg) = Control::decode(&bytes) else {
             continue;
@@ -159,7 +213,7 @@ async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>, auth: &Authent
                 upstream,
                 policy,
             } => {
-                let reply = bind(state, tunnel, &auth.token, endpoint, kind, policy).await;
+                let reply = bind(state, tunnel, endpoint, kind, policy).await;
                 let sent = match &reply {
                     Ok(Bound::Changed(url)) => {
                         log::info!(

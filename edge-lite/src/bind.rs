@@ -1,4 +1,5 @@
-//! Deciding a `Bind`: the endpoint name rule, the token's allow list, the
+//! Deciding a `Bind`: the endpoint name rule, the token's bind rules (the
+//! session's scope as the registry holds it now, not as it was at `Hello`), the
 //! agent's declared policy (parsed and combined with the edge's layers into
 //! the endpoint's effective policy; a TLS server built for it once, here),
 //! the session's endpoint limit, endpoint ownership (the first token to bind an
@@ -25,7 +26,7 @@ use crate::policy::{self, Carriage, Effective, InlineOnly, Layer, Policy, Policy
 use crate::public;
 use crate::registry::{Binding, TcpPort, Tunnel};
 use crate::state::State;
-use crate::store::{Claim, VerifiedToken};
+use crate::store::{Claim, TokenId};
 use crate::tls;
 
 /// A refused bind: the code, the rule that refused it and why.
@@ -67,14 +68,14 @@ enum Plan {
 pub(crate) async fn bind(
     state: &Arc<State>,
     tunnel: &Arc<Tunnel>,
-    token: &VerifiedToken,
     endpoint: &str,
     kind: EndpointKind,
     policy: &str,
 ) -> Result<Bound, BindRefusal> {
-    check_request(state, tunnel, token, endpoint, kind)?;
+    let token = &tunnel.token;
+    let rule = check_request(state, tunnel, endpoint, kind)?;
     let (policy, server) = effective_policy(state, endpoint, kind, policy)?;
-    let rule = || format!("token {} allow={}", token.id(), token.allow());
+    let rule = || rule.clone();
 
     // Ownership: from the registry's cache, else claimed in the store (a
     // bind of another kind than the binding held is recorded too, for
@@ -87,15 +88,15 @@ pub(crate) async fn bind(
         (reg.owner(endpoint).cloned(), same)
     };
     match known_owner {
-        Some(owner) if owner != *token.id() => return Err(taken(endpoint, &owner)),
+        Some(owner) if owner != *token => return Err(taken(endpoint, &owner)),
         Some(_) if same_kind => {}
         _ => {
-            let (name, id, kind) = (endpoint.to_owned(), token.id().clone(), kind_name(kind));
+            let (name, id, kind) = (endpoint.to_owned(), token.clone(), kind_name(kind));
             match state
                 .store_call(move |s| s.claim_endpoint(&name, &id, kind))
                 .await
             {
-                Ok(Claim::Owner) => state.registry().set_owner(endpoint, token.id()),
+                Ok(Claim::Owner) => state.registry().set_owner(endpoint, token),
                 Ok(Claim::OwnedBy(owner)) => {
                     state.registry().set_owner(endpoint, &owner);
                     return Err(taken(endpoint, &owner));
@@ -300,15 +301,16 @@ fn effective_policy(
     Ok((Arc::new(eff), server))
 }
 
-/// The checks that need no registry: the session, the name, the token's
-/// allow list, and that the edge serves `kind`.
+/// The checks before ownership: the session, the name, the token's bind
+/// rules (from the registry: the scope the session works under now), and
+/// that the edge serves `kind`. Returns the rule that allows the endpoint,
+/// as `token tk_<id> bind=<rule>`.
 fn check_request(
     state: &State,
     tunnel: &Tunnel,
-    token: &VerifiedToken,
     endpoint: &str,
     kind: EndpointKind,
-) -> Result<(), BindRefusal> {
+) -> Result<String, BindRefusal> {
     if tunnel.session.is_closing() {
         return Err(refused(
             ErrorCode::BIND_REFUSED,
@@ -320,22 +322,45 @@ fn check_request(
         return Err(refused(
             ErrorCode::BIND_REFUSED,
             "endpoint name",
-            "an endpoint name is 1-63 lowercase letters, digits or inner '-'",
+            "an endpoint name is DNS labels (1-63 lowercase letters, digits or inner '-') \
+             joined by '.', at most 127 bytes",
         ));
     }
-    if !token.allow().permits(endpoint) {
+    let Some(scope) = state.registry().scope_of(tunnel.no) else {
+        return Err(refused(
+            ErrorCode::TOKEN_REVOKED,
+            format!("token {}", tunnel.token),
+            "this session is closing (revoked, evicted or draining)",
+        ));
+    };
+    let Some(allowing) = scope.rules.permitting(endpoint) else {
         return Err(refused(
             ErrorCode::BIND_REFUSED,
-            format!("token {} allow={}", token.id(), token.allow()),
-            format!("endpoint {endpoint} is not in the token's allow list"),
+            format!("token {} bind={}", tunnel.token, scope.rules),
+            format!("no bind rule of the token allows endpoint {endpoint}"),
         ));
-    }
+    };
+    let rule = format!("token {} bind={allowing}", tunnel.token);
     match kind {
-        EndpointKind::Tls | EndpointKind::TlsPassthrough if state.cfg.tls.is_none() => {
-            Err(no_listener("[tls]"))
+        EndpointKind::Tls | EndpointKind::TlsPassthrough => {
+            let Some(tls) = &state.cfg.tls else {
+                return Err(no_listener("[tls]"));
+            };
+            // Published as `<endpoint>.<domain>`: a DNS name of 253 at most.
+            if endpoint.len() + 1 + tls.domain.len() > 253 {
+                return Err(refused(
+                    ErrorCode::BIND_REFUSED,
+                    "endpoint name",
+                    format!(
+                        "{endpoint}.{} would be longer than a DNS name (253)",
+                        tls.domain
+                    ),
+                ));
+            }
+            Ok(rule)
         }
         EndpointKind::Tcp if state.cfg.tcp.is_none() => Err(no_listener("[tcp]")),
-        _ => Ok(()),
+        EndpointKind::Tcp => Ok(rule),
     }
 }
 
@@ -356,7 +381,7 @@ fn no_listener(table: &str) -> BindRefusal {
     )
 }
 
-fn taken(endpoint: &str, owner: &crate::store::TokenId) -> BindRefusal {
+fn taken(endpoint: &str, owner: &TokenId) -> BindRefusal {
     refused(
         ErrorCode::ENDPOINT_TAKEN,
         format!("endpoint {endpoint} owned by token {owner}"),

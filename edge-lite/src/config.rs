@@ -326,7 +326,7 @@ impl std::error::Error for ConfigError {}
 pub use tether_proto::valid_endpoint_name;
 
 fn valid_domain(domain: &str) -> bool {
-    domain.len() <= 253 && domain.split('.').all(valid_endpoint_name)
+    domain.len() <= 253 && domain.split('.').all(tether_proto::valid_label)
 }
 
 impl Config {
@@ -444,7 +444,7 @@ impl Config {
                 if !valid_endpoint_name(name) {
                     return Err(doc.at(
                         &here,
-                        "not an endpoint name (lowercase letters, digits, inner '-', at most 63)"
+                        "not an endpoint name (DNS labels of lowercase letters, digits, inner '-', joined by '.', at most 127 bytes)"
                             .into(),
                     ));
                 }

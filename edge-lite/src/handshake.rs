@@ -35,7 +35,7 @@ pub(crate) const RETRY_CREDENTIAL_MS: u32 = 300_000;
 /// `retry_after_ms` for a version mismatch.
 const RETRY_VERSION_MS: u32 = 3_600_000;
 /// `retry_after_ms` when the store cannot answer.
-const RETRY_BUSY_MS: u32 = 5_000;
+pub(crate) const RETRY_BUSY_MS: u32 = 5_000;
 
 /// An agent whose `Hello` was verified; only [`authenticate`] makes one.
 #[derive(Debug)]
@@ -152,7 +152,7 @@ async fn authenticate_tls(
             return None;
         }
     };
-    match check_hello(state, &buf[..first]).await {
+    match check_hello(state, peer, &buf[..first]).await {
         Ok(a) => Some((tls, a)),
         Err(r) => {
             state.counters.refuse(r.why);
@@ -192,8 +192,13 @@ async fn read_first_frame(tls: &mut AgentTls, buf: &mut [u8]) -> Result<usize, F
     Ok(len)
 }
 
-/// Checks a `Hello`: its form, the version, the token's form, then the store.
-async fn check_hello(state: &State, payload: &[u8]) -> Result<Authenticated, Refused> {
+/// Checks a `Hello`: its form, the version, the token's form, then the
+/// store, then the token's sources against `peer`.
+async fn check_hello(
+    state: &State,
+    peer: SocketAddr,
+    payload: &[u8],
+) -> Result<Authenticated, Refused> {
     let Ok(Control::Hello {
         version,
         min_version,
@@ -273,6 +278,24 @@ async fn check_hello(state: &State, payload: &[u8]) -> Result<Authenticated, Ref
             ));
         }
     };
+    if !token.scope().admits(peer.ip()) {
+        log::info!(
+            "token {} refused from {}: its sources are {}",
+            token.id(),
+            peer.ip(),
+            token.scope().sources_text()
+        );
+        return Err(refused(
+            Refusal::TokenSource,
+            ErrorCode::AUTH_FAILED,
+            RETRY_CREDENTIAL_MS,
+            format!(
+                "token {} may not connect from {}",
+                token.id(),
+                peer.ip()
+            ),
+        ));
+    }
     Ok(Authenticated {
         version: agreed,
         token,

@@ -20,13 +20,16 @@
 //! - `registry`: who holds which endpoint (with its effective policy);
 //!   `admission`: pending handshakes per source; [`metrics`]: the counters
 //!   and the policy denials; [`lines`]: the stdout lines.
-//! - [`config`]: the typed `edge.toml`; [`store`]: the SQLite token and
-//!   endpoint-owner store (salted hashes, never secrets); `tls`: rustls
+//! - [`config`]: the typed `edge.toml`; [`store`]: the store interface and
+//!   its SQLite implementation (tokens as salted hashes, never secrets, with
+//!   their scopes; endpoint owners; versioned schema migrations); `tls`: rustls
 //!   (server configs per endpoint policy, the client-certificate verifier,
 //!   the identity of a verified leaf); [`policy`]: the traffic-policy model,
 //!   pure (no I/O, no clock): parsing, `restrict-ips`, and the conjunction of
-//!   the edge's, the endpoint's and the agent's layers; [`listing`]: what
-//!   the CLI prints.
+//!   the edge's, the endpoint's and the agent's layers; [`scope`]: the
+//!   other half of the policy model, pure too: a token's bind rules
+//!   (`name`, `*.suffix`, `*`) and source CIDRs; [`listing`]: what the CLI
+//!   prints.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver. Not here yet:
@@ -43,6 +46,7 @@ pub mod metrics;
 pub mod policy;
 mod public;
 mod registry;
+pub mod scope;
 mod server;
 mod state;
 pub mod store;

@@ -32,18 +32,20 @@ fn opt_time(t: Option<i64>) -> String {
     t.map_or_else(|| "-".to_owned(), format_time)
 }
 
-/// The `token list` table: id, description, allow, created, last seen, revoked.
+/// The `token list` table: id, description, bind rules, sources, created,
+/// last seen, revoked.
 pub fn token_table(tokens: &[TokenInfo]) -> String {
     let header = [
         "ID",
         "DESCRIPTION",
-        "ALLOW",
+        "BIND",
+        "SOURCES",
         "CREATED",
         "LAST SEEN",
         "REVOKED",
     ]
     .map(str::to_owned);
-    let rows: Vec<[String; 6]> = tokens
+    let rows: Vec<[String; 7]> = tokens
         .iter()
         .map(|t| {
             [
@@ -53,7 +55,16 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
                 } else {
                     t.description.escape_debug().to_string()
                 },
-                t.allow.to_string(),
+                if t.scope.rules.is_empty() {
+                    "-".to_owned()
+                } else {
+                    t.scope.rules.to_string()
+                },
+                if t.scope.sources.is_empty() {
+                    "any".to_owned()
+                } else {
+                    t.scope.sources_text()
+                },
                 format_time(t.created_at),
                 opt_time(t.last_seen_at),
                 opt_time(t.revoked_at),

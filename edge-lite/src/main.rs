@@ -14,12 +14,16 @@ use std::process::ExitCode;
 
 use futures_lite::StreamExt;
 use tether_edge::listing::{endpoint_table, token_table};
-use tether_edge::store::{Allow, Revoked, Store};
+use tether_edge::scope::{parse_sources, Rules, Scope};
+use tether_edge::store::{Revoked, SqliteStore, Store, TokenUpdate, Updated};
 use tether_edge::Config;
 
 const USAGE: &str = "\
 Usage: tether-edge --config FILE [serve]
-  or:  tether-edge --config FILE token create [--description TEXT] --allow NAME...
+  or:  tether-edge --config FILE token create [--description TEXT] --allow RULE...
+         [--source CIDR...]
+  or:  tether-edge --config FILE token update ID [--description TEXT]
+         [--allow RULE...] [--source CIDR... | --any-source]
   or:  tether-edge --config FILE token list
   or:  tether-edge --config FILE token revoke ID
   or:  tether-edge --config FILE endpoint list
@@ -43,9 +47,20 @@ tls endpoints, and carries every public connection to its device as a stream.
 Commands:
   serve                 run the edge (the default)
   token create          create a token; prints it once on stdout (its id on
-                        stderr). --allow NAME is required and may repeat;
-                        '*' allows every endpoint, and must be asked for
-                        explicitly
+                        stderr). --allow RULE is required and may repeat:
+                        an endpoint name, '*.SUFFIX' (every endpoint whose
+                        name ends in .SUFFIX), or '*' (every endpoint, only
+                        when asked for explicitly). --source CIDR (may
+                        repeat) limits the addresses the device may connect
+                        from
+  token update ID       change a token's description, rules (--allow, all
+                        of them, replacing the old) or sources (--source,
+                        replacing the old; --any-source removes them).
+                        Running servers apply it to live sessions within
+                        1 s: endpoints the new rules do not allow are
+                        unbound (the device gets BindErr naming the rule),
+                        sessions from addresses the new sources refuse are
+                        closed
   token list            list tokens (never secrets)
   token revoke ID       revoke a token; running servers close its sessions
                         within 1 s
@@ -124,8 +139,12 @@ Options:
                         there is no default path
       --description TEXT
                         token create: a note stored with the token
-      --allow NAME      token create: an endpoint the token may bind (repeat
-                        for more), or '*' for every endpoint
+      --allow RULE      token create, token update: an endpoint the token
+                        may bind (repeat for more): NAME, '*.SUFFIX' or '*'
+      --source CIDR     token create, token update: an address range the
+                        device may connect from (repeat for more; a bare
+                        address is its /32 or /128). None: anywhere
+      --any-source      token update: remove the token's sources
       --devices CSV     provision: the devices, a CSV with the header
                         serial[,endpoints] ('#' starts a comment line). A
                         serial is 1-64 of A-Z a-z 0-9 . _ -, not starting
@@ -203,7 +222,11 @@ enum Command {
     Serve,
     Create {
         description: String,
-        allow: Vec<String>,
+        scope: Scope,
+    },
+    Update {
+        id: String,
+        change: TokenUpdate,
     },
     List,
     Revoke(String),
@@ -242,6 +265,8 @@ fn parse_args() -> Result<Parsed, String> {
     let mut config = None;
     let mut description = None;
     let mut allow = Vec::new();
+    let mut sources = Vec::new();
+    let mut any_source = false;
     let mut words = Vec::new();
     let mut prov = provision::Options::default();
     let mut prov_flag: Option<&'static str> = None;
@@ -306,12 +331,9 @@ fn parse_args() -> Result<Parsed, String> {
                         .map_err(|e| e.to_string())?,
                 )
             }
-            Long("allow") => allow.push(
-                p.value()
-                    .map_err(|e| e.to_string())?
-                    .string()
-                    .map_err(|e| e.to_string())?,
-            ),
+            Long("allow") => allow.push(string(&mut p)?),
+            Long("source") => sources.push(string(&mut p)?),
+            Long("any-source") => any_source = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(v) => words.push(v.string().map_err(|e| e.to_string())?),
@@ -326,21 +348,47 @@ fn parse_args() -> Result<Parsed, String> {
                 // Fail closed: a forgotten flag must not mint a credential
                 // that may claim any device's endpoint.
                 return Err(
-                    "token create needs --allow NAME (repeatable), or --allow '*' to allow every endpoint"
+                    "token create needs --allow RULE (repeatable), or --allow '*' to allow every endpoint"
                         .into(),
                 );
             }
-            if let Some(bad) = allow
-                .iter()
-                .find(|a| *a != "*" && !tether_edge::config::valid_endpoint_name(a))
-            {
-                return Err(format!(
-                    "--allow {bad:?}: not an endpoint name (lowercase letters, digits, inner '-') or '*'"
-                ));
+            if any_source {
+                return Err("--any-source goes with `token update` (token create without --source allows any)".into());
             }
             Command::Create {
                 description: description.take().unwrap_or_default(),
-                allow: std::mem::take(&mut allow),
+                scope: Scope {
+                    rules: rules_arg(&std::mem::take(&mut allow))?,
+                    sources: sources_arg(&std::mem::take(&mut sources))?,
+                },
+            }
+        }
+        ["token", "update", id] => {
+            if any_source && !sources.is_empty() {
+                return Err("--any-source and --source contradict each other".into());
+            }
+            let change = TokenUpdate {
+                description: description.take(),
+                rules: if allow.is_empty() {
+                    None
+                } else {
+                    Some(rules_arg(&std::mem::take(&mut allow))?)
+                },
+                sources: if any_source {
+                    Some(Vec::new())
+                } else if sources.is_empty() {
+                    None
+                } else {
+                    Some(sources_arg(&std::mem::take(&mut sources))?)
+                },
+            };
+            any_source = false;
+            if change.description.is_none() && change.rules.is_none() && change.sources.is_none() {
+                return Err("token update needs --description, --allow, --source or --any-source".into());
+            }
+            Command::Update {
+                id: (*id).to_owned(),
+                change,
             }
         }
         ["token", "list"] => Command::List,
@@ -356,11 +404,24 @@ fn parse_args() -> Result<Parsed, String> {
     if let Some(flag) = prov_flag {
         return Err(format!("{flag} goes with `provision`"));
     }
-    if description.is_some() || !allow.is_empty() {
-        return Err("--description and --allow go with `token create`".into());
+    if description.is_some() || !allow.is_empty() || !sources.is_empty() || any_source {
+        return Err(
+            "--description, --allow, --source and --any-source go with `token create` or `token update`"
+                .into(),
+        );
     }
     let config = config.ok_or("--config FILE is required")?;
     Ok(Parsed::Run(Args { config, command }))
+}
+
+/// `--allow` values as rules; a bad one is a usage error naming it.
+fn rules_arg(allow: &[String]) -> Result<Rules, String> {
+    Rules::parse(allow).map_err(|e| format!("--allow {e}"))
+}
+
+/// `--source` values as networks; a bad one is a usage error naming it.
+fn sources_arg(sources: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    parse_sources(sources).map_err(|e| format!("--source {e}"))
 }
 
 fn main() -> ExitCode {
@@ -394,12 +455,27 @@ fn main() -> ExitCode {
     };
     match args.command {
         Command::Serve => serve(cfg),
-        Command::Create { description, allow } => with_store(&cfg, |s| {
-            let allow = Allow::from_names(allow);
-            let t = s.create(&description, &allow)?;
+        Command::Create { description, scope } => with_store(&cfg, |s| {
+            let t = s.create(&description, &scope)?;
             println!("{}", t.token.expose());
-            eprintln!("created token {} (allow={allow})", t.id);
+            eprintln!("created token {} ({})", t.id, scope.summary());
             Ok(ExitCode::SUCCESS)
+        }),
+        Command::Update { id, change } => with_store(&cfg, |s| {
+            Ok(match s.update(&id, &change)? {
+                Updated::Now(t) => {
+                    eprintln!("updated token {} ({})", t.id, t.scope.summary());
+                    ExitCode::SUCCESS
+                }
+                Updated::Revoked => {
+                    eprintln!("error: token {id} is revoked; a revoked token does not change");
+                    ExitCode::FAILURE
+                }
+                Updated::Unknown => {
+                    eprintln!("error: no token with id {id:?}");
+                    ExitCode::FAILURE
+                }
+            })
         }),
         Command::List => with_store(&cfg, |s| {
             print!("{}", token_table(&s.list()?));
@@ -456,9 +532,9 @@ fn main() -> ExitCode {
 
 fn with_store(
     cfg: &Config,
-    f: impl FnOnce(&Store) -> Result<ExitCode, tether_edge::store::StoreError>,
+    f: impl FnOnce(&dyn Store) -> Result<ExitCode, tether_edge::store::StoreError>,
 ) -> ExitCode {
-    match Store::open(&cfg.state_dir).and_then(|s| f(&s)) {
+    match SqliteStore::open(&cfg.state_dir).and_then(|s| f(&s)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");

@@ -42,6 +42,8 @@ pub enum Refusal {
     RevokedToken,
     /// Agent port: the store could not answer.
     StoreBusy,
+    /// Agent port: the token may not connect from the source address.
+    TokenSource,
     /// A session evicted because its token opened one past `sessions_per_token`.
     SessionEvicted,
     /// A bind refused (ACL, ownership, limits, ports).
@@ -64,7 +66,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// Every reason, in the order of the summary line.
-    pub const ALL: [Refusal; 21] = [
+    pub const ALL: [Refusal; 22] = [
         Refusal::SourceBusy,
         Refusal::AgentIpDenied,
         Refusal::PendingFull,
@@ -77,6 +79,7 @@ impl Refusal {
         Refusal::UnknownToken,
         Refusal::RevokedToken,
         Refusal::StoreBusy,
+        Refusal::TokenSource,
         Refusal::SessionEvicted,
         Refusal::Bind,
         Refusal::PublicFull,
@@ -103,6 +106,7 @@ impl Refusal {
             Refusal::UnknownToken => "unknown_token",
             Refusal::RevokedToken => "revoked_token",
             Refusal::StoreBusy => "store_busy",
+            Refusal::TokenSource => "token_source_denied",
             Refusal::SessionEvicted => "session_evicted",
             Refusal::Bind => "bind_refused",
             Refusal::PublicFull => "public_full",

@@ -621,23 +621,18 @@ pub fn check_key(key: &str) -> Result<(), String> {
             "\"*\" would select every endpoint: put that policy in [traffic_policy]".into(),
         );
     }
-    if body.contains('.') {
-        return Err(format!(
-            "{key:?}: endpoint names have no '.' (they are one DNS label); a pattern is \
-             an exact name or '*' followed by the end of names, like \"*-cam\""
-        ));
-    }
     let ok = !body.is_empty()
         && body
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !body.contains("..")
         && (key.starts_with('*') || tether_proto::valid_endpoint_name(key));
     if ok {
         Ok(())
     } else {
         Err(format!(
             "{key:?} is neither an endpoint name nor '*' and the end of one (lowercase \
-             letters, digits, '-')"
+             letters, digits, '-', '.' between labels), like \"*-cam\" or \"*.site-42\""
         ))
     }
 }
@@ -1217,7 +1212,11 @@ mod tests {
         assert!(!key_matches("*-cam", "camera"));
         assert!(check_key("web").is_ok());
         assert!(check_key("*-cam").is_ok());
-        assert!(check_key("*.cam").unwrap_err().contains("no '.'"));
+        assert!(check_key("*.site-42").is_ok());
+        assert!(key_matches("*.site-42", "cam.site-42"));
+        assert!(!key_matches("*.site-42", "site-42"));
+        assert!(check_key("cam.site-42").is_ok());
+        assert!(check_key("*..cam").is_err());
         assert!(check_key("*").is_err());
         assert!(check_key("Web").is_err());
         let mut edge = EdgePolicies::default();

@@ -73,7 +73,8 @@ use tether_conf::HostPort;
 
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use tether_edge::config::valid_endpoint_name;
-use tether_edge::store::{token_id_of, unix_now, Allow, Store, TokenId, TokenInfo};
+use tether_edge::scope::{BindRule, Rules, Scope};
+use tether_edge::store::{token_id_of, unix_now, SqliteStore, Store, TokenId, TokenInfo};
 
 /// The description prefix of every token `provision` mints:
 /// `provision:<serial>`.
@@ -1078,15 +1079,20 @@ pub fn run(opts: Options, state_dir: &Path) -> Result<Summary, Error> {
     errors.check()?;
 
     // 3. The store: endpoint names held by other tokens.
-    let store = Store::open(state_dir).map_err(|e| Error::Failed(e.to_string()))?;
+    let store = SqliteStore::open(state_dir).map_err(|e| Error::Failed(e.to_string()))?;
     let tokens = store.list().map_err(|e| Error::Failed(e.to_string()))?;
     let active: Vec<&TokenInfo> = tokens.iter().filter(|t| t.revoked_at.is_none()).collect();
     let by_id: HashMap<&TokenId, &TokenInfo> = tokens.iter().map(|t| (&t.id, t)).collect();
+    // Exact rules by name, and the `*.suffix` rules; a token with `*` is
+    // not counted (it is no device's, and would conflict with every one).
     let mut allowed: HashMap<&str, Vec<&TokenInfo>> = HashMap::new();
+    let mut patterns: Vec<(&BindRule, &TokenInfo)> = Vec::new();
     for t in &active {
-        if let Allow::Names(names) = &t.allow {
-            for n in names {
-                allowed.entry(n.as_str()).or_default().push(t);
+        for r in t.scope.rules.iter() {
+            match r {
+                BindRule::Exact(n) => allowed.entry(n.as_str()).or_default().push(t),
+                BindRule::Suffix(_) => patterns.push((r, t)),
+                BindRule::Any => {}
             }
         }
     }
@@ -1097,7 +1103,11 @@ pub fn run(opts: Options, state_dir: &Path) -> Result<Summary, Error> {
     for d in &todo {
         let mine = format!("{MARKER}{}", d.serial);
         for e in &d.endpoints {
-            for t in allowed.get(e.name.as_str()).into_iter().flatten() {
+            let by_pattern = patterns
+                .iter()
+                .filter(|(r, _)| r.matches(&e.name))
+                .map(|(_, t)| t);
+            for t in allowed.get(e.name.as_str()).into_iter().flatten().chain(by_pattern) {
                 if t.description != mine {
                     errors.push(format!(
                         "{}: endpoints: endpoint `{}` is already allowed to token {} ({:?}): revoke that token first",
@@ -1221,12 +1231,15 @@ pub fn run(opts: Options, state_dir: &Path) -> Result<Summary, Error> {
     let abort_after: Option<usize> = std::env::var(ABORT_ENV).ok().and_then(|v| v.parse().ok());
     let mut done = 0usize;
     for chunk in todo.chunks(CHUNK) {
-        let specs: Vec<(String, Allow)> = chunk
+        let specs: Vec<(String, Scope)> = chunk
             .iter()
             .map(|d| {
                 (
                     format!("{MARKER}{}", d.serial),
-                    Allow::Names(d.endpoints.iter().map(|e| e.name.clone()).collect()),
+                    Scope {
+                        rules: Rules::exact(d.endpoints.iter().map(|e| e.name.clone())),
+                        sources: Vec::new(),
+                    },
                 )
             })
             .collect();

@@ -1,5 +1,8 @@
 //! Who holds what: the live agent sessions ([`Tunnel`]s, after `Welcome`)
-//! with their token, the endpoint bindings (endpoint name -> tunnel, public
+//! with their token and that token's scope as the edge last heard of it
+//! (the per-session cache that `route` checks at every stream open and
+//! `bind` at every `Bind`; [`Registry::apply_changes`] replaces it when the
+//! store says the token changed), the endpoint bindings (endpoint name -> tunnel, public
 //! URL and, for tcp endpoints, the port and its accept task), the owners of
 //! endpoints (a cache of the store's), the revoked token ids the server knows
 //! of, and the tcp ports in use.
@@ -21,7 +24,8 @@ use tether_driver::Session;
 use tether_proto::EndpointKind;
 
 use crate::policy::Effective;
-use crate::store::TokenId;
+use crate::scope::Scope;
+use crate::store::{TokenChange, TokenId};
 
 /// One agent session as the rest of the edge sees it.
 #[derive(Debug)]
@@ -87,11 +91,33 @@ pub(crate) struct Route {
     pub(crate) server: Option<Arc<ServerConfig>>,
 }
 
+/// A live session and its token's scope.
+struct Live {
+    tunnel: Arc<Tunnel>,
+    scope: Arc<Scope>,
+}
+
+/// What [`Registry::apply_changes`] took away, for the caller to act on.
+#[derive(Default)]
+pub(crate) struct Applied {
+    /// Tokens revoked by the changes (new to the revoked set).
+    pub(crate) revoked: Vec<TokenId>,
+    /// Sessions to close: their token is revoked (`true`) or may no longer
+    /// connect from their address (`false`). Out of the live set already.
+    pub(crate) closed: Vec<(Arc<Tunnel>, bool)>,
+    /// Bindings the new rules no longer allow, with their session and the
+    /// new scope: unbound already; their drop closes their ports.
+    pub(crate) unbound: Vec<(String, Binding, Arc<Scope>)>,
+}
+
 /// The registry; see the module docs.
 #[derive(Default)]
 pub(crate) struct Registry {
     endpoints: HashMap<String, Binding>,
-    live: HashMap<u64, Arc<Tunnel>>,
+    live: HashMap<u64, Live>,
+    /// Bumped by every [`Registry::apply_changes`]: a session verified
+    /// before a bump re-reads its scope before it goes live.
+    generation: u64,
     revoked: HashSet<TokenId>,
     owners: HashMap<String, TokenId>,
     ports: HashSet<u16>,
@@ -139,17 +165,24 @@ impl Registry {
     pub(crate) fn admit(
         &mut self,
         tunnel: &Arc<Tunnel>,
+        scope: Arc<Scope>,
         per_token: usize,
     ) -> Result<Vec<Arc<Tunnel>>, Revoked> {
         if self.revoked.contains(&tunnel.token) {
             return Err(Revoked);
         }
-        self.live.insert(tunnel.no, tunnel.clone());
+        self.live.insert(
+            tunnel.no,
+            Live {
+                tunnel: tunnel.clone(),
+                scope,
+            },
+        );
         let mut same: Vec<u64> = self
             .live
             .values()
-            .filter(|t| t.token == tunnel.token)
-            .map(|t| t.no)
+            .filter(|l| l.tunnel.token == tunnel.token)
+            .map(|l| l.tunnel.no)
             .collect();
         if same.len() <= per_token {
             return Ok(Vec::new());
@@ -158,30 +191,76 @@ impl Registry {
         let excess = same.len() - per_token;
         Ok(same[..excess]
             .iter()
-            .filter_map(|no| self.live.remove(no))
+            .filter_map(|no| self.live.remove(no).map(|l| l.tunnel))
             .collect())
     }
 
-    /// Replaces the set of revoked ids. Returns the ids new to the set, and
-    /// the live sessions of any revoked token (taken out of the live set).
-    pub(crate) fn set_revoked(
-        &mut self,
-        ids: HashSet<TokenId>,
-    ) -> (Vec<TokenId>, Vec<Arc<Tunnel>>) {
-        let mut fresh: Vec<TokenId> = ids.difference(&self.revoked).cloned().collect();
-        fresh.sort();
-        self.revoked = ids;
-        let doomed: Vec<u64> = self
-            .live
-            .values()
-            .filter(|t| self.revoked.contains(&t.token))
-            .map(|t| t.no)
-            .collect();
-        let victims = doomed
-            .into_iter()
-            .filter_map(|n| self.live.remove(&n))
-            .collect();
-        (fresh, victims)
+    /// The count of [`Registry::apply_changes`] calls so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The scope session `no` works under now, if it is live.
+    pub(crate) fn scope_of(&self, no: u64) -> Option<Arc<Scope>> {
+        self.live.get(&no).map(|l| l.scope.clone())
+    }
+
+    /// Applies tokens' changes from the store to the live sessions: a
+    /// revoked token's sessions leave the live set; a session whose address
+    /// the new sources refuse leaves it too; otherwise the session's scope is
+    /// replaced and every endpoint it holds that the new rules do not allow
+    /// is unbound. Bumps the generation.
+    pub(crate) fn apply_changes(&mut self, changes: Vec<TokenChange>) -> Applied {
+        self.generation += 1;
+        let mut out = Applied::default();
+        let mut scopes: HashMap<TokenId, Arc<Scope>> = HashMap::new();
+        for c in changes {
+            if c.revoked {
+                if self.revoked.insert(c.id.clone()) {
+                    out.revoked.push(c.id.clone());
+                }
+                scopes.remove(&c.id);
+            } else {
+                scopes.insert(c.id, Arc::new(c.scope));
+            }
+        }
+        let mut nos: Vec<u64> = self.live.keys().copied().collect();
+        nos.sort_unstable();
+        for no in nos {
+            let Some(l) = self.live.get_mut(&no) else {
+                continue;
+            };
+            let token = l.tunnel.token.clone();
+            if self.revoked.contains(&token) {
+                if let Some(l) = self.live.remove(&no) {
+                    out.closed.push((l.tunnel, true));
+                }
+                continue;
+            }
+            let Some(scope) = scopes.get(&token) else {
+                continue;
+            };
+            if !scope.admits(l.tunnel.peer.ip()) {
+                if let Some(l) = self.live.remove(&no) {
+                    out.closed.push((l.tunnel, false));
+                }
+                continue;
+            }
+            l.scope = scope.clone();
+            let mut names: Vec<String> = self
+                .endpoints
+                .iter()
+                .filter(|(n, b)| b.tunnel.no == no && scope.rules.permitting(n).is_none())
+                .map(|(n, _)| n.clone())
+                .collect();
+            names.sort();
+            for n in names {
+                if let Some(b) = self.remove(&n) {
+                    out.unbound.push((n, b, scope.clone()));
+                }
+            }
+        }
+        out
     }
 
     /// Replaces the cache of endpoint owners (after the store changed).
@@ -259,7 +338,15 @@ impl Registry {
         let b = self.endpoints.get(endpoint).ok_or(NoRoute::Unbound)?;
         // A session whose token was revoked leaves the live set at once, before
         // its GOAWAY takes effect: it gets no new public connections.
-        if !port.serves(b.kind) || !self.is_live(b.tunnel.no) || b.tunnel.session.is_closing() {
+        let Some(live) = self.live.get(&b.tunnel.no) else {
+            return Err(NoRoute::Unbound);
+        };
+        if !port.serves(b.kind) || b.tunnel.session.is_closing() {
+            return Err(NoRoute::Unbound);
+        }
+        // The token's rules, as the edge knows them now, are checked at
+        // every stream open, not only at the Bind.
+        if live.scope.rules.permitting(endpoint).is_none() {
             return Err(NoRoute::Unbound);
         }
         let taken = b

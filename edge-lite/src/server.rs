@@ -11,7 +11,7 @@
 //! Tasks run on smol's global executor. SQLite calls go through the
 //! blocking pool (`smol::unblock`), one at a time behind the store's mutex.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,7 +30,8 @@ use crate::metrics::Refusal;
 use crate::public;
 use crate::registry::{Registry, Tunnel};
 use crate::state::{close_tunnel, State};
-use crate::store::{Store, StoreError, TokenId};
+use crate::registry::Applied;
+use crate::store::{SqliteStore, Store, StoreError, TokenId};
 use crate::tls;
 
 /// How often the server asks SQLite whether another connection committed.
@@ -85,6 +86,9 @@ pub struct Server {
     agent: TcpListener,
     agent_addr: SocketAddr,
     tls: Option<(TcpListener, SocketAddr)>,
+    /// The store's revision when it was opened: the watcher applies what
+    /// changes after it.
+    rev: i64,
 }
 
 impl fmt::Debug for Server {
@@ -175,11 +179,12 @@ impl Server {
             }
         );
         let dir = cfg.state_dir.clone();
-        let (store, revoked, owners) = smol::unblock(move || {
-            let s = Store::open(&dir)?;
+        let (store, revoked, owners, rev) = smol::unblock(move || {
+            let s = SqliteStore::open(&dir)?;
             let r = s.revoked_ids()?;
             let o = s.endpoint_owners()?;
-            Ok::<_, StoreError>((s, r, o))
+            let rev = s.revision()?;
+            Ok::<_, StoreError>((Box::new(s) as Box<dyn Store>, r, o, rev))
         })
         .await
         .map_err(RunError::Store)?;
@@ -211,6 +216,7 @@ impl Server {
             agent,
             agent_addr,
             tls,
+            rev,
         })
     }
 
@@ -239,11 +245,15 @@ impl Server {
 
     async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
         let Server {
-            state, agent, tls, ..
+            state,
+            agent,
+            tls,
+            rev,
+            ..
         } = self;
         let agents = crate::state::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
-        let watcher = crate::state::spawn(watch_store(state.clone()));
+        let watcher = crate::state::spawn(watch_store(state.clone(), rev));
         let summary = crate::state::spawn(crate::metrics::summarise(
             state.counters.clone(),
             state.denials.clone(),
@@ -349,30 +359,36 @@ async fn accept_agents(state: Arc<State>, listener: TcpListener) {
     }
 }
 
-/// Polls `PRAGMA data_version`; when another connection (the CLI) has
-/// committed, and once at start, reloads the revoked ids (closing every
-/// live session of a revoked token) and the endpoint owners.
-async fn watch_store(state: Arc<State>) {
+/// Every [`REVOCATION_POLL`], asks the store which tokens changed since the
+/// revision it last saw (revoked, or a new scope: whoever wrote it, this
+/// process or the CLI) and applies that to the live sessions; when another
+/// connection has committed (`data_version`), reloads the endpoint owners.
+async fn watch_store(state: Arc<State>, mut rev: i64) {
     let mut seen: Option<i64> = None;
     loop {
-        let last = seen;
+        let (last, since) = (seen, rev);
         let polled = state
             .store_call(move |s| {
                 let v = s.data_version()?;
-                let changed = if last != Some(v) {
-                    Some((s.revoked_ids()?, s.endpoint_owners()?))
+                let owners = if last != Some(v) {
+                    Some(s.endpoint_owners()?)
                 } else {
                     None
                 };
-                Ok::<_, StoreError>((v, changed))
+                let changes = s.changes_since(since)?;
+                Ok::<_, StoreError>((v, owners, changes))
             })
             .await;
         match polled {
-            Ok((v, changed)) => {
+            Ok((v, owners, (newest, changes))) => {
                 seen = Some(v);
-                if let Some((ids, owners)) = changed {
+                rev = newest;
+                if let Some(owners) = owners {
                     state.registry().set_owners(owners);
-                    apply_revocations(&state, ids);
+                }
+                if !changes.is_empty() {
+                    let applied = state.registry().apply_changes(changes);
+                    act_on(&state, applied);
                 }
             }
             Err(e) => log::error!("store poll failed: {e}"),
@@ -381,11 +397,26 @@ async fn watch_store(state: Arc<State>) {
     }
 }
 
-fn apply_revocations(state: &Arc<State>, ids: HashSet<TokenId>) {
-    let (fresh, victims) = state.registry().set_revoked(ids);
-    let mut counts: HashMap<TokenId, usize> = fresh.into_iter().map(|t| (t, 0)).collect();
-    for t in victims {
-        *counts.entry(t.token.clone()).or_insert(0) += 1;
+/// Closes the sessions and unbinds the endpoints that
+/// [`Registry::apply_changes`] took away, telling each agent why.
+fn act_on(state: &Arc<State>, applied: Applied) {
+    let Applied {
+        revoked,
+        closed,
+        unbound,
+    } = applied;
+    let mut counts: HashMap<TokenId, usize> = revoked.into_iter().map(|t| (t, 0)).collect();
+    for (t, was_revoked) in closed {
+        if was_revoked {
+            *counts.entry(t.token.clone()).or_insert(0) += 1;
+        } else {
+            log::warn!(
+                "session {} of token {} closed: the token may no longer connect from {}",
+                t.no,
+                t.token,
+                t.peer.ip()
+            );
+        }
         // Its endpoints go now, not when its connection ends: their ports
         // close and another session of an allowed token can bind them.
         let gone = state.registry().remove_session(t.no);
@@ -394,11 +425,43 @@ fn apply_revocations(state: &Arc<State>, ids: HashSet<TokenId>) {
         }
         drop(gone);
         crate::state::spawn(async move {
-            close_tunnel(
-                &t,
-                ErrorCode::TOKEN_REVOKED,
-                RETRY_REVOKED_MS,
-                "token revoked",
+            let (code, message) = if was_revoked {
+                (ErrorCode::TOKEN_REVOKED, "token revoked")
+            } else {
+                (
+                    ErrorCode::AUTH_FAILED,
+                    "the token may no longer connect from this address",
+                )
+            };
+            close_tunnel(&t, code, RETRY_REVOKED_MS, message).await;
+        })
+        .detach();
+    }
+    for (name, binding, scope) in unbound {
+        let session = binding.tunnel.clone();
+        log::warn!(
+            "session {}: endpoint {name} unbound: token {} now has bind={}",
+            session.no,
+            session.token,
+            scope.rules
+        );
+        emit(format!("UNBOUND {name}"));
+        // The port closes with the binding, here; the agent learns why.
+        drop(binding);
+        crate::state::spawn(async move {
+            let rule = format!("token {} bind={}", session.token, scope.rules);
+            let message = format!(
+                "endpoint {name} was unbound: the token's rules no longer allow it"
+            );
+            let msg = tether_proto::Control::BindErr {
+                endpoint: &name,
+                code: ErrorCode::BIND_REFUSED.0,
+                rule: &rule,
+                message: &message,
+            };
+            let _ = crate::state::timeout(
+                crate::state::ERROR_QUEUE_TIMEOUT,
+                session.session.send_control(&msg),
             )
             .await;
         })

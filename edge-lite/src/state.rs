@@ -89,7 +89,7 @@ pub(crate) struct State {
     pub(crate) public_admission: Arc<Admission>,
     /// The actual port of the shared TLS listener (0 without one).
     pub(crate) tls_port: u16,
-    store: Arc<Mutex<Store>>,
+    store: Arc<Mutex<Box<dyn Store>>>,
     registry: Mutex<Registry>,
     /// Every session that has a multiplexer (after `Hello` was verified),
     /// until its driver ends: what a shutdown drains.
@@ -108,7 +108,7 @@ impl State {
         agent_tls: Arc<ServerConfig>,
         public_tls: Option<(Arc<ServerConfig>, Arc<Identity>)>,
         tls_port: u16,
-        store: Store,
+        store: Box<dyn Store>,
         registry: Registry,
     ) -> State {
         let admission = Admission::new(cfg.limits.pending_per_source, cfg.limits.pending_total);
@@ -155,10 +155,10 @@ impl State {
     pub(crate) async fn store_call<T, F>(&self, f: F) -> T
     where
         T: Send + 'static,
-        F: FnOnce(&Store) -> T + Send + 'static,
+        F: FnOnce(&dyn Store) -> T + Send + 'static,
     {
         let store = self.store.clone();
-        smol::unblock(move || f(&store.lock().unwrap_or_else(|e| e.into_inner()))).await
+        smol::unblock(move || f(&**store.lock().unwrap_or_else(|e| e.into_inner()))).await
     }
 
     /// A new session number.

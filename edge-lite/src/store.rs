@@ -1,12 +1,26 @@
-//! The token store: `<state_dir>/tokens.db` (SQLite), holding for each
-//! token its public id, a random salt, `SHA-256(salt || secret)`, its
-//! description and allow list, and its timestamps. Secrets are never stored:
+//! The store: the one owner of what the edge keeps on disk. [`Store`] is the
+//! interface the rest of the edge uses; [`SqliteStore`] implements it on
+//! `<state_dir>/tokens.db`, the embedded default. A PostgreSQL store (several
+//! edges sharing one database) implements the same trait: every decision
+//! that two edges must agree on is one atomic statement
+//! ([`Store::claim_endpoint`]), and [`Store::changes_since`] reads a
+//! monotonic revision, not anything local to one process.
+//!
+//! For each token the store holds its public id, a random salt,
+//! `SHA-256(salt || secret)`, its description, its [`Scope`] (bind rules and
+//! source CIDRs), its timestamps and its revision. Secrets are never stored:
 //! a token is shown once, at [`Store::create`], and checked afterwards by
 //! hashing what the agent presents and comparing in constant time.
 //!
 //! A token is `tk_<id>.<secret>`: `<id>` is 12 lowercase hex characters
 //! (public: logs and events name tokens by it), `<secret>` is 32 random bytes
 //! in base64url without padding. The hash covers the 32 decoded bytes.
+//!
+//! The schema is versioned (`PRAGMA user_version`) and migrated forward in
+//! one transaction when the store is opened ([`MIGRATIONS`]); a database
+//! from a newer tether-edge is refused, not used. Version 1 is the schema
+//! the edge had before versions (a database it made opens as version 0 with
+//! those tables); version 2 turned the allow lists into scopes in place.
 //!
 //! This module is synchronous; the server calls it from the blocking pool.
 
@@ -18,8 +32,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use subtle::ConstantTimeEq;
+
+use crate::scope::{parse_sources, Rules, Scope};
 
 /// Length of a token id in hex characters.
 pub const ID_LEN: usize = 12;
@@ -128,64 +144,12 @@ fn hash(salt: &[u8], secret: &[u8]) -> [u8; 32] {
     out
 }
 
-/// Which endpoints a token may bind.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Allow {
-    /// Every endpoint (`*`).
-    Any,
-    /// Only these names.
-    Names(Vec<String>),
-}
-
-impl Allow {
-    /// Parses the stored form: `*` or comma-separated names.
-    pub fn parse(s: &str) -> Allow {
-        if s.trim() == "*" {
-            return Allow::Any;
-        }
-        Allow::Names(
-            s.split(',')
-                .map(str::trim)
-                .filter(|n| !n.is_empty())
-                .map(str::to_owned)
-                .collect(),
-        )
-    }
-
-    /// Builds an allow list from `--allow` arguments (`*` among them means any).
-    pub fn from_names<I: IntoIterator<Item = String>>(names: I) -> Allow {
-        let names: Vec<String> = names.into_iter().collect();
-        if names.iter().any(|n| n == "*") {
-            Allow::Any
-        } else {
-            Allow::Names(names)
-        }
-    }
-
-    /// Whether `endpoint` is allowed.
-    pub fn permits(&self, endpoint: &str) -> bool {
-        match self {
-            Allow::Any => true,
-            Allow::Names(n) => n.iter().any(|x| x == endpoint),
-        }
-    }
-}
-
-impl fmt::Display for Allow {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Allow::Any => f.write_str("*"),
-            Allow::Names(n) => f.write_str(&n.join(",")),
-        }
-    }
-}
-
-/// Proof that a presented credential matched an active token. Only
-/// [`Store::verify`] creates it.
+/// Proof that a presented credential matched an active token. Only a
+/// [`Store`]'s `verify` creates it.
 #[derive(Clone, Debug)]
 pub struct VerifiedToken {
     id: TokenId,
-    allow: Allow,
+    scope: Scope,
 }
 
 impl VerifiedToken {
@@ -194,9 +158,9 @@ impl VerifiedToken {
         &self.id
     }
 
-    /// What it may bind.
-    pub fn allow(&self) -> &Allow {
-        &self.allow
+    /// Its scope when it was verified (the server keeps the live one).
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 }
 
@@ -207,14 +171,50 @@ pub struct TokenInfo {
     pub id: TokenId,
     /// Operator's description.
     pub description: String,
-    /// Allow list.
-    pub allow: Allow,
+    /// Bind rules and source addresses.
+    pub scope: Scope,
     /// Unix seconds.
     pub created_at: i64,
+    /// Unix seconds of the last change of its description or scope.
+    pub updated_at: Option<i64>,
     /// Unix seconds of the last accepted handshake.
     pub last_seen_at: Option<i64>,
     /// Unix seconds of the revocation.
     pub revoked_at: Option<i64>,
+}
+
+/// A change to a token's description or scope; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct TokenUpdate {
+    /// A new description.
+    pub description: Option<String>,
+    /// New bind rules (replacing the old ones).
+    pub rules: Option<Rules>,
+    /// New source addresses (replacing the old ones; empty: any).
+    pub sources: Option<Vec<ipnet::IpNet>>,
+}
+
+/// The outcome of [`Store::update`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Updated {
+    /// Changed; the token as it is now.
+    Now(Box<TokenInfo>),
+    /// A revoked token is not changed any more.
+    Revoked,
+    /// No such token.
+    Unknown,
+}
+
+/// A token whose scope or revocation changed after some revision, as
+/// [`Store::changes_since`] returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenChange {
+    /// The token.
+    pub id: TokenId,
+    /// Its scope now.
+    pub scope: Scope,
+    /// Whether it is revoked now.
+    pub revoked: bool,
 }
 
 /// A token just created: show [`NewToken::token`] once, then forget it.
@@ -235,6 +235,20 @@ pub enum StoreError {
     Db(rusqlite::Error),
     /// The system random generator failed.
     Random,
+    /// The database was made by a newer tether-edge.
+    NewerSchema {
+        /// Its version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+    /// A stored value does not parse (a row the edge did not write).
+    Corrupt {
+        /// The token or row.
+        row: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl fmt::Display for StoreError {
@@ -243,6 +257,14 @@ impl fmt::Display for StoreError {
             StoreError::StateDir(p, e) => write!(f, "state {}: {e}", p.display()),
             StoreError::Db(e) => write!(f, "token store: {e}"),
             StoreError::Random => f.write_str("system random generator failed"),
+            StoreError::NewerSchema { found, known } => write!(
+                f,
+                "token store: schema version {found} is newer than this tether-edge knows \
+                 ({known}): run the tether-edge that wrote it, or a newer one"
+            ),
+            StoreError::Corrupt { row, reason } => {
+                write!(f, "token store: {row}: {reason}")
+            }
         }
     }
 }
@@ -309,24 +331,244 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// One connection to the token store.
-pub struct Store {
+/// Accepts `tk_<id>` or `<id>` as a token's name.
+fn bare_id(id: &str) -> &str {
+    id.strip_prefix("tk_").unwrap_or(id)
+}
+
+/// What the edge keeps: tokens (as salted hashes) with their scopes, and
+/// endpoint owners. Every method is synchronous and may block (the server
+/// calls them on the blocking pool, one at a time); every mutation is
+/// atomic: it happens whole or not at all.
+pub trait Store: Send {
+    /// Creates a token; the returned credential is shown once and never stored.
+    fn create(&self, description: &str, scope: &Scope) -> Result<NewToken, StoreError>;
+
+    /// Creates one token per `(description, scope)`, all or none; the
+    /// credentials are in the order of `specs`.
+    fn create_many(&self, specs: &[(String, Scope)]) -> Result<Vec<NewToken>, StoreError>;
+
+    /// Every token, oldest first.
+    fn list(&self) -> Result<Vec<TokenInfo>, StoreError>;
+
+    /// One token (`tk_<id>` or `<id>`).
+    fn get(&self, id: &str) -> Result<Option<TokenInfo>, StoreError>;
+
+    /// Changes a token's description or scope; a running edge applies a
+    /// new scope to the token's live sessions ([`Store::changes_since`]).
+    fn update(&self, id: &str, change: &TokenUpdate) -> Result<Updated, StoreError>;
+
+    /// Marks a token revoked.
+    fn revoke(&self, id: &str) -> Result<Revoked, StoreError>;
+
+    /// Checks a presented credential; on success records `last_seen_at`.
+    fn verify(&self, presented: &str) -> Result<VerifiedToken, AuthError>;
+
+    /// The tokens whose scope or revocation changed at a revision after
+    /// `rev`, and the newest revision (pass it next time). `rev = 0` at
+    /// start would list every token: call [`Store::revision`] first.
+    fn changes_since(&self, rev: i64) -> Result<(i64, Vec<TokenChange>), StoreError>;
+
+    /// The newest revision.
+    fn revision(&self) -> Result<i64, StoreError>;
+
+    /// Makes `token` the owner of `endpoint` unless another token owns it
+    /// already (the first token to bind an endpoint owns it until an
+    /// operator releases it), atomically, so two edges sharing a database
+    /// agree. `kind` (`tcp` or `tls`) is recorded when the token owns it.
+    fn claim_endpoint(&self, endpoint: &str, token: &TokenId, kind: &str)
+        -> Result<Claim, StoreError>;
+
+    /// Every owned endpoint, by name.
+    fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError>;
+
+    /// Every endpoint's owner, by name.
+    fn endpoint_owners(&self) -> Result<HashMap<String, TokenId>, StoreError> {
+        Ok(self
+            .list_endpoints()?
+            .into_iter()
+            .map(|e| (e.name, e.owner))
+            .collect())
+    }
+
+    /// Forgets `endpoint`'s owner, so that the next token allowed to bind it
+    /// owns it. Returns the owner it had, if any.
+    fn release_endpoint(&self, endpoint: &str) -> Result<Option<TokenId>, StoreError>;
+
+    /// A value that changes when another writer commits (endpoint owners
+    /// released by the CLI, say): the server reloads what it caches then.
+    fn data_version(&self) -> Result<i64, StoreError>;
+
+    /// The ids of every revoked token.
+    fn revoked_ids(&self) -> Result<HashSet<TokenId>, StoreError>;
+}
+
+/// One schema step: the version it leaves the database at, what it does,
+/// and the statements (run inside the migration's transaction).
+pub struct Migration {
+    /// The `user_version` after it.
+    pub version: i64,
+    /// What it does, for the log.
+    pub what: &'static str,
+    apply: fn(&Transaction<'_>) -> Result<(), StoreError>,
+}
+
+/// Every schema step, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        what: "tokens and endpoint owners (the schema before versions)",
+        apply: migrate_1,
+    },
+    Migration {
+        version: 2,
+        what: "token scopes: allow lists become bind rules; source CIDRs; revisions",
+        apply: migrate_2,
+    },
+];
+
+/// The newest schema version this build knows.
+pub fn schema_version() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+fn migrate_1(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    // Exactly what the edge created before schema versions, so that a
+    // database it made (user_version 0, these tables) is at version 1.
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tokens (
+            id TEXT PRIMARY KEY,
+            salt BLOB NOT NULL,
+            hash BLOB NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            allow TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            last_seen_at INTEGER NULL,
+            revoked_at INTEGER NULL
+        );
+        CREATE TABLE IF NOT EXISTS endpoints (
+            name TEXT PRIMARY KEY,
+            token_id TEXT NOT NULL,
+            kind TEXT NOT NULL DEFAULT '',
+            claimed_at INTEGER NOT NULL
+        );",
+    )?;
+    Ok(())
+}
+
+fn migrate_2(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "ALTER TABLE tokens ADD COLUMN rules TEXT NOT NULL DEFAULT '';
+         ALTER TABLE tokens ADD COLUMN sources TEXT NOT NULL DEFAULT '';
+         ALTER TABLE tokens ADD COLUMN updated_at INTEGER NULL;
+         ALTER TABLE tokens ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;",
+    )?;
+    // Each allow list (`*` or names joined by ',') becomes the same rules,
+    // normalised; one that does not parse stops the migration, and the
+    // transaction leaves the database as it was.
+    let rows: Vec<(String, String)> = {
+        let mut st = tx.prepare("SELECT id, allow FROM tokens")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (id, allow) in rows {
+        let rules = Rules::parse_stored(&allow).map_err(|e| StoreError::Corrupt {
+            row: format!("token tk_{id}"),
+            reason: format!("its allow list {allow:?} does not migrate: {e}"),
+        })?;
+        tx.execute(
+            "UPDATE tokens SET rules = ?2 WHERE id = ?1",
+            params![id, rules.to_string()],
+        )?;
+    }
+    tx.execute_batch(
+        "ALTER TABLE tokens DROP COLUMN allow;
+         CREATE INDEX tokens_rev ON tokens (rev);",
+    )?;
+    Ok(())
+}
+
+/// Runs the pending migrations in one `BEGIN IMMEDIATE` transaction (a
+/// second process opening the store meanwhile waits, then finds it done).
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = schema_version();
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    // A database made before schema versions has the tables at version 0.
+    let existed: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tokens')",
+        [],
+        |r| r.get(0),
+    )?;
+    for m in MIGRATIONS.iter().filter(|m| m.version > found) {
+        (m.apply)(&tx)?;
+        if existed {
+            log::info!("token store: migrated to schema version {}: {}", m.version, m.what);
+        }
+    }
+    if found < known {
+        tx.pragma_update(None, "user_version", known)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The SQLite store; see the module docs.
+pub struct SqliteStore {
     conn: Connection,
     rng: SystemRandom,
 }
 
-impl fmt::Debug for Store {
+impl fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Store")
+        f.debug_struct("SqliteStore")
             .field("path", &self.conn.path())
             .finish_non_exhaustive()
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) `<state_dir>/tokens.db`. The directory is
-    /// created with mode 0700.
-    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+const TOKEN_COLUMNS: &str =
+    "id, description, rules, sources, created_at, updated_at, last_seen_at, revoked_at";
+
+fn scope_of(id: &str, rules: &str, sources: &str) -> Result<Scope, StoreError> {
+    let corrupt = |what: &str, e: crate::scope::ScopeError| StoreError::Corrupt {
+        row: format!("token tk_{id}"),
+        reason: format!("stored {what} do not parse: {e}"),
+    };
+    Ok(Scope {
+        rules: Rules::parse_stored(rules).map_err(|e| corrupt("rules", e))?,
+        sources: parse_sources(sources.split(',').filter(|s| !s.is_empty()))
+            .map_err(|e| corrupt("sources", e))?,
+    })
+}
+
+fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenInfo, StoreError>> {
+    let id: String = r.get(0)?;
+    let rules: String = r.get(2)?;
+    let sources: String = r.get(3)?;
+    let description: String = r.get(1)?;
+    let created_at = r.get(4)?;
+    let updated_at = r.get(5)?;
+    let last_seen_at = r.get(6)?;
+    let revoked_at = r.get(7)?;
+    Ok(scope_of(&id, &rules, &sources).map(|scope| TokenInfo {
+        id: TokenId(id),
+        description,
+        scope,
+        created_at,
+        updated_at,
+        last_seen_at,
+        revoked_at,
+    }))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `<state_dir>/tokens.db` and migrates its
+    /// schema. The directory is created with mode 0700, the file 0600.
+    pub fn open(state_dir: &Path) -> Result<SqliteStore, StoreError> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -348,32 +590,22 @@ impl Store {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(private)?;
         }
-        let conn = Connection::open(&path)?;
+        let mut conn = Connection::open(&path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // WAL: the running server reads while the CLI writes.
         let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS tokens (
-                id TEXT PRIMARY KEY,
-                salt BLOB NOT NULL,
-                hash BLOB NOT NULL,
-                description TEXT NOT NULL DEFAULT '',
-                allow TEXT NOT NULL,
-                created_at INTEGER NOT NULL,
-                last_seen_at INTEGER NULL,
-                revoked_at INTEGER NULL
-            );
-            CREATE TABLE IF NOT EXISTS endpoints (
-                name TEXT PRIMARY KEY,
-                token_id TEXT NOT NULL,
-                kind TEXT NOT NULL DEFAULT '',
-                claimed_at INTEGER NOT NULL
-            );",
-        )?;
-        Ok(Store {
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
             conn,
             rng: SystemRandom::new(),
         })
+    }
+
+    /// The schema version of the open database.
+    pub fn user_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
     fn random<const N: usize>(&self) -> Result<[u8; N], StoreError> {
@@ -382,8 +614,12 @@ impl Store {
         Ok(b)
     }
 
-    /// Creates a token; the returned credential is shown once and never stored.
-    pub fn create(&self, description: &str, allow: &Allow) -> Result<NewToken, StoreError> {
+    /// The next revision, inside the caller's write.
+    const NEXT_REV: &'static str = "(SELECT COALESCE(MAX(rev), 0) + 1 FROM tokens)";
+}
+
+impl Store for SqliteStore {
+    fn create(&self, description: &str, scope: &Scope) -> Result<NewToken, StoreError> {
         loop {
             let idb: [u8; ID_LEN / 2] = self.random()?;
             let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
@@ -391,14 +627,19 @@ impl Store {
             let salt: [u8; SALT_LEN] = self.random()?;
             let h = hash(&salt, &secret);
             let n = self.conn.execute(
-                "INSERT OR IGNORE INTO tokens (id, salt, hash, description, allow, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &format!(
+                    "INSERT OR IGNORE INTO tokens
+                     (id, salt, hash, description, rules, sources, created_at, rev)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {})",
+                    Self::NEXT_REV
+                ),
                 params![
                     id,
                     &salt[..],
                     &h[..],
                     description,
-                    allow.to_string(),
+                    scope.rules.to_string(),
+                    scope.sources_text(),
                     unix_now()
                 ],
             )?;
@@ -413,44 +654,79 @@ impl Store {
         }
     }
 
-    /// Creates one token per `(description, allow)`, all in one transaction:
-    /// either every token is stored or none is (one commit instead of one
-    /// per token: `provision` mints a factory batch this way). The returned
-    /// credentials are in the order of `specs`.
-    pub fn create_many(&self, specs: &[(String, Allow)]) -> Result<Vec<NewToken>, StoreError> {
+    fn create_many(&self, specs: &[(String, Scope)]) -> Result<Vec<NewToken>, StoreError> {
         let tx = self.conn.unchecked_transaction()?;
         let mut out = Vec::with_capacity(specs.len());
-        for (description, allow) in specs {
-            out.push(self.create(description, allow)?);
+        for (description, scope) in specs {
+            out.push(self.create(description, scope)?);
         }
         tx.commit()?;
         Ok(out)
     }
 
-    /// Every token, oldest first.
-    pub fn list(&self) -> Result<Vec<TokenInfo>, StoreError> {
-        let mut st = self.conn.prepare(
-            "SELECT id, description, allow, created_at, last_seen_at, revoked_at FROM tokens ORDER BY created_at, id",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(TokenInfo {
-                id: TokenId(r.get(0)?),
-                description: r.get(1)?,
-                allow: Allow::parse(&r.get::<_, String>(2)?),
-                created_at: r.get(3)?,
-                last_seen_at: r.get(4)?,
-                revoked_at: r.get(5)?,
-            })
-        })?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    fn list(&self) -> Result<Vec<TokenInfo>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"
+        ))?;
+        let rows = st.query_map([], token_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
     }
 
-    /// Marks a token revoked.
-    pub fn revoke(&self, id: &str) -> Result<Revoked, StoreError> {
-        // Both the stored form and the displayed `tk_<id>` name a token.
-        let id = id.strip_prefix("tk_").unwrap_or(id);
+    fn get(&self, id: &str) -> Result<Option<TokenInfo>, StoreError> {
+        let row = self
+            .conn
+            .query_row(
+                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1"),
+                params![bare_id(id)],
+                token_row,
+            )
+            .optional()?;
+        row.transpose()
+    }
+
+    fn update(&self, id: &str, change: &TokenUpdate) -> Result<Updated, StoreError> {
+        let tx = self.conn.unchecked_transaction()?;
+        let Some(old) = self.get(id)? else {
+            return Ok(Updated::Unknown);
+        };
+        if old.revoked_at.is_some() {
+            return Ok(Updated::Revoked);
+        }
+        let description = change.description.as_ref().unwrap_or(&old.description);
+        let scope = Scope {
+            rules: change.rules.clone().unwrap_or(old.scope.rules),
+            sources: change.sources.clone().unwrap_or(old.scope.sources),
+        };
+        self.conn.execute(
+            &format!(
+                "UPDATE tokens SET description = ?2, rules = ?3, sources = ?4, updated_at = ?5,
+                 rev = {} WHERE id = ?1",
+                Self::NEXT_REV
+            ),
+            params![
+                old.id.as_str(),
+                description,
+                scope.rules.to_string(),
+                scope.sources_text(),
+                unix_now()
+            ],
+        )?;
+        let now = self.get(id)?;
+        tx.commit()?;
+        Ok(now.map_or(Updated::Unknown, |t| Updated::Now(Box::new(t))))
+    }
+
+    fn revoke(&self, id: &str) -> Result<Revoked, StoreError> {
+        let id = bare_id(id);
         let n = self.conn.execute(
-            "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            &format!(
+                "UPDATE tokens SET revoked_at = ?2, rev = {} WHERE id = ?1 AND revoked_at IS NULL",
+                Self::NEXT_REV
+            ),
             params![id, unix_now()],
         )?;
         if n == 1 {
@@ -469,20 +745,19 @@ impl Store {
         })
     }
 
-    /// Checks a presented credential; on success records `last_seen_at`.
-    pub fn verify(&self, presented: &str) -> Result<VerifiedToken, AuthError> {
+    fn verify(&self, presented: &str) -> Result<VerifiedToken, AuthError> {
         let p = parse_token(presented).ok_or(AuthError::Malformed)?;
-        type Row = (Vec<u8>, Vec<u8>, String, Option<i64>);
+        type Row = (Vec<u8>, Vec<u8>, String, String, Option<i64>);
         let row: Option<Row> = self
             .conn
             .query_row(
-                "SELECT salt, hash, allow, revoked_at FROM tokens WHERE id = ?1",
+                "SELECT salt, hash, rules, sources, revoked_at FROM tokens WHERE id = ?1",
                 params![p.id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(|e| AuthError::Store(e.into()))?;
-        let Some((salt, stored, allow, revoked_at)) = row else {
+        let Some((salt, stored, rules, sources, revoked_at)) = row else {
             return Err(AuthError::Unknown(p.id));
         };
         let h = hash(&salt, &p.secret);
@@ -492,25 +767,50 @@ impl Store {
         if revoked_at.is_some() {
             return Err(AuthError::Revoked(p.id));
         }
+        let scope = scope_of(p.id.as_str(), &rules, &sources).map_err(AuthError::Store)?;
         self.conn
             .execute(
                 "UPDATE tokens SET last_seen_at = ?2 WHERE id = ?1",
                 params![p.id.as_str(), unix_now()],
             )
             .map_err(|e| AuthError::Store(e.into()))?;
-        Ok(VerifiedToken {
-            id: p.id,
-            allow: Allow::parse(&allow),
-        })
+        Ok(VerifiedToken { id: p.id, scope })
     }
 
-    /// Makes `token` the owner of `endpoint` unless another token owns it
-    /// already (the first token to bind an endpoint owns it until an
-    /// operator releases it): one atomic statement, so two edges sharing a
-    /// database agree.
-    /// `kind` (`tcp` or `tls`) is recorded for `endpoint list` when the
-    /// token owns it.
-    pub fn claim_endpoint(
+    fn changes_since(&self, rev: i64) -> Result<(i64, Vec<TokenChange>), StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, rules, sources, revoked_at, rev FROM tokens WHERE rev > ?1 ORDER BY rev",
+        )?;
+        let rows = st.query_map(params![rev], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<i64>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        let mut newest = rev;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, rules, sources, revoked_at, r) = row?;
+            newest = newest.max(r);
+            out.push(TokenChange {
+                scope: scope_of(&id, &rules, &sources)?,
+                id: TokenId(id),
+                revoked: revoked_at.is_some(),
+            });
+        }
+        Ok((newest, out))
+    }
+
+    fn revision(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT COALESCE(MAX(rev), 0) FROM tokens", [], |r| r.get(0))?)
+    }
+
+    fn claim_endpoint(
         &self,
         endpoint: &str,
         token: &TokenId,
@@ -534,17 +834,7 @@ impl Store {
         })
     }
 
-    /// Every endpoint's owner, by name.
-    pub fn endpoint_owners(&self) -> Result<HashMap<String, TokenId>, StoreError> {
-        Ok(self
-            .list_endpoints()?
-            .into_iter()
-            .map(|e| (e.name, e.owner))
-            .collect())
-    }
-
-    /// Every owned endpoint, by name.
-    pub fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError> {
+    fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT name, token_id, kind, claimed_at FROM endpoints ORDER BY name")?;
@@ -559,10 +849,7 @@ impl Store {
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Forgets `endpoint`'s owner, so that the next token allowed to bind it
-    /// owns it. Returns the owner it had, if any. A session that holds the
-    /// endpoint keeps it until it unbinds.
-    pub fn release_endpoint(&self, endpoint: &str) -> Result<Option<TokenId>, StoreError> {
+    fn release_endpoint(&self, endpoint: &str) -> Result<Option<TokenId>, StoreError> {
         let owner: Option<String> = self
             .conn
             .query_row(
@@ -574,16 +861,13 @@ impl Store {
         Ok(owner.map(TokenId))
     }
 
-    /// SQLite's `PRAGMA data_version` of this connection: it changes when
-    /// another connection commits.
-    pub fn data_version(&self) -> Result<i64, StoreError> {
+    fn data_version(&self) -> Result<i64, StoreError> {
         Ok(self
             .conn
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
-    /// The ids of every revoked token.
-    pub fn revoked_ids(&self) -> Result<HashSet<TokenId>, StoreError> {
+    fn revoked_ids(&self) -> Result<HashSet<TokenId>, StoreError> {
         let mut st = self
             .conn
             .prepare("SELECT id FROM tokens WHERE revoked_at IS NOT NULL")?;
@@ -596,13 +880,13 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn temp_store() -> (PathBuf, Store) {
+    fn temp_store() -> (PathBuf, SqliteStore) {
         let dir = std::env::temp_dir().join(format!(
             "tether-edge-store-{}-{}",
             std::process::id(),
             unix_now_nanos()
         ));
-        let s = Store::open(&dir).expect("open store");
+        let s = SqliteStore::open(&dir).expect("open store");
         (dir, s)
     }
 
@@ -616,7 +900,7 @@ mod tests {
     #[test]
     fn token_format_is_the_contracts() {
         let (dir, s) = temp_store();
-        let t = s.create("d", &Allow::Any).expect("create");
+        let t = s.create("d", &any()).expect("create");
         let tok = t.token.expose();
         assert!(tok.starts_with("tk_"), "{tok}");
         assert_eq!(tok.len(), 3 + 12 + 1 + 43, "{tok}");
@@ -631,12 +915,14 @@ mod tests {
     #[test]
     fn verify_accepts_the_token_and_refuses_others() {
         let (dir, s) = temp_store();
-        let t = s
-            .create("d", &Allow::Names(vec!["web".into()]))
-            .expect("create");
+        let scope = Scope {
+            rules: Rules::exact(["web".to_owned()]),
+            sources: vec![],
+        };
+        let t = s.create("d", &scope).expect("create");
         let v = s.verify(t.token.expose()).expect("valid token");
         assert_eq!(v.id(), &t.id);
-        assert!(v.allow().permits("web") && !v.allow().permits("ssh"));
+        assert_eq!(v.scope(), &scope);
         // Same id, another secret.
         let forged = format!("tk_{}.{}", t.id.as_str(), URL_SAFE_NO_PAD.encode([7u8; 32]));
         assert!(matches!(s.verify(&forged), Err(AuthError::Unknown(_))));
@@ -656,22 +942,77 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    fn any() -> Scope {
+        Scope {
+            rules: Rules::any(),
+            sources: vec![],
+        }
+    }
+
     #[test]
-    fn allow_lists_round_trip() {
-        assert_eq!(Allow::parse("*"), Allow::Any);
-        assert_eq!(Allow::parse("a,b").to_string(), "a,b");
+    fn updates_change_the_scope_and_the_revision() {
+        let (dir, s) = temp_store();
+        let t = s.create("d", &any()).expect("create");
+        let start = s.revision().expect("rev");
+        let other = s.create("e", &any()).expect("create");
+        let (rev, changes) = s.changes_since(start).expect("changes");
+        assert_eq!(changes.len(), 1, "only the token created after {start}");
+        assert_eq!(changes[0].id, other.id);
+        let narrow = TokenUpdate {
+            rules: Some(Rules::parse(["*.site-42"]).expect("rules")),
+            sources: Some(parse_sources(["10.0.0.0/8"]).expect("cidr")),
+            ..TokenUpdate::default()
+        };
+        let Updated::Now(info) = s.update(&t.id.to_string(), &narrow).expect("update") else {
+            panic!("not updated");
+        };
+        assert_eq!(info.scope.rules.to_string(), "*.site-42");
+        assert_eq!(info.description, "d", "left as it was");
+        assert!(info.updated_at.is_some());
+        let (rev2, changes) = s.changes_since(rev).expect("changes");
+        assert!(rev2 > rev);
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].scope, info.scope);
+        assert!(!changes[0].revoked);
+        // Authenticating records last_seen_at, which is no change of scope.
+        s.verify(t.token.expose()).expect("valid");
+        assert!(s.changes_since(rev2).expect("changes").1.is_empty());
+        s.revoke(t.id.as_str()).expect("revoke");
+        let (_, changes) = s.changes_since(rev2).expect("changes");
+        assert!(changes[0].revoked);
         assert_eq!(
-            Allow::from_names(vec!["a".to_string(), "*".to_string()]),
-            Allow::Any
+            s.update(t.id.as_str(), &narrow).expect("update"),
+            Updated::Revoked
         );
-        assert!(!Allow::Names(vec![]).permits("a"));
+        assert_eq!(
+            s.update("000000000000", &narrow).expect("update"),
+            Updated::Unknown
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_database_from_a_newer_edge_is_refused() {
+        let (dir, s) = temp_store();
+        assert_eq!(s.user_version().expect("version"), schema_version());
+        s.conn
+            .pragma_update(None, "user_version", schema_version() + 1)
+            .expect("set");
+        drop(s);
+        let e = SqliteStore::open(&dir).expect_err("refused");
+        assert!(
+            matches!(e, StoreError::NewerSchema { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("newer"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn the_database_and_its_wal_are_private_to_the_owner() {
         use std::os::unix::fs::PermissionsExt;
         let (dir, s) = temp_store();
-        s.create("d", &Allow::Any).expect("create");
+        s.create("d", &any()).expect("create");
         for name in [DB_FILE.to_owned(), format!("{DB_FILE}-wal")] {
             let mode = std::fs::metadata(dir.join(&name))
                 .expect("exists")

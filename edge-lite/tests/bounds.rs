@@ -16,6 +16,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
 use smol::net::TcpStream;
+use tether_edge::store::Store as _;
 use tether_proto::frame::write_frame;
 use tether_proto::{EndpointKind, ErrorCode, FrameHeader, FrameKind};
 

@@ -316,10 +316,10 @@ fn broken_policies_are_named_with_file_line_and_field() {
             "without verifying",
         ),
         (
-            "[[endpoint_policy.\"*.cam\".on_tcp_connect]]\nactions = [{ type = \"restrict-ips\", config = { allow = [\"::1\"] } }]\n".into(),
+            "[[endpoint_policy.\"*..cam\".on_tcp_connect]]\nactions = [{ type = \"restrict-ips\", config = { allow = [\"::1\"] } }]\n".into(),
             "[[endpoint_policy",
-            "endpoint_policy.*.cam",
-            "no '.'",
+            "endpoint_policy.*..cam",
+            "neither an endpoint name",
         ),
     ];
     for (extra, line_prefix, field, reason) in cases {

@@ -15,6 +15,7 @@ use rustls::pki_types::ServerName;
 use smol::net::TcpStream;
 use tether_driver::Closed;
 use tether_proto::mux::CloseReason;
+use tether_edge::store::Store as _;
 use tether_proto::{EndpointKind, ErrorCode};
 
 const T: Duration = Duration::from_secs(5);
@@ -313,7 +314,7 @@ fn the_allow_list_refuses_other_endpoints_naming_the_rule() {
             }) => {
                 assert_eq!(endpoint, "ssh");
                 assert_eq!(code, ErrorCode::BIND_REFUSED);
-                assert_eq!(rule, format!("token {id} allow=web"));
+                assert_eq!(rule, format!("token {id} bind=web"));
             }
             other => panic!("expected BindErr, got {other:?}"),
         }

@@ -46,11 +46,23 @@ pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 /// Largest frame on the wire.
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_PAYLOAD;
 
-/// Whether `name` can be an endpoint name: a DNS label of lowercase letters,
-/// digits and inner hyphens, 1 to 63 characters (the edge publishes a tls
-/// endpoint as `<name>.<domain>`). The one rule both programs check.
+/// Longest endpoint name, in bytes: a published tls endpoint is
+/// `<name>.<domain>`, and a DNS name is at most 253 characters.
+pub const MAX_ENDPOINT_NAME: usize = 127;
+
+/// Whether `name` can be an endpoint name: one or more DNS labels separated
+/// by `.` (`cam`, `cam.site-42`), each 1 to 63 lowercase letters, digits and
+/// inner hyphens, at most [`MAX_ENDPOINT_NAME`] bytes in all (the edge
+/// publishes a tls endpoint as `<name>.<domain>`). The one rule both
+/// programs check.
 pub fn valid_endpoint_name(name: &str) -> bool {
-    let b = name.as_bytes();
+    !name.is_empty() && name.len() <= MAX_ENDPOINT_NAME && name.split('.').all(valid_label)
+}
+
+/// Whether `label` is one DNS label of lowercase letters, digits and inner
+/// hyphens, 1 to 63 characters.
+pub fn valid_label(label: &str) -> bool {
+    let b = label.as_bytes();
     !b.is_empty()
         && b.len() <= 63
         && b.iter()

@@ -16,7 +16,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use smol::net::TcpStream;
 use smol::Task;
 use tether_driver::{Closed, Session};
-use tether_edge::store::{Allow, Store};
+use tether_edge::scope::{Rules, Scope};
+use tether_edge::store::{SqliteStore, Store};
 use tether_edge::{Config, RunError, Server};
 use tether_proto::{Control, EndpointKind, ErrorCode, Role};
 
@@ -187,14 +188,18 @@ impl Env {
     }
 
     /// A store connection of its own (like the CLI).
-    pub fn store(&self) -> Store {
-        Store::open(&self.dir.path().join("state")).expect("open store")
+    pub fn store(&self) -> SqliteStore {
+        SqliteStore::open(&self.dir.path().join("state")).expect("open store")
     }
 
-    /// Creates a token allowed to bind `allow` (`*` for any).
+    /// Creates a token allowed to bind `allow` (bind rules: names,
+    /// `*.suffix`, `*`).
     pub fn token(&self, allow: &[&str]) -> (String, String) {
-        let allow = Allow::from_names(allow.iter().map(|s| (*s).to_owned()));
-        let t = self.store().create("test", &allow).expect("create token");
+        let scope = Scope {
+            rules: Rules::parse(allow).expect("rules"),
+            sources: Vec::new(),
+        };
+        let t = self.store().create("test", &scope).expect("create token");
         (t.token.expose().to_owned(), t.id.to_string())
     }
 
