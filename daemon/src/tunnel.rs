@@ -438,6 +438,9 @@ async fn control_loop(
                 // field of the declared traffic_policy the edge rejects.
                 let code = ErrorCode(code);
                 let message = crate::printable(message);
+                // Also unsolicited, for an endpoint bound before: the
+                // token's rules changed and the edge unbound it.
+                rt.bound.borrow_mut().remove(endpoint);
                 if rule.is_empty() {
                     error!(
                         "session {session_no}: edge refused endpoint {endpoint}: {code}: {message}"

@@ -289,11 +289,7 @@ async fn check_hello(
             Refusal::TokenSource,
             ErrorCode::AUTH_FAILED,
             RETRY_CREDENTIAL_MS,
-            format!(
-                "token {} may not connect from {}",
-                token.id(),
-                peer.ip()
-            ),
+            format!("token {} may not connect from {}", token.id(), peer.ip()),
         ));
     }
     Ok(Authenticated {

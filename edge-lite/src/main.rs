@@ -220,14 +220,8 @@ const EXIT_USAGE: u8 = 64;
 
 enum Command {
     Serve,
-    Create {
-        description: String,
-        scope: Scope,
-    },
-    Update {
-        id: String,
-        change: TokenUpdate,
-    },
+    Create { description: String, scope: Scope },
+    Update { id: String, change: TokenUpdate },
     List,
     Revoke(String),
     Endpoints,
@@ -384,7 +378,9 @@ fn parse_args() -> Result<Parsed, String> {
             };
             any_source = false;
             if change.description.is_none() && change.rules.is_none() && change.sources.is_none() {
-                return Err("token update needs --description, --allow, --source or --any-source".into());
+                return Err(
+                    "token update needs --description, --allow, --source or --any-source".into(),
+                );
             }
             Command::Update {
                 id: (*id).to_owned(),

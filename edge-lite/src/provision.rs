@@ -1107,7 +1107,12 @@ pub fn run(opts: Options, state_dir: &Path) -> Result<Summary, Error> {
                 .iter()
                 .filter(|(r, _)| r.matches(&e.name))
                 .map(|(_, t)| t);
-            for t in allowed.get(e.name.as_str()).into_iter().flatten().chain(by_pattern) {
+            for t in allowed
+                .get(e.name.as_str())
+                .into_iter()
+                .flatten()
+                .chain(by_pattern)
+            {
                 if t.description != mine {
                     errors.push(format!(
                         "{}: endpoints: endpoint `{}` is already allowed to token {} ({:?}): revoke that token first",

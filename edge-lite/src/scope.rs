@@ -195,22 +195,21 @@ where
             text: s.to_owned(),
             reason,
         };
-        let net = match s.parse::<IpNet>() {
-            Ok(n) if n.trunc() != n => {
-                return Err(err(
+        let net =
+            match s.parse::<IpNet>() {
+                Ok(n) if n.trunc() != n => return Err(err(
                     "host bits are set after the prefix length (did you mean the network address?)",
-                ))
-            }
-            Ok(n) => n,
-            Err(_) => match s.parse::<IpAddr>() {
-                Ok(ip) => IpNet::from(ip),
-                Err(_) => {
-                    return Err(err(
-                        "not a CIDR (like 10.0.0.0/8 or 2001:db8::/32) or an IP address",
-                    ))
-                }
-            },
-        };
+                )),
+                Ok(n) => n,
+                Err(_) => match s.parse::<IpAddr>() {
+                    Ok(ip) => IpNet::from(ip),
+                    Err(_) => {
+                        return Err(err(
+                            "not a CIDR (like 10.0.0.0/8 or 2001:db8::/32) or an IP address",
+                        ))
+                    }
+                },
+            };
         if !out.contains(&net) {
             out.push(net);
         }
@@ -273,7 +272,10 @@ mod tests {
         assert!(!r.matches("site-42"), "the suffix itself is not below it");
         assert!(!r.matches("cam.site-43"));
         assert!(!r.matches("cam.site-420"));
-        assert!(!r.matches("camsite-42"), "a label boundary, not a string suffix");
+        assert!(
+            !r.matches("camsite-42"),
+            "a label boundary, not a string suffix"
+        );
         let exact: BindRule = "cam.site-42".parse().unwrap();
         assert!(exact.matches("cam.site-42") && !exact.matches("cam.site-4"));
         assert!("*".parse::<BindRule>().unwrap().matches("anything"));
@@ -281,7 +283,9 @@ mod tests {
 
     #[test]
     fn bad_rules_are_refused_with_the_reason() {
-        for bad in ["", "*cam", "cam*", "*.", "*.*", "**", "Cam", "a..b", "*.-x", "a_b"] {
+        for bad in [
+            "", "*cam", "cam*", "*.", "*.*", "**", "Cam", "a..b", "*.-x", "a_b",
+        ] {
             let e = bad.parse::<BindRule>().unwrap_err();
             assert_eq!(e.text, bad);
             assert!(!e.reason.is_empty());

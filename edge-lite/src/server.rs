@@ -28,9 +28,9 @@ use crate::config::Config;
 use crate::lines::emit;
 use crate::metrics::Refusal;
 use crate::public;
+use crate::registry::Applied;
 use crate::registry::{Registry, Tunnel};
 use crate::state::{close_tunnel, State};
-use crate::registry::Applied;
 use crate::store::{SqliteStore, Store, StoreError, TokenId};
 use crate::tls;
 
@@ -450,9 +450,8 @@ fn act_on(state: &Arc<State>, applied: Applied) {
         drop(binding);
         crate::state::spawn(async move {
             let rule = format!("token {} bind={}", session.token, scope.rules);
-            let message = format!(
-                "endpoint {name} was unbound: the token's rules no longer allow it"
-            );
+            let message =
+                format!("endpoint {name} was unbound: the token's rules no longer allow it");
             let msg = tether_proto::Control::BindErr {
                 endpoint: &name,
                 code: ErrorCode::BIND_REFUSED.0,

@@ -376,8 +376,12 @@ pub trait Store: Send {
     /// already (the first token to bind an endpoint owns it until an
     /// operator releases it), atomically, so two edges sharing a database
     /// agree. `kind` (`tcp` or `tls`) is recorded when the token owns it.
-    fn claim_endpoint(&self, endpoint: &str, token: &TokenId, kind: &str)
-        -> Result<Claim, StoreError>;
+    fn claim_endpoint(
+        &self,
+        endpoint: &str,
+        token: &TokenId,
+        kind: &str,
+    ) -> Result<Claim, StoreError>;
 
     /// Every owned endpoint, by name.
     fn list_endpoints(&self) -> Result<Vec<EndpointInfo>, StoreError>;
@@ -506,7 +510,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     for m in MIGRATIONS.iter().filter(|m| m.version > found) {
         (m.apply)(&tx)?;
         if existed {
-            log::info!("token store: migrated to schema version {}: {}", m.version, m.what);
+            log::info!(
+                "token store: migrated to schema version {}: {}",
+                m.version,
+                m.what
+            );
         }
     }
     if found < known {
@@ -1000,10 +1008,7 @@ mod tests {
             .expect("set");
         drop(s);
         let e = SqliteStore::open(&dir).expect_err("refused");
-        assert!(
-            matches!(e, StoreError::NewerSchema { .. }),
-            "{e}"
-        );
+        assert!(matches!(e, StoreError::NewerSchema { .. }), "{e}");
         assert!(e.to_string().contains("newer"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -98,7 +98,7 @@ impl Setup {
                     id: f[0].to_owned(),
                     description: f[1].to_owned(),
                     allow: f[2].to_owned(),
-                    revoked: f[5] != "-",
+                    revoked: f[6] != "-",
                 }
             })
             .collect()

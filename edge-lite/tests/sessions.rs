@@ -14,8 +14,8 @@ use futures_rustls::TlsConnector;
 use rustls::pki_types::ServerName;
 use smol::net::TcpStream;
 use tether_driver::Closed;
-use tether_proto::mux::CloseReason;
 use tether_edge::store::Store as _;
+use tether_proto::mux::CloseReason;
 use tether_proto::{EndpointKind, ErrorCode};
 
 const T: Duration = Duration::from_secs(5);
@@ -642,6 +642,136 @@ fn the_agent_port_speaks_only_tls_1_3() {
         )
         .await;
         assert!(r.is_err(), "a TLS 1.2-only client is refused");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn a_suffix_rule_binds_below_it_and_refuses_elsewhere_naming_the_rules() {
+    smol::block_on(async {
+        let mut env = Env::start("scope-suffix", "").await;
+        let (token, id) = env.token(&["*.site-42"]);
+        let a = Agent::welcome(&env, &token).await;
+        a.bind_ok("cam.site-42", EndpointKind::Tcp).await;
+        a.bind_ok("ssh.site-42", EndpointKind::Tls).await;
+        for other in ["cam.site-43", "site-42"] {
+            match a.bind(other, EndpointKind::Tcp).await {
+                Some(Msg::BindErr {
+                    endpoint,
+                    code,
+                    rule,
+                }) => {
+                    assert_eq!(endpoint, other);
+                    assert_eq!(code, ErrorCode::BIND_REFUSED);
+                    assert_eq!(rule, format!("token {id} bind=*.site-42"));
+                }
+                got => panic!("expected BindErr for {other}, got {got:?}"),
+            }
+        }
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn narrowing_a_live_tokens_rules_unbinds_the_endpoint_within_one_second() {
+    use tether_edge::scope::Rules;
+    use tether_edge::store::{TokenUpdate, Updated};
+    smol::block_on(async {
+        let mut env = Env::start("scope-narrow", "").await;
+        let (token, id) = env.token(&["*.site-42"]);
+        let a = Agent::welcome(&env, &token).await;
+        let cam = url_addr(&a.bind_ok("cam.site-42", EndpointKind::Tcp).await);
+        let ssh = url_addr(&a.bind_ok("ssh.site-42", EndpointKind::Tcp).await);
+        TcpStream::connect(cam).await.expect("cam is published");
+
+        let t0 = Instant::now();
+        let change = TokenUpdate {
+            rules: Some(Rules::parse(["ssh.site-42"]).unwrap()),
+            ..TokenUpdate::default()
+        };
+        assert!(matches!(
+            env.store().update(&id, &change).unwrap(),
+            Updated::Now(_)
+        ));
+        // The device is told, naming the new rules.
+        match a.recv().await {
+            Some(Msg::BindErr {
+                endpoint,
+                code,
+                rule,
+            }) => {
+                assert_eq!(endpoint, "cam.site-42");
+                assert_eq!(code, ErrorCode::BIND_REFUSED);
+                assert_eq!(rule, format!("token {id} bind=ssh.site-42"));
+            }
+            other => panic!("expected BindErr, got {other:?}"),
+        }
+        until(Duration::from_secs(1), "cam's port closes", || async {
+            port_closed(cam).await
+        })
+        .await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "unbound after {:?}",
+            t0.elapsed()
+        );
+        // The session lives on with what is still allowed.
+        TcpStream::connect(ssh).await.expect("ssh still published");
+        match a.bind("cam.site-42", EndpointKind::Tcp).await {
+            Some(Msg::BindErr { code, .. }) => assert_eq!(code, ErrorCode::BIND_REFUSED),
+            other => panic!("a new Bind is refused too, got {other:?}"),
+        }
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn a_token_with_sources_is_refused_from_elsewhere_and_closed_when_narrowed() {
+    use tether_edge::scope::{parse_sources, Rules, Scope};
+    use tether_edge::store::TokenUpdate;
+    smol::block_on(async {
+        let mut env = Env::start("scope-sources", "").await;
+        let store = env.store();
+        let far = store
+            .create(
+                "far",
+                &Scope {
+                    rules: Rules::any(),
+                    sources: parse_sources(["192.0.2.0/24"]).unwrap(),
+                },
+            )
+            .unwrap();
+        let a = Agent::connect(&env).await;
+        match a.hello(far.token.expose()).await {
+            Some(Msg::Error { code, message, .. }) => {
+                assert_eq!(code, ErrorCode::AUTH_FAILED);
+                assert!(
+                    message.contains("may not connect from 127.0.0.1"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected AUTH_FAILED, got {other:?}"),
+        }
+        let near = store
+            .create(
+                "near",
+                &Scope {
+                    rules: Rules::any(),
+                    sources: parse_sources(["127.0.0.0/8"]).unwrap(),
+                },
+            )
+            .unwrap();
+        let b = Agent::welcome(&env, near.token.expose()).await;
+        b.bind_ok("web", EndpointKind::Tcp).await;
+        let change = TokenUpdate {
+            sources: Some(parse_sources(["192.0.2.0/24"]).unwrap()),
+            ..TokenUpdate::default()
+        };
+        store.update(near.id.as_str(), &change).unwrap();
+        match b.recv().await {
+            Some(Msg::Error { code, .. }) => assert_eq!(code, ErrorCode::AUTH_FAILED),
+            other => panic!("expected AUTH_FAILED on the live session, got {other:?}"),
+        }
         env.finish().await.expect("clean stop");
     });
 }

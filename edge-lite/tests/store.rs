@@ -41,10 +41,8 @@ mod tempdir {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos();
-            let p = std::env::temp_dir().join(format!(
-                "tether-{tag}-{}-{nanos}",
-                std::process::id()
-            ));
+            let p =
+                std::env::temp_dir().join(format!("tether-{tag}-{}-{nanos}", std::process::id()));
             std::fs::create_dir_all(&p).unwrap();
             Dir(p)
         }
@@ -59,7 +57,8 @@ mod tempdir {
 
 fn user_version(dir: &Path) -> i64 {
     let c = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
-    c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap()
+    c.query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap()
 }
 
 #[test]
@@ -82,12 +81,18 @@ fn a_database_from_before_schema_versions_migrates_in_place() {
             )
         })
         .collect();
-    assert!(rules.contains(&("any".into(), "*".into(), false)), "{rules:?}");
+    assert!(
+        rules.contains(&("any".into(), "*".into(), false)),
+        "{rules:?}"
+    );
     assert!(
         rules.contains(&("web and ssh".into(), "web,ssh".into(), false)),
         "{rules:?}"
     );
-    assert!(rules.contains(&("gone".into(), "cam".into(), true)), "{rules:?}");
+    assert!(
+        rules.contains(&("gone".into(), "cam".into(), true)),
+        "{rules:?}"
+    );
     assert!(list.iter().all(|t| t.scope.sources.is_empty()));
 
     // The credentials the old edge printed still authenticate (or are still revoked).
@@ -123,7 +128,10 @@ fn a_migration_that_fails_leaves_the_database_as_it_was() {
     let e = SqliteStore::open(&dir.0).unwrap_err();
     assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
     let text = e.to_string();
-    assert!(text.contains("Not A Name") && text.contains("does not migrate"), "{text}");
+    assert!(
+        text.contains("Not A Name") && text.contains("does not migrate"),
+        "{text}"
+    );
     assert_eq!(user_version(&dir.0), 0, "nothing migrated");
     let c = rusqlite::Connection::open(dir.0.join(DB_FILE)).unwrap();
     let allow: String = c
