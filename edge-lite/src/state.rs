@@ -5,7 +5,7 @@
 //!
 //! The modules form one chain: `server` -> `agent` -> `handshake` / `bind`
 //! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`,
-//! with `config`, `tls` and `policy` (pure) below them all.
+//! with `config`, `tls`, `policy` and `scope` (both pure) below them all.
 //! Nothing below imports anything above it.
 
 use std::collections::HashMap;
