@@ -68,6 +68,10 @@ pub(crate) async fn serve_agent(
         peer,
         token: auth.token.id().clone(),
         session,
+        agent: auth.agent.clone(),
+        arch: auth.arch.clone(),
+        since: crate::store::unix_now(),
+        traffic: Default::default(),
     });
     let driver = crate::state::spawn(driver);
     if state.add_tunnel(&tunnel) {

@@ -233,6 +233,8 @@ pub(crate) async fn bind(
             waiting: Arc::new(AtomicUsize::new(0)),
             policy,
             server,
+            traffic: Default::default(),
+            since: crate::store::unix_now(),
         },
     );
     drop(reg);
@@ -365,7 +367,7 @@ fn check_request(
 }
 
 /// `tcp` or `tls`.
-fn kind_name(kind: EndpointKind) -> &'static str {
+pub(crate) fn kind_name(kind: EndpointKind) -> &'static str {
     match kind {
         EndpointKind::Tcp => "tcp",
         EndpointKind::Tls => "tls",

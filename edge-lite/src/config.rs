@@ -40,6 +40,12 @@ pub struct Config {
     /// The mandatory traffic policy, applied to every endpoint.
     #[serde(default)]
     pub traffic_policy: PolicyDoc,
+    /// The admin API; absent = no API listener.
+    #[serde(default)]
+    pub api: Option<ApiConfig>,
+    /// What the store keeps of the events, and where else they go.
+    #[serde(default)]
+    pub events: EventsConfig,
     /// Per-endpoint traffic policies, keyed by an exact endpoint name or
     /// `*<suffix>`; every matching key applies, on top of the mandatory one.
     #[serde(default)]
@@ -71,6 +77,134 @@ impl AgentConfig {
     /// `allow` / `deny` as one enforced rule, checked at accept on the agent port.
     pub fn sources(&self) -> RestrictIps {
         RestrictIps::new(&self.allow, &self.deny, true)
+    }
+}
+
+/// Where the admin API listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApiListen {
+    /// A TCP address (port 0 = the OS picks; printed as `LISTEN api`).
+    Tcp(SocketAddr),
+    /// A unix socket (`unix:/run/tether-edge/api.sock`), created mode 0660.
+    Unix(PathBuf),
+}
+
+impl ApiListen {
+    /// `unix:<path>` or `<ip>:<port>`.
+    pub fn parse(s: &str) -> Result<ApiListen, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if !p.starts_with('/') {
+                return Err(format!("{s:?}: a unix socket path must be absolute"));
+            }
+            return Ok(ApiListen::Unix(PathBuf::from(p)));
+        }
+        s.parse::<SocketAddr>().map(ApiListen::Tcp).map_err(|_| {
+            format!("{s:?} is neither ip:port (127.0.0.1:7070, [::1]:7070) nor unix:/path")
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for ApiListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ApiListen, D::Error> {
+        let s = String::deserialize(d)?;
+        ApiListen::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_api_listen() -> ApiListen {
+    ApiListen::Tcp(SocketAddr::from(([127, 0, 0, 1], 7070)))
+}
+
+/// `[api]`: the admin API (README "Admin API").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `ip:port` or `unix:/path`; default `127.0.0.1:7070`.
+    #[serde(default = "default_api_listen")]
+    pub listen: ApiListen,
+    /// PEM certificate chain for HTTPS; required off loopback.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its PEM private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Sources that may reach the API at all (CIDRs or addresses); empty = any.
+    #[serde(default)]
+    pub allow: Vec<Cidr>,
+    /// Sources that may not; wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<Cidr>,
+    /// Connections served at once; past it a new one waits in the backlog.
+    #[serde(default = "api_max_connections")]
+    pub max_connections: usize,
+    /// The largest request body accepted (bytes); a larger one is refused
+    /// with 413 before it is read.
+    #[serde(default = "api_max_body")]
+    pub max_body_bytes: u64,
+    /// Time for a request's headers (and between requests on a kept-alive
+    /// connection).
+    #[serde(default = "api_header_timeout")]
+    pub header_timeout_ms: u64,
+    /// Time for a whole request, body and answer included.
+    #[serde(default = "api_request_timeout")]
+    pub request_timeout_ms: u64,
+}
+
+fn api_max_connections() -> usize {
+    32
+}
+fn api_max_body() -> u64 {
+    64 * 1024
+}
+fn api_header_timeout() -> u64 {
+    5_000
+}
+fn api_request_timeout() -> u64 {
+    10_000
+}
+
+impl ApiConfig {
+    /// `allow` / `deny` as one enforced rule, checked at accept.
+    pub fn sources(&self) -> RestrictIps {
+        RestrictIps::new(&self.allow, &self.deny, true)
+    }
+
+    /// Whether the listener is reachable only from this machine.
+    pub fn is_local(&self) -> bool {
+        match &self.listen {
+            ApiListen::Tcp(a) => a.ip().is_loopback(),
+            ApiListen::Unix(_) => true,
+        }
+    }
+}
+
+/// `[events]`: retention in the store, and an optional JSON-lines copy.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// At most this many events are kept.
+    pub max_events: u64,
+    /// None older than this many days.
+    pub max_age_days: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> EventsConfig {
+        let r = crate::events::Retention::default();
+        EventsConfig {
+            max_events: r.max_events,
+            max_age_days: r.max_age_secs / 86_400,
+        }
+    }
+}
+
+impl EventsConfig {
+    /// As the store's retention.
+    pub fn retention(&self) -> crate::events::Retention {
+        crate::events::Retention {
+            max_events: self.max_events,
+            max_age_secs: self.max_age_days.saturating_mul(86_400),
+        }
     }
 }
 
@@ -235,6 +369,12 @@ const RANGES: &[(&str, &str, u64, u64)] = &[
     ("limits", "public_pending_per_source", 1, 65_536),
     ("limits", "public_pending_total", 1, 1_048_576),
     ("limits", "idle_timeout_ms", 1_000, 604_800_000),
+    ("api", "max_connections", 1, 65_536),
+    ("api", "max_body_bytes", 1_024, 16_777_216),
+    ("api", "header_timeout_ms", 100, 120_000),
+    ("api", "request_timeout_ms", 100, 600_000),
+    ("events", "max_events", 1, 100_000_000),
+    ("events", "max_age_days", 1, 3_650),
 ];
 
 impl Config {
@@ -258,6 +398,19 @@ impl Config {
             ("limits", "public_pending_per_source") => u(l.public_pending_per_source),
             ("limits", "public_pending_total") => u(l.public_pending_total),
             ("limits", "idle_timeout_ms") => l.idle_timeout_ms,
+            ("events", "max_events") => self.events.max_events,
+            ("events", "max_age_days") => self.events.max_age_days,
+            ("api", f) => match &self.api {
+                // `check` skips the [api] fields when there is no [api].
+                None => 0,
+                Some(a) => match f {
+                    "max_connections" => u(a.max_connections),
+                    "max_body_bytes" => a.max_body_bytes,
+                    "header_timeout_ms" => a.header_timeout_ms,
+                    "request_timeout_ms" => a.request_timeout_ms,
+                    _ => 0,
+                },
+            },
             // RANGES names only the fields above (a unit test walks it).
             _ => 0,
         }
@@ -465,6 +618,9 @@ impl Config {
             }
         }
         for &(table, field, lo, hi) in RANGES {
+            if table == "api" && self.api.is_none() {
+                continue;
+            }
             let v = self.numeric(table, field);
             if !(lo..=hi).contains(&v) {
                 return Err(doc.at(
@@ -484,6 +640,23 @@ impl Config {
             };
             return Err(doc.at(&["session", field], e.to_string()));
         }
+        if let Some(a) = &self.api {
+            if a.cert.is_some() != a.key.is_some() {
+                let field = if a.cert.is_some() { "key" } else { "cert" };
+                return Err(doc.at(
+                    &["api", field],
+                    "api.cert and api.key go together: set both for HTTPS, or neither".into(),
+                ));
+            }
+            if !a.is_local() && a.cert.is_none() {
+                return Err(doc.at(
+                    &["api", "listen"],
+                    "the API listens beyond loopback: set api.cert and api.key (HTTPS is \
+                     required off loopback, the API carries keys and token secrets)"
+                        .into(),
+                ));
+            }
+        }
         // Last, the files: every value above is checked first.
         tls::load_identity(&self.agent.cert, &self.agent.key).map_err(|e| match e {
             tls::IdentityError::Cert(r) => doc.at(&["agent", "cert"], r),
@@ -493,6 +666,17 @@ impl Config {
             tls::load_identity(&t.cert, &t.key).map_err(|e| match e {
                 tls::IdentityError::Cert(r) => doc.at(&["tls", "cert"], r),
                 tls::IdentityError::Key(r) => doc.at(&["tls", "key"], r),
+            })?;
+        }
+        if let Some(ApiConfig {
+            cert: Some(c),
+            key: Some(k),
+            ..
+        }) = &self.api
+        {
+            tls::load_identity(c, k).map_err(|e| match e {
+                tls::IdentityError::Cert(r) => doc.at(&["api", "cert"], r),
+                tls::IdentityError::Key(r) => doc.at(&["api", "key"], r),
             })?;
         }
         Ok(())

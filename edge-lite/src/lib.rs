@@ -37,8 +37,10 @@
 
 mod admission;
 mod agent;
+mod api;
 mod bind;
 pub mod config;
+pub mod events;
 mod handshake;
 pub mod lines;
 pub mod listing;

@@ -62,11 +62,13 @@ pub enum Refusal {
     Idle,
     /// A session dropped at its linger deadline without a clean close.
     Lingered,
+    /// Admin API: `[api]` allow / deny refuse the source.
+    ApiSource,
 }
 
 impl Refusal {
     /// Every reason, in the order of the summary line.
-    pub const ALL: [Refusal; 22] = [
+    pub const ALL: [Refusal; 23] = [
         Refusal::SourceBusy,
         Refusal::AgentIpDenied,
         Refusal::PendingFull,
@@ -89,6 +91,7 @@ impl Refusal {
         Refusal::NoStream,
         Refusal::Idle,
         Refusal::Lingered,
+        Refusal::ApiSource,
     ];
 
     /// The name in the summary line and in a snapshot.
@@ -116,6 +119,7 @@ impl Refusal {
             Refusal::NoStream => "no_stream",
             Refusal::Idle => "idle_timeout",
             Refusal::Lingered => "lingered",
+            Refusal::ApiSource => "api_source_denied",
         }
     }
 
@@ -457,5 +461,46 @@ mod tests {
             "the interval is the time since the last summary"
         );
         assert_eq!(d.snapshot()[1], ("web".to_owned(), "ip-denied", 4));
+    }
+}
+
+/// Bytes carried, each way: one per session and one per endpoint binding,
+/// added to by the public copy loops (one relaxed add per chunk).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// From the public client towards the device.
+    pub up: AtomicU64,
+    /// From the device towards the public client.
+    pub down: AtomicU64,
+}
+
+impl Traffic {
+    /// (up, down) now.
+    pub fn get(&self) -> (u64, u64) {
+        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+    }
+}
+
+/// The counters one public connection adds to: its session's and its
+/// endpoint's.
+#[derive(Clone, Debug)]
+pub struct Meter {
+    /// The session's.
+    pub session: Arc<Traffic>,
+    /// The endpoint binding's.
+    pub endpoint: Arc<Traffic>,
+}
+
+impl Meter {
+    /// `n` bytes went up.
+    pub fn up(&self, n: u64) {
+        self.session.up.fetch_add(n, Ordering::Relaxed);
+        self.endpoint.up.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` bytes came down.
+    pub fn down(&self, n: u64) {
+        self.session.down.fetch_add(n, Ordering::Relaxed);
+        self.endpoint.down.fetch_add(n, Ordering::Relaxed);
     }
 }

@@ -724,6 +724,40 @@ pub struct Effective {
     pub tls: Option<TlsPlan>,
 }
 
+impl Effective {
+    /// A one-line summary for the admin API: `restrict-ips 2; tls 1.2-1.3,
+    /// own certificate, client certificate required`, or `none`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.restrict.is_empty() {
+            parts.push(format!("restrict-ips {}", self.restrict.len()));
+        }
+        if let Some(t) = &self.tls {
+            let mut tls = if t.min == t.max {
+                format!("tls {}", t.min.name())
+            } else {
+                format!("tls {}-{}", t.min.name(), t.max.name())
+            };
+            if t.server.is_some() {
+                tls.push_str(", own certificate");
+            }
+            if let Some(c) = &t.client {
+                tls.push_str(if c.required {
+                    ", client certificate required"
+                } else {
+                    ", client certificate optional"
+                });
+            }
+            parts.push(tls);
+        }
+        if parts.is_empty() {
+            "none".to_owned()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
 /// Why layers cannot be combined for an endpoint: the rule (which layer's
 /// setting, so that a device operator can tell whether the fault is in
 /// their own `traffic_policy` or in the edge's) and why.

@@ -36,7 +36,7 @@ use tether_proto::EndpointKind;
 
 use crate::admission::Pending;
 use crate::config::ms;
-use crate::metrics::{Denial, Gauge, Held, Refusal, NO_ENDPOINT};
+use crate::metrics::{Denial, Gauge, Held, Meter, Refusal, NO_ENDPOINT};
 use crate::policy::{check_ips, IpVerdict};
 use crate::registry::{NoRoute, Port, Route, Waiting};
 use crate::state::{timeout, State};
@@ -159,7 +159,7 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
         drop(state);
         crate::state::spawn(async move {
             let _slot = slot;
-            if let Err(why) = carry(conn, r.session, r.waiting, meta, idle).await {
+            if let Err(why) = carry(conn, r.session, r.waiting, r.meter, meta, idle).await {
                 counters.refuse(why);
             }
         })
@@ -300,7 +300,7 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
     };
     let ended = if r.kind == EndpointKind::TlsPassthrough {
         drop(pending);
-        carry(conn, r.session, r.waiting, meta, idle).await
+        carry(conn, r.session, r.waiting, r.meter, meta, idle).await
     } else {
         let server = r.server.clone().unwrap_or_else(|| shared.clone());
         let left = deadline.saturating_duration_since(Instant::now());
@@ -341,7 +341,7 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
             .and_then(|c| c.first())
             .and_then(tls::identity)
             .map(|id| fit(id, &meta));
-        carry(tls, r.session, r.waiting, meta, idle).await
+        carry(tls, r.session, r.waiting, r.meter, meta, idle).await
     };
     if let Err(why) = ended {
         state.counters.refuse(why);
@@ -457,6 +457,7 @@ pub(crate) async fn carry<P>(
     public: P,
     session: Session,
     waiting: Waiting,
+    meter: Meter,
     meta: Meta,
     idle: Duration,
 ) -> Result<(), Refusal>
@@ -485,8 +486,8 @@ where
     // try_zip polls both on every wake-up, and the idle one would try its
     // socket each time: a recv that fails with EAGAIN and an epoll_ctl).
     let copy = futures_lite::future::try_zip(
-        tether_driver::on_wake(pump(pr, &stream, &activity)),
-        tether_driver::on_wake(forward(&stream, pw, &activity)),
+        tether_driver::on_wake(pump(pr, &stream, &activity, &meter)),
+        tether_driver::on_wake(forward(&stream, pw, &activity, &meter)),
     );
     let ended = futures_lite::future::or(async { Some(copy.await) }, async {
         activity.idle_for(idle).await;
@@ -547,7 +548,12 @@ impl Activity {
 /// Writes what `stream` receives into `w` straight from the stream's
 /// receive window (no copy buffer: [`Stream::poll_write_received`]) until
 /// the stream's EOF, then closes `w`'s write half.
-async fn forward<W>(stream: &Stream, mut w: W, activity: &Activity) -> io::Result<u64>
+async fn forward<W>(
+    stream: &Stream,
+    mut w: W,
+    activity: &Activity,
+    meter: &Meter,
+) -> io::Result<u64>
 where
     W: AsyncWrite + Unpin,
 {
@@ -560,6 +566,7 @@ where
         activity.touch();
         // A TLS client's records may wait inside rustls; push them out.
         w.flush().await?;
+        meter.down(n as u64);
         total += n as u64;
     }
     w.close().await?;
@@ -567,7 +574,7 @@ where
 }
 
 /// Copies `r` to `w` through a buffer until EOF, then closes `w`'s write half.
-async fn pump<R, W>(mut r: R, mut w: W, activity: &Activity) -> io::Result<u64>
+async fn pump<R, W>(mut r: R, mut w: W, activity: &Activity, meter: &Meter) -> io::Result<u64>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -587,6 +594,7 @@ where
         // TLS buffers inside rustls; a mux stream or TCP socket flushes at once.
         w.flush().await?;
         activity.touch();
+        meter.up(n as u64);
         total += n as u64;
     }
     w.close().await?;

@@ -23,6 +23,7 @@ use smol::Task;
 use tether_driver::Session;
 use tether_proto::EndpointKind;
 
+use crate::metrics::{Meter, Traffic};
 use crate::policy::Effective;
 use crate::scope::Scope;
 use crate::store::{TokenChange, TokenId};
@@ -38,6 +39,14 @@ pub(crate) struct Tunnel {
     pub(crate) token: TokenId,
     /// The driver's handle.
     pub(crate) session: Session,
+    /// The agent's name and version, and its architecture, from `Hello`
+    /// (at most 64 characters each).
+    pub(crate) agent: String,
+    pub(crate) arch: String,
+    /// Unix seconds when it authenticated.
+    pub(crate) since: i64,
+    /// Bytes its streams carried.
+    pub(crate) traffic: Arc<Traffic>,
 }
 
 /// A tcp endpoint's public port and the task that accepts on it (cancelled,
@@ -61,6 +70,10 @@ pub(crate) struct Binding {
     /// certificate, client certificates): that server, built at bind.
     /// `None`: the shared `[tls]` one.
     pub(crate) server: Option<Arc<ServerConfig>>,
+    /// Bytes its connections carried.
+    pub(crate) traffic: Arc<Traffic>,
+    /// Unix seconds of the `Bind`.
+    pub(crate) since: i64,
 }
 
 /// Which listener a public connection came in on.
@@ -85,6 +98,7 @@ impl Port {
 /// waiting, and what the binding's policy says.
 pub(crate) struct Route {
     pub(crate) session: Session,
+    pub(crate) meter: Meter,
     pub(crate) waiting: Waiting,
     pub(crate) kind: EndpointKind,
     pub(crate) policy: Arc<Effective>,
@@ -357,6 +371,10 @@ impl Registry {
         match taken {
             Ok(_) => Ok(Route {
                 session: b.tunnel.session.clone(),
+                meter: Meter {
+                    session: b.tunnel.traffic.clone(),
+                    endpoint: b.traffic.clone(),
+                },
                 waiting: Waiting(b.waiting.clone()),
                 kind: b.kind,
                 policy: b.policy.clone(),
@@ -382,6 +400,28 @@ impl Registry {
             .into_iter()
             .filter_map(|n| self.remove(&n).map(|b| (n, b)))
             .collect()
+    }
+
+    /// Every live session with its scope, by session number.
+    pub(crate) fn live_sessions(&self) -> Vec<(Arc<Tunnel>, Arc<Scope>)> {
+        let mut v: Vec<_> = self
+            .live
+            .values()
+            .map(|l| (l.tunnel.clone(), l.scope.clone()))
+            .collect();
+        v.sort_by_key(|(t, _)| t.no);
+        v
+    }
+
+    /// Every binding, by name.
+    pub(crate) fn bindings(&self) -> Vec<(&str, &Binding)> {
+        let mut v: Vec<_> = self
+            .endpoints
+            .iter()
+            .map(|(n, b)| (n.as_str(), b))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v
     }
 
     /// Takes every tcp accept task out (to stop accepting at shutdown); the

@@ -24,6 +24,7 @@ use tether_proto::ErrorCode;
 
 use crate::admission::Busy;
 use crate::agent::serve_agent;
+use crate::api::ApiListener;
 use crate::config::Config;
 use crate::lines::emit;
 use crate::metrics::Refusal;
@@ -53,6 +54,8 @@ pub enum RunError {
     },
     /// The token store could not be opened.
     Store(StoreError),
+    /// The admin API's listener could not be set up.
+    Api(String),
     /// A listener could not be bound.
     Listen {
         /// Which listener.
@@ -69,6 +72,7 @@ impl fmt::Display for RunError {
         match self {
             RunError::Tls { listener, reason } => write!(f, "{listener} listener: {reason}"),
             RunError::Store(e) => write!(f, "{e}"),
+            RunError::Api(e) => write!(f, "api listener: {e}"),
             RunError::Listen {
                 listener,
                 addr,
@@ -86,6 +90,7 @@ pub struct Server {
     agent: TcpListener,
     agent_addr: SocketAddr,
     tls: Option<(TcpListener, SocketAddr)>,
+    api: Option<ApiListener>,
     /// The store's revision when it was opened: the watcher applies what
     /// changes after it.
     rev: i64,
@@ -194,6 +199,10 @@ impl Server {
             Some(t) => Some(listen("tls", t.listen).await?),
             None => None,
         };
+        let api = match &cfg.api {
+            Some(a) => Some(ApiListener::bind(a).await.map_err(RunError::Api)?),
+            None => None,
+        };
         let state = Arc::new(State::new(
             cfg,
             agent_tls,
@@ -206,6 +215,10 @@ impl Server {
         if let Some((_, a)) = &tls {
             emit(format!("LISTEN tls {a}"));
         }
+        if let Some(a) = &api {
+            emit(format!("LISTEN api {}", a.url()));
+            log::info!("admin API: {}", a.url());
+        }
         log::info!(
             "listening: agent {agent_addr}{}",
             tls.as_ref()
@@ -216,8 +229,14 @@ impl Server {
             agent,
             agent_addr,
             tls,
+            api,
             rev,
         })
+    }
+
+    /// The admin API's URL (`http://…`, `https://…` or `unix:…`), if configured.
+    pub fn api_url(&self) -> Option<String> {
+        self.api.as_ref().map(ApiListener::url)
     }
 
     /// The agent listener's address.
@@ -248,9 +267,12 @@ impl Server {
             state,
             agent,
             tls,
+            api,
             rev,
             ..
         } = self;
+        let api = api.map(|l| crate::state::spawn(crate::api::serve(state.clone(), l)));
+        let pruner = crate::state::spawn(prune_events(state.clone()));
         let agents = crate::state::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
         let watcher = crate::state::spawn(watch_store(state.clone(), rev));
@@ -277,6 +299,10 @@ impl Server {
         }
         watcher.cancel().await;
         summary.cancel().await;
+        pruner.cancel().await;
+        if let Some(t) = api {
+            t.cancel().await;
+        }
         if let Some(line) = state.counters.summary_since_last() {
             log::warn!("{line}");
         }
@@ -321,6 +347,23 @@ impl Server {
         log::info!("stopped");
         crate::lines::flush(Duration::from_secs(1));
         Ok(())
+    }
+}
+
+/// How often old events are deleted (`[events]` retention).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Deletes the events `[events]` no longer keeps: at start, then every
+/// [`PRUNE_EVERY`].
+async fn prune_events(state: Arc<State>) {
+    let keep = state.cfg.events.retention();
+    loop {
+        match state.store_call(move |s| s.prune_events(keep)).await {
+            Ok(0) => {}
+            Ok(n) => log::debug!("events: deleted {n} past the retention"),
+            Err(e) => log::warn!("events: cannot apply the retention: {e}"),
+        }
+        Timer::after(PRUNE_EVERY).await;
     }
 }
 

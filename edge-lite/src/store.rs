@@ -20,7 +20,13 @@
 //! one transaction when the store is opened ([`MIGRATIONS`]); a database
 //! from a newer tether-edge is refused, not used. Version 1 is the schema
 //! the edge had before versions (a database it made opens as version 0 with
-//! those tables); version 2 turned the allow lists into scopes in place.
+//! those tables); version 2 turned the allow lists into scopes in place;
+//! version 3 added the admin API's keys and the events.
+//!
+//! API keys (`ak_<id>.<secret>`, the same form as tokens) are kept the same
+//! way: a salted hash, compared in constant time, with a [`Role`]. Events
+//! ([`crate::events`]) are kept with a bounded retention
+//! ([`Store::prune_events`]).
 //!
 //! This module is synchronous; the server calls it from the blocking pool.
 
@@ -35,6 +41,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use subtle::ConstantTimeEq;
 
+use crate::events::{Event, EventKind, EventQuery, NewEvent, Retention};
 use crate::scope::{parse_sources, Rules, Scope};
 
 /// Length of a token id in hex characters.
@@ -124,7 +131,12 @@ pub fn token_id_of(token: &str) -> Option<TokenId> {
 }
 
 fn parse_token(token: &str) -> Option<Presented> {
-    let rest = token.strip_prefix("tk_")?;
+    parse_credential("tk_", token)
+}
+
+/// `<prefix><id>.<secret>` split and decoded.
+fn parse_credential(prefix: &str, token: &str) -> Option<Presented> {
+    let rest = token.strip_prefix(prefix)?;
     let (id, secret_b64) = rest.split_once('.')?;
     let id = TokenId::parse(id)?;
     if secret_b64.len() != 43 {
@@ -224,6 +236,99 @@ pub struct NewToken {
     pub id: TokenId,
     /// The credential.
     pub token: TokenString,
+}
+
+/// An API key's public id: 12 lowercase hex characters, shown as `ak_<id>`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApiKeyId(String);
+
+impl ApiKeyId {
+    /// Checks the form of an id (`ak_<id>` or `<id>`).
+    pub fn parse(s: &str) -> Option<ApiKeyId> {
+        TokenId::parse(s.strip_prefix("ak_").unwrap_or(s)).map(|t| ApiKeyId(t.0))
+    }
+
+    /// The 12 hex characters, as stored.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ApiKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ak_{}", self.0)
+    }
+}
+
+impl fmt::Debug for ApiKeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeyId(ak_{})", self.0)
+    }
+}
+
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Every `GET`.
+    Read,
+    /// Everything.
+    Admin,
+}
+
+impl Role {
+    /// `read` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// The role named `s`.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "read" => Some(Role::Read),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// An API key as listed (no secret, no hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    /// Public id.
+    pub id: ApiKeyId,
+    /// What it may do.
+    pub role: Role,
+    /// Operator's description.
+    pub description: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The key that created it (`None`: the offline CLI).
+    pub created_by: Option<ApiKeyId>,
+    /// Unix seconds of its last accepted use.
+    pub last_used_at: Option<i64>,
+    /// Unix seconds of the revocation.
+    pub revoked_at: Option<i64>,
+}
+
+/// An API key just created: show [`NewApiKey::key`] once, then forget it.
+#[derive(Debug)]
+pub struct NewApiKey {
+    /// The public id.
+    pub id: ApiKeyId,
+    /// The credential (`ak_<id>.<secret>`).
+    pub key: TokenString,
+}
+
+/// Proof that a presented API key matched an active key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifiedKey {
+    /// The key's id.
+    pub id: ApiKeyId,
+    /// Its role.
+    pub role: Role,
 }
 
 /// A store failure.
@@ -331,6 +436,14 @@ pub fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn unix_now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Accepts `tk_<id>` or `<id>` as a token's name.
 fn bare_id(id: &str) -> &str {
     id.strip_prefix("tk_").unwrap_or(id)
@@ -405,6 +518,40 @@ pub trait Store: Send {
 
     /// The ids of every revoked token.
     fn revoked_ids(&self) -> Result<HashSet<TokenId>, StoreError>;
+
+    /// At most `limit` tokens with ids after `after`, by id (a cursor that
+    /// stays valid while tokens are created).
+    fn tokens_page(
+        &self,
+        after: Option<&TokenId>,
+        limit: usize,
+    ) -> Result<Vec<TokenInfo>, StoreError>;
+
+    /// Creates an API key with `role`; the returned credential is shown once.
+    fn create_api_key(
+        &self,
+        role: Role,
+        description: &str,
+        by: Option<&ApiKeyId>,
+    ) -> Result<NewApiKey, StoreError>;
+
+    /// Every API key, oldest first.
+    fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError>;
+
+    /// Marks an API key revoked.
+    fn revoke_api_key(&self, id: &ApiKeyId) -> Result<Revoked, StoreError>;
+
+    /// Checks a presented API key; on success records `last_used_at`.
+    fn verify_api_key(&self, presented: &str) -> Result<VerifiedKey, AuthError>;
+
+    /// Records an event and returns its sequence number.
+    fn record(&self, event: &NewEvent) -> Result<i64, StoreError>;
+
+    /// The events `q` selects, newest first.
+    fn events(&self, q: &EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Deletes the events that `keep` no longer allows; returns how many.
+    fn prune_events(&self, keep: Retention) -> Result<u64, StoreError>;
 }
 
 /// One schema step: the version it leaves the database at, what it does,
@@ -428,6 +575,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         what: "token scopes: allow lists become bind rules; source CIDRs; revisions",
         apply: migrate_2,
+    },
+    Migration {
+        version: 3,
+        what: "API keys and events",
+        apply: migrate_3,
     },
 ];
 
@@ -488,6 +640,36 @@ fn migrate_2(tx: &Transaction<'_>) -> Result<(), StoreError> {
     tx.execute_batch(
         "ALTER TABLE tokens DROP COLUMN allow;
          CREATE INDEX tokens_rev ON tokens (rev);",
+    )?;
+    Ok(())
+}
+
+fn migrate_3(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            salt BLOB NOT NULL,
+            hash BLOB NOT NULL,
+            role TEXT NOT NULL CHECK (role IN ('read', 'admin')),
+            description TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            created_by TEXT NULL,
+            last_used_at INTEGER NULL,
+            revoked_at INTEGER NULL
+        );
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            at_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            token_id TEXT NULL,
+            session INTEGER NULL,
+            remote TEXT NULL,
+            endpoint TEXT NULL,
+            api_key TEXT NULL,
+            detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX events_at ON events (at_ms);
+        CREATE INDEX events_token ON events (token_id, seq);",
     )?;
     Ok(())
 }
@@ -881,6 +1063,238 @@ impl Store for SqliteStore {
             .prepare("SELECT id FROM tokens WHERE revoked_at IS NOT NULL")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0).map(TokenId))?;
         Ok(rows.collect::<Result<HashSet<_>, _>>()?)
+    }
+
+    fn tokens_page(
+        &self,
+        after: Option<&TokenId>,
+        limit: usize,
+    ) -> Result<Vec<TokenInfo>, StoreError> {
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {TOKEN_COLUMNS} FROM tokens WHERE id > ?1 ORDER BY id LIMIT ?2"
+        ))?;
+        let after = after.map_or("", TokenId::as_str);
+        let rows = st.query_map(params![after, limit as i64], token_row)?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r??);
+        }
+        Ok(out)
+    }
+
+    fn create_api_key(
+        &self,
+        role: Role,
+        description: &str,
+        by: Option<&ApiKeyId>,
+    ) -> Result<NewApiKey, StoreError> {
+        loop {
+            let idb: [u8; ID_LEN / 2] = self.random()?;
+            let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
+            let secret: [u8; SECRET_LEN] = self.random()?;
+            let salt: [u8; SALT_LEN] = self.random()?;
+            let h = hash(&salt, &secret);
+            let n = self.conn.execute(
+                "INSERT OR IGNORE INTO api_keys
+                 (id, salt, hash, role, description, created_at, created_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    id,
+                    &salt[..],
+                    &h[..],
+                    role.as_str(),
+                    description,
+                    unix_now(),
+                    by.map(ApiKeyId::as_str)
+                ],
+            )?;
+            if n == 1 {
+                let key = TokenString(format!("ak_{id}.{}", URL_SAFE_NO_PAD.encode(secret)));
+                return Ok(NewApiKey {
+                    id: ApiKeyId(id),
+                    key,
+                });
+            }
+        }
+    }
+
+    fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT id, role, description, created_at, created_by, last_used_at, revoked_at
+             FROM api_keys ORDER BY created_at, id",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                ApiKeyInfo {
+                    id: ApiKeyId(r.get(0)?),
+                    role: Role::Read,
+                    description: r.get(2)?,
+                    created_at: r.get(3)?,
+                    created_by: r.get::<_, Option<String>>(4)?.map(ApiKeyId),
+                    last_used_at: r.get(5)?,
+                    revoked_at: r.get(6)?,
+                },
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, role, mut info) = row?;
+            info.role = Role::parse(&role).ok_or_else(|| StoreError::Corrupt {
+                row: format!("API key ak_{id}"),
+                reason: format!("role {role:?} is not read or admin"),
+            })?;
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    fn revoke_api_key(&self, id: &ApiKeyId) -> Result<Revoked, StoreError> {
+        let n = self.conn.execute(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id.as_str(), unix_now()],
+        )?;
+        if n == 1 {
+            return Ok(Revoked::Now);
+        }
+        let exists: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM api_keys WHERE id = ?1",
+                params![id.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(if exists.is_some() {
+            Revoked::Already
+        } else {
+            Revoked::Unknown
+        })
+    }
+
+    fn verify_api_key(&self, presented: &str) -> Result<VerifiedKey, AuthError> {
+        let p = parse_credential("ak_", presented).ok_or(AuthError::Malformed)?;
+        type Row = (Vec<u8>, Vec<u8>, String, Option<i64>);
+        let row: Option<Row> = self
+            .conn
+            .query_row(
+                "SELECT salt, hash, role, revoked_at FROM api_keys WHERE id = ?1",
+                params![p.id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(|e| AuthError::Store(e.into()))?;
+        let Some((salt, stored, role, revoked_at)) = row else {
+            return Err(AuthError::Unknown(p.id));
+        };
+        let h = hash(&salt, &p.secret);
+        if !bool::from(h.as_slice().ct_eq(stored.as_slice())) {
+            return Err(AuthError::Unknown(p.id));
+        }
+        if revoked_at.is_some() {
+            return Err(AuthError::Revoked(p.id));
+        }
+        let role = Role::parse(&role).ok_or_else(|| {
+            AuthError::Store(StoreError::Corrupt {
+                row: format!("API key ak_{}", p.id.as_str()),
+                reason: format!("role {role:?} is not read or admin"),
+            })
+        })?;
+        self.conn
+            .execute(
+                "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1",
+                params![p.id.as_str(), unix_now()],
+            )
+            .map_err(|e| AuthError::Store(e.into()))?;
+        Ok(VerifiedKey {
+            id: ApiKeyId(p.id.0),
+            role,
+        })
+    }
+
+    fn record(&self, e: &NewEvent) -> Result<i64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO events (at_ms, kind, token_id, session, remote, endpoint, api_key, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                unix_now_ms(),
+                e.kind.as_str(),
+                e.token.as_ref().map(TokenId::as_str),
+                e.session.map(|s| s as i64),
+                e.remote,
+                e.endpoint,
+                e.api_key.as_ref().map(ApiKeyId::as_str),
+                e.detail
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    fn events(&self, q: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT seq, at_ms, kind, token_id, session, remote, endpoint, api_key, detail
+             FROM events
+             WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR token_id = ?2)
+               AND (?3 IS NULL OR at_ms >= ?3) AND (?4 IS NULL OR seq < ?4)
+             ORDER BY seq DESC LIMIT ?5",
+        )?;
+        let rows = st.query_map(
+            params![
+                q.kind.map(EventKind::as_str),
+                q.token.as_ref().map(TokenId::as_str),
+                q.since_ms,
+                q.before,
+                q.limit as i64
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<String>>(7)?,
+                    r.get::<_, String>(8)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at_ms, kind, token, session, remote, endpoint, api_key, detail) = row?;
+            let kind = EventKind::parse(&kind).ok_or_else(|| StoreError::Corrupt {
+                row: format!("event {seq}"),
+                reason: format!("kind {kind:?} is unknown"),
+            })?;
+            out.push(Event {
+                seq,
+                at_ms,
+                event: NewEvent {
+                    kind,
+                    token: token.map(TokenId),
+                    session: session.map(|s| s as u64),
+                    remote,
+                    endpoint,
+                    api_key: api_key.map(ApiKeyId),
+                    detail,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn prune_events(&self, keep: Retention) -> Result<u64, StoreError> {
+        let oldest = unix_now_ms().saturating_sub((keep.max_age_secs as i64).saturating_mul(1000));
+        let by_age = self
+            .conn
+            .execute("DELETE FROM events WHERE at_ms < ?1", params![oldest])?;
+        let by_count = self.conn.execute(
+            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?1",
+            params![keep.max_events.min(i64::MAX as u64) as i64],
+        )?;
+        Ok((by_age + by_count) as u64)
     }
 }
 

@@ -109,6 +109,17 @@ pub fn public_server(id: &Identity) -> Result<Arc<ServerConfig>, rustls::Error> 
     Ok(Arc::new(tls13_server(id)?))
 }
 
+/// The admin API's HTTPS server: TLS 1.2 and 1.3 (rustls' safe defaults),
+/// ALPN `http/1.1`, no client certificates (API keys authenticate).
+pub fn api_server(id: &Identity) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(id.certs.clone(), id.key.clone_key())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 /// The server of one endpoint with a non-default [`TlsPlan`]: its versions,
 /// its certificate (the plan's, else `id`, the `[tls]` one) and its client
 /// certificate verifier.
