@@ -1,10 +1,10 @@
-//! What the `token` and `endpoint` subcommands print: the token and endpoint
+//! What the `token`, `apikey` and `endpoint` subcommands print: their
 //! tables and their timestamps
 //! (UTC, ISO 8601). Never a secret: [`TokenInfo`] has none.
 
 use std::fmt::Write as _;
 
-use crate::store::{EndpointInfo, TokenInfo};
+use crate::store::{ApiKeyInfo, EndpointInfo, TokenInfo};
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn format_time(unix: i64) -> String {
@@ -89,6 +89,42 @@ pub fn endpoint_table(endpoints: &[EndpointInfo]) -> String {
                 },
                 e.owner.to_string(),
                 format_time(e.claimed_at),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// The `apikey list` table: id, role, description, created (and by whom),
+/// last used, revoked.
+pub fn apikey_table(keys: &[ApiKeyInfo]) -> String {
+    let header = [
+        "ID",
+        "ROLE",
+        "DESCRIPTION",
+        "CREATED",
+        "BY",
+        "LAST USED",
+        "REVOKED",
+    ]
+    .map(str::to_owned);
+    let rows: Vec<[String; 7]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.id.to_string(),
+                k.role.as_str().to_owned(),
+                if k.description.is_empty() {
+                    "-".to_owned()
+                } else {
+                    k.description.escape_debug().to_string()
+                },
+                format_time(k.created_at),
+                k.created_by
+                    .as_ref()
+                    .map_or_else(|| "offline".to_owned(), |b| b.to_string()),
+                opt_time(k.last_used_at),
+                opt_time(k.revoked_at),
             ]
         })
         .collect();

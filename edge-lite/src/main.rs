@@ -13,9 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use futures_lite::StreamExt;
-use tether_edge::listing::{endpoint_table, token_table};
+use tether_edge::events::{EventKind, NewEvent};
+use tether_edge::listing::{apikey_table, endpoint_table, token_table};
 use tether_edge::scope::{parse_sources, Rules, Scope};
-use tether_edge::store::{Revoked, SqliteStore, Store, TokenUpdate, Updated};
+use tether_edge::store::{ApiKeyId, Revoked, Role, SqliteStore, Store, TokenUpdate, Updated};
 use tether_edge::Config;
 
 const USAGE: &str = "\
@@ -26,6 +27,9 @@ Usage: tether-edge --config FILE [serve]
          [--allow RULE...] [--source CIDR... | --any-source]
   or:  tether-edge --config FILE token list
   or:  tether-edge --config FILE token revoke ID
+  or:  tether-edge --config FILE apikey create --role (read|admin) [--description TEXT]
+  or:  tether-edge --config FILE apikey list
+  or:  tether-edge --config FILE apikey revoke ID
   or:  tether-edge --config FILE endpoint list
   or:  tether-edge --config FILE endpoint release NAME
   or:  tether-edge --config FILE provision (--devices CSV | --serial SERIAL...)
@@ -64,6 +68,14 @@ Commands:
   token list            list tokens (never secrets)
   token revoke ID       revoke a token; running servers close its sessions
                         within 1 s
+  apikey create         create an admin API key (offline, on the store: how
+                        the first key is made); --role read (every GET) or
+                        --role admin (everything) is required. Prints the
+                        key (ak_<id>.<secret>) once on stdout, its id on
+                        stderr
+  apikey list           list API keys (never secrets)
+  apikey revoke ID      revoke an API key; the API refuses it from the next
+                        request
   endpoint list         list endpoints and the token that owns each (the
                         first token to bind an endpoint owns it; others get
                         ENDPOINT_TAKEN)
@@ -96,6 +108,8 @@ Output:
   LISTEN agent <ip:port>, LISTEN tls <ip:port>
                         once listening (with port 0 in the config: the port
                         the OS chose)
+  LISTEN api <url>      with [api]: http://<ip:port>, https://<ip:port> or
+                        unix:<path>
   BOUND <endpoint> <url>
                         a bind changed who serves an endpoint; <url> is
                         tcp://<ip>:<port> or tls://<name>.<domain>:<port>
@@ -227,6 +241,9 @@ enum Command {
     Endpoints,
     Release(String),
     Provision(Box<provision::Options>),
+    KeyCreate { role: Role, description: String },
+    KeyList,
+    KeyRevoke(String),
 }
 
 struct Args {
@@ -258,6 +275,7 @@ fn parse_args() -> Result<Parsed, String> {
     let mut p = lexopt::Parser::from_env();
     let mut config = None;
     let mut description = None;
+    let mut role: Option<String> = None;
     let mut allow = Vec::new();
     let mut sources = Vec::new();
     let mut any_source = false;
@@ -328,6 +346,7 @@ fn parse_args() -> Result<Parsed, String> {
             Long("allow") => allow.push(string(&mut p)?),
             Long("source") => sources.push(string(&mut p)?),
             Long("any-source") => any_source = true,
+            Long("role") => role = Some(string(&mut p)?),
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
             Value(v) => words.push(v.string().map_err(|e| e.to_string())?),
@@ -389,6 +408,17 @@ fn parse_args() -> Result<Parsed, String> {
         }
         ["token", "list"] => Command::List,
         ["token", "revoke", id] => Command::Revoke((*id).to_owned()),
+        ["apikey", "create"] => {
+            let r = role
+                .take()
+                .ok_or("apikey create needs --role read or --role admin")?;
+            Command::KeyCreate {
+                role: Role::parse(&r).ok_or_else(|| format!("--role {r:?}: need read or admin"))?,
+                description: description.take().unwrap_or_default(),
+            }
+        }
+        ["apikey", "list"] => Command::KeyList,
+        ["apikey", "revoke", id] => Command::KeyRevoke((*id).to_owned()),
         ["endpoint", "list"] => Command::Endpoints,
         ["endpoint", "release", name] => Command::Release((*name).to_owned()),
         ["provision"] => {
@@ -400,9 +430,12 @@ fn parse_args() -> Result<Parsed, String> {
     if let Some(flag) = prov_flag {
         return Err(format!("{flag} goes with `provision`"));
     }
+    if role.is_some() {
+        return Err("--role goes with `apikey create`".into());
+    }
     if description.is_some() || !allow.is_empty() || !sources.is_empty() || any_source {
         return Err(
-            "--description, --allow, --source and --any-source go with `token create` or `token update`"
+            "--description, --allow, --source and --any-source go with `token create` or `token update` (--description also with `apikey create`)"
                 .into(),
         );
     }
@@ -453,6 +486,11 @@ fn main() -> ExitCode {
         Command::Serve => serve(cfg),
         Command::Create { description, scope } => with_store(&cfg, |s| {
             let t = s.create(&description, &scope)?;
+            s.record(
+                &NewEvent::new(EventKind::TokenCreated)
+                    .token(&t.id)
+                    .detail(format!("{} (offline)", scope.summary())),
+            )?;
             println!("{}", t.token.expose());
             eprintln!("created token {} ({})", t.id, scope.summary());
             Ok(ExitCode::SUCCESS)
@@ -460,6 +498,11 @@ fn main() -> ExitCode {
         Command::Update { id, change } => with_store(&cfg, |s| {
             Ok(match s.update(&id, &change)? {
                 Updated::Now(t) => {
+                    s.record(
+                        &NewEvent::new(EventKind::TokenUpdated)
+                            .token(&t.id)
+                            .detail(format!("{} (offline)", t.scope.summary())),
+                    )?;
                     eprintln!("updated token {} ({})", t.id, t.scope.summary());
                     ExitCode::SUCCESS
                 }
@@ -507,9 +550,54 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::KeyCreate { role, description } => with_store(&cfg, |s| {
+            let k = s.create_api_key(role, &description, None)?;
+            s.record(&NewEvent::new(EventKind::ApiKeyCreated).detail(format!(
+                "{} role {} (offline)",
+                k.id,
+                role.as_str()
+            )))?;
+            println!("{}", k.key.expose());
+            eprintln!("created API key {} (role {})", k.id, role.as_str());
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::KeyList => with_store(&cfg, |s| {
+            print!("{}", apikey_table(&s.list_api_keys()?));
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::KeyRevoke(id) => with_store(&cfg, |s| {
+            let Some(key) = ApiKeyId::parse(&id) else {
+                eprintln!("error: {id:?} is not an API key id (ak_ and 12 hex digits)");
+                return Ok(ExitCode::FAILURE);
+            };
+            Ok(match s.revoke_api_key(&key)? {
+                Revoked::Now => {
+                    s.record(
+                        &NewEvent::new(EventKind::ApiKeyRevoked).detail(format!("{key} (offline)")),
+                    )?;
+                    eprintln!("revoked API key {key}");
+                    ExitCode::SUCCESS
+                }
+                Revoked::Already => {
+                    eprintln!("API key {key} was already revoked");
+                    ExitCode::SUCCESS
+                }
+                Revoked::Unknown => {
+                    eprintln!("error: no API key with id {id:?}");
+                    ExitCode::FAILURE
+                }
+            })
+        }),
         Command::Revoke(id) => with_store(&cfg, |s| {
             Ok(match s.revoke(&id)? {
                 Revoked::Now => {
+                    if let Some(t) = s.get(&id)? {
+                        s.record(
+                            &NewEvent::new(EventKind::TokenRevoked)
+                                .token(&t.id)
+                                .detail("offline"),
+                        )?;
+                    }
                     eprintln!("revoked token {id}");
                     ExitCode::SUCCESS
                 }

@@ -477,7 +477,10 @@ pub struct Traffic {
 impl Traffic {
     /// (up, down) now.
     pub fn get(&self) -> (u64, u64) {
-        (self.up.load(Ordering::Relaxed), self.down.load(Ordering::Relaxed))
+        (
+            self.up.load(Ordering::Relaxed),
+            self.down.load(Ordering::Relaxed),
+        )
     }
 }
 

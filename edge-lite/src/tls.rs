@@ -114,8 +114,8 @@ pub fn public_server(id: &Identity) -> Result<Arc<ServerConfig>, rustls::Error> 
 pub fn api_server(id: &Identity) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(id.certs.clone(), id.key.clone_key())?;
+        .with_no_client_auth()
+        .with_single_cert(id.certs.clone(), id.key.clone_key())?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

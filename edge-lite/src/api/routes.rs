@@ -30,6 +30,18 @@ const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
 /// The longest description accepted (bytes).
 const MAX_DESCRIPTION: usize = 256;
+/// The most rules, and the most sources, one token may have.
+const MAX_LIST: usize = 64;
+
+/// `allow` and `sources` of a body, each at most [`MAX_LIST`] long.
+fn lists(allow: Option<&[String]>, sources: Option<&[String]>) -> Result<(), Failure> {
+    for (field, v) in [("allow", allow), ("sources", sources)] {
+        if v.is_some_and(|v| v.len() > MAX_LIST) {
+            return Err(bad(format!("body: {field}: more than {MAX_LIST} entries")));
+        }
+    }
+    Ok(())
+}
 
 type Resp = Response<Full<Bytes>>;
 
@@ -150,12 +162,18 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<(Op, Option<&'a str>), Fa
         ["healthz"] => (&[(Method::GET, Op::Health)], "GET", None),
         ["openapi.json"] => (&[(Method::GET, Op::OpenApi)], "GET", None),
         ["tokens"] => (
-            &[(Method::GET, Op::ListTokens), (Method::POST, Op::CreateToken)],
+            &[
+                (Method::GET, Op::ListTokens),
+                (Method::POST, Op::CreateToken),
+            ],
             "GET, POST",
             None,
         ),
         ["tokens", id] if !id.is_empty() => (
-            &[(Method::GET, Op::GetToken), (Method::PATCH, Op::UpdateToken)],
+            &[
+                (Method::GET, Op::GetToken),
+                (Method::PATCH, Op::UpdateToken),
+            ],
             "GET, PATCH",
             Some(id),
         ),
@@ -492,7 +510,9 @@ async fn list_tokens(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
         .await?;
     let more = page.len() > limit;
     page.truncate(limit);
-    let next_cursor = more.then(|| page.last().map(|t| t.id.to_string())).flatten();
+    let next_cursor = more
+        .then(|| page.last().map(|t| t.id.to_string()))
+        .flatten();
     let items = page.iter().map(wire::Token::from).collect();
     Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
 }
@@ -503,6 +523,7 @@ async fn create_token(
     by: Option<ApiKeyId>,
 ) -> Result<Resp, Failure> {
     description(&body.description)?;
+    lists(Some(&body.allow), Some(&body.sources))?;
     if body.allow.is_empty() {
         return Err(bad(
             "body: allow: at least one rule is needed (an endpoint name, *.suffix, or *)",
@@ -545,15 +566,15 @@ async fn update_token(
     if let Some(d) = &body.description {
         description(d)?;
     }
-    let rules = match &body.allow {
-        None => None,
-        Some(a) if a.is_empty() => {
-            return Err(bad(
+    lists(body.allow.as_deref(), body.sources.as_deref())?;
+    let rules =
+        match &body.allow {
+            None => None,
+            Some(a) if a.is_empty() => return Err(bad(
                 "body: allow: at least one rule is needed; revoke a token that may bind nothing",
-            ))
-        }
-        Some(a) => Some(Rules::parse(a).map_err(|e| bad(format!("body: allow: {e}")))?),
-    };
+            )),
+            Some(a) => Some(Rules::parse(a).map_err(|e| bad(format!("body: allow: {e}")))?),
+        };
     let sources = match &body.sources {
         None => None,
         Some(s) => Some(parse_sources(s).map_err(|e| bad(format!("body: sources: {e}")))?),
@@ -662,7 +683,9 @@ fn list_sessions(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
     }
     drop(bindings);
     drop(reg);
-    let next_cursor = more.then(|| items.last().map(|s| s.id.to_string())).flatten();
+    let next_cursor = more
+        .then(|| items.last().map(|s| s.id.to_string()))
+        .flatten();
     Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
 }
 
@@ -693,19 +716,21 @@ async fn list_endpoints(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> 
     {
         let reg = state.registry();
         for (name, b) in reg.bindings() {
-            let e = all.entry(name.to_owned()).or_insert_with(|| wire::Endpoint {
-                name: name.to_owned(),
-                kind: None,
-                owner_token_id: None,
-                claimed_at: None,
-                bound: false,
-                url: None,
-                session_id: None,
-                bound_at: None,
-                policy: None,
-                bytes_up: 0,
-                bytes_down: 0,
-            });
+            let e = all
+                .entry(name.to_owned())
+                .or_insert_with(|| wire::Endpoint {
+                    name: name.to_owned(),
+                    kind: None,
+                    owner_token_id: None,
+                    claimed_at: None,
+                    bound: false,
+                    url: None,
+                    session_id: None,
+                    bound_at: None,
+                    policy: None,
+                    bytes_up: 0,
+                    bytes_down: 0,
+                });
             let (up, down) = b.traffic.get();
             e.kind = Some(crate::bind::kind_name(b.kind).to_owned());
             e.bound = true;
@@ -768,7 +793,9 @@ async fn list_events(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
     let mut got = state.store_call(move |s| s.events(&query)).await?;
     let more = got.len() > limit;
     got.truncate(limit);
-    let next_cursor = more.then(|| got.last().map(|e| e.seq.to_string())).flatten();
+    let next_cursor = more
+        .then(|| got.last().map(|e| e.seq.to_string()))
+        .flatten();
     let items = got.iter().map(wire::Event::from).collect();
     Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
 }

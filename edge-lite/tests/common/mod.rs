@@ -57,6 +57,8 @@ pub struct Pki {
     pub agent_key: PathBuf,
     pub wild_cert: PathBuf,
     pub wild_key: PathBuf,
+    /// The CA certificate as a PEM file (for curl --cacert).
+    pub ca_file: PathBuf,
 }
 
 impl Pki {
@@ -88,6 +90,7 @@ impl Pki {
             agent_key: w("agent.key", &ak),
             wild_cert: w("wild.crt", &wc),
             wild_key: w("wild.key", &wk),
+            ca_file: w("ca.crt", &ca.pem()),
         }
     }
 
@@ -149,6 +152,8 @@ pub struct Env {
     pub config: PathBuf,
     pub agent: SocketAddr,
     pub tls: SocketAddr,
+    /// The admin API's URL, when the config has `[api]`.
+    pub api: Option<String>,
     stop: Option<smol::channel::Sender<()>>,
     pub task: Option<Task<Result<(), RunError>>>,
 }
@@ -172,6 +177,7 @@ impl Env {
         let server = Server::bind(cfg).await.expect("edge binds");
         let agent = server.agent_addr();
         let tls = server.tls_addr().expect("tls listener");
+        let api = server.api_url();
         let (stop, rx) = smol::channel::bounded::<()>(1);
         let task = smol::spawn(server.run(async move {
             let _ = rx.recv().await;
@@ -182,6 +188,7 @@ impl Env {
             config,
             agent,
             tls,
+            api,
             stop: Some(stop),
             task: Some(task),
         }

@@ -1,0 +1,665 @@
+//! The admin API end to end, with curl as the client against an edge in
+//! this process: keys and roles, tokens through the API reaching live
+//! sessions (a revoke closes them within 1 s, a narrowing unbinds), the
+//! events every mutation records (exact counts), the lists and their
+//! cursors, the source allow / deny at accept (a denied address never
+//! reaches a handler), size limits, timeouts, the connection cap, HTTPS and
+//! a unix socket.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+
+use std::net::TcpStream as StdTcp;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{url_addr, Agent, Env, Msg};
+use tether_edge::store::{Role, SqliteStore, Store as _};
+use tether_proto::{EndpointKind, ErrorCode};
+
+/// Appends `[api]` (port 0) plus `extra` lines to the test config.
+async fn start(tag: &str, extra: &str) -> Env {
+    let extra = extra.to_owned();
+    Env::start_with(tag, move |t| {
+        format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{extra}\n")
+    })
+    .await
+}
+
+fn key(store: &SqliteStore, role: Role) -> String {
+    store
+        .create_api_key(role, "test", None)
+        .unwrap()
+        .key
+        .expose()
+        .to_owned()
+}
+
+/// What curl got: the status (0: no HTTP answer), the body, curl's exit code.
+#[derive(Debug)]
+struct Got {
+    status: u16,
+    body: String,
+    headers: String,
+    exit: i32,
+}
+
+impl Got {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Runs curl against `url` + `path` with `args` (on the blocking pool: the
+/// edge runs on this thread's executor).
+async fn curl(url: &str, path: &str, key: Option<&str>, args: &[&str]) -> Got {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "10", "-D", "/dev/stderr", "-o", "-"]);
+    c.args(["-w", "\n%{http_code}"]);
+    if let Some(k) = key {
+        c.arg("-H").arg(format!("Authorization: Bearer {k}"));
+    }
+    c.args(args);
+    match url.strip_prefix("unix:") {
+        Some(sock) => {
+            c.arg("--unix-socket").arg(sock);
+            c.arg(format!("http://localhost{path}"));
+        }
+        None => {
+            c.arg(format!("{url}{path}"));
+        }
+    }
+    let out = smol::unblock(move || c.output().expect("curl runs")).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Got {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        headers: String::from_utf8_lossy(&out.stderr).into_owned(),
+        exit: out.status.code().unwrap_or(-1),
+    }
+}
+
+async fn post(url: &str, path: &str, key: &str, json: &str) -> Got {
+    curl(
+        url,
+        path,
+        Some(key),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            json,
+        ],
+    )
+    .await
+}
+
+fn events(store: &SqliteStore, kind: &str) -> usize {
+    store
+        .events(&tether_edge::events::EventQuery {
+            kind: tether_edge::events::EventKind::parse(kind),
+            limit: 10_000,
+            ..Default::default()
+        })
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn tokens_through_the_api_reach_live_sessions_and_a_read_key_cannot_revoke() {
+    smol::block_on(async {
+        let mut env = start("api-tokens", "").await;
+        let api = env.api.clone().expect("api listener");
+        assert!(api.starts_with("http://127.0.0.1:"), "{api}");
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        let read = key(&store, Role::Read);
+
+        // An admin key creates a token scoped to *.site-42; its secret is
+        // in this answer only.
+        let g = post(
+            &api,
+            "/tokens",
+            &admin,
+            r#"{"description":"cam 42","allow":["*.site-42"]}"#,
+        )
+        .await;
+        assert_eq!(g.status, 201, "{g:?}");
+        let v = g.json();
+        let secret = v["secret"].as_str().unwrap().to_owned();
+        let id = v["token"]["id"].as_str().unwrap().to_owned();
+        assert_eq!(v["token"]["allow"], serde_json::json!(["*.site-42"]));
+        assert!(secret.starts_with(&format!("{id}.")), "{secret} is {id}'s");
+
+        // The device authenticates with it and binds what the rule allows.
+        let a = Agent::welcome(&env, &secret).await;
+        a.bind_ok("cam.site-42", EndpointKind::Tcp).await;
+        let ssh = a.bind_ok("ssh.site-42", EndpointKind::Tcp).await;
+
+        // The token is listed and shown, never with its secret.
+        let g = curl(&api, &format!("/tokens/{id}"), Some(&read), &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        assert!(!g.body.contains(&secret[16..]), "no secret in {}", g.body);
+        assert_eq!(g.json()["description"], "cam 42");
+
+        // Narrowing it through the API unbinds ssh within 1 s.
+        let t0 = Instant::now();
+        let g = curl(
+            &api,
+            &format!("/tokens/{id}"),
+            Some(&admin),
+            &[
+                "-X",
+                "PATCH",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                r#"{"allow":["cam.site-42"]}"#,
+            ],
+        )
+        .await;
+        assert_eq!(g.status, 200, "{g:?}");
+        match a.recv().await {
+            Some(Msg::BindErr { endpoint, .. }) => assert_eq!(endpoint, "ssh.site-42"),
+            other => panic!("expected BindErr for ssh.site-42, got {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        common::until(Duration::from_secs(1), "ssh's port closed", || {
+            common::port_closed(url_addr(&ssh))
+        })
+        .await;
+
+        // A read key may not revoke: 403, and the token stays active.
+        let g = post(&api, &format!("/tokens/{id}/revoke"), &read, "").await;
+        assert_eq!(g.status, 403, "{g:?}");
+        assert_eq!(g.json()["error"], "forbidden");
+        assert!(store.get(&id).unwrap().unwrap().revoked_at.is_none());
+        assert!(!a.session.is_closing());
+
+        // An admin key revokes; the live session closes within 1 s.
+        let t0 = Instant::now();
+        let g = post(&api, &format!("/tokens/{id}/revoke"), &admin, "").await;
+        assert_eq!(g.status, 200, "{g:?}");
+        assert!(g.json()["revoked_at"].is_i64());
+        match a.recv().await {
+            Some(Msg::Error { code, .. }) => assert_eq!(code, ErrorCode::TOKEN_REVOKED),
+            other => panic!("expected Error(TOKEN_REVOKED), got {other:?}"),
+        }
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(1), "closed after {took:?}");
+
+        // Every mutation is an event naming the key that made it; the
+        // refused revoke made none.
+        let admin_id = format!("ak_{}", &admin[3..15]);
+        let g = curl(&api, "/events?limit=50", Some(&read), &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        let items = g.json()["items"].as_array().unwrap().clone();
+        let kinds: Vec<&str> = items.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["token_revoked", "token_updated", "token_created"],
+            "{items:?}"
+        );
+        for e in &items {
+            assert_eq!(e["api_key_id"], admin_id.as_str(), "{e}");
+            assert_eq!(e["token_id"], id.as_str(), "{e}");
+        }
+        let g = curl(&api, "/events?kind=token_updated", Some(&read), &[]).await;
+        assert_eq!(g.json()["items"].as_array().unwrap().len(), 1, "{g:?}");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn sessions_endpoints_and_pages_show_the_live_state() {
+    smol::block_on(async {
+        let mut env = start("api-lists", "").await;
+        let api = env.api.clone().unwrap();
+        let read = key(&env.store(), Role::Read);
+        let (token, id) = env.token(&["web"]);
+        let a = Agent::welcome(&env, &token).await;
+        let url = a.bind_ok("web", EndpointKind::Tcp).await;
+
+        // Bytes through the endpoint are counted on its session and endpoint.
+        {
+            use futures_lite::{AsyncReadExt, AsyncWriteExt};
+            let mut c = smol::net::TcpStream::connect(url_addr(&url)).await.unwrap();
+            c.write_all(b"hello").await.unwrap();
+            c.close().await.unwrap();
+            let mut st = common::within(Duration::from_secs(5), a.session.accept())
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            st.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hello");
+            st.write_all(b"hello back").await.unwrap();
+            st.close().await.unwrap();
+            let mut back = Vec::new();
+            c.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"hello back");
+            drop(st);
+        }
+        // The counters are added as the copy loops move each chunk.
+        common::until(Duration::from_secs(2), "bytes counted", || async {
+            let v = curl(&api, "/sessions", Some(&read), &[]).await.json();
+            v["items"][0]["bytes_down"] == 10
+        })
+        .await;
+        let g = curl(&api, "/sessions", Some(&read), &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        let v = g.json();
+        let s = &v["items"][0];
+        assert_eq!(s["token_id"], id.as_str(), "{v}");
+        assert_eq!(s["endpoints"], serde_json::json!(["web"]));
+        assert_eq!(s["bytes_up"], 5, "{s}");
+        assert_eq!(s["bytes_down"], 10, "{s}");
+        assert!(s["remote"].as_str().unwrap().starts_with("127.0.0.1:"));
+        assert_eq!(v["next_cursor"], serde_json::Value::Null);
+
+        let g = curl(&api, "/endpoints", Some(&read), &[]).await;
+        let e = &g.json()["items"][0];
+        assert_eq!(e["name"], "web", "{g:?}");
+        assert_eq!(e["bound"], true);
+        assert_eq!(e["url"], url.as_str());
+        assert_eq!(e["owner_token_id"], id.as_str());
+        assert_eq!(e["bytes_up"], 5);
+        assert_eq!(e["policy"], "none");
+
+        // Five tokens in all: pages of two, three pages, each token once.
+        for _ in 0..4 {
+            env.token(&["x"]);
+        }
+        let mut seen = Vec::new();
+        let mut cursor = String::new();
+        let mut pages = 0;
+        loop {
+            let q = if cursor.is_empty() {
+                "/tokens?limit=2".to_owned()
+            } else {
+                format!("/tokens?limit=2&cursor={cursor}")
+            };
+            let v = curl(&api, &q, Some(&read), &[]).await.json();
+            pages += 1;
+            for t in v["items"].as_array().unwrap() {
+                seen.push(t["id"].as_str().unwrap().to_owned());
+            }
+            match v["next_cursor"].as_str() {
+                Some(c) => cursor = c.to_owned(),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 3);
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(seen.len(), 5);
+        assert_eq!(sorted, seen, "by id, each once");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn requests_that_are_wrong_get_json_errors_that_say_why() {
+    smol::block_on(async {
+        let mut env = start("api-errors", "max_body_bytes = 2048").await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+
+        let g = curl(&api, "/tokens", None, &[]).await;
+        assert_eq!(g.status, 401, "{g:?}");
+        assert!(g
+            .headers
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer"));
+        let g = curl(&api, "/tokens", Some("ak_nothex.x"), &[]).await;
+        assert_eq!(g.status, 401);
+        let forged = format!("{}{}", &admin[..16], "A".repeat(43));
+        assert_eq!(curl(&api, "/tokens", Some(&forged), &[]).await.status, 401);
+
+        let revoked = key(&store, Role::Admin);
+        let rid = tether_edge::store::ApiKeyId::parse(&revoked[..15]).unwrap();
+        store.revoke_api_key(&rid).unwrap();
+        let g = curl(&api, "/tokens", Some(&revoked), &[]).await;
+        assert_eq!(g.status, 401);
+        assert!(g.body.contains("revoked"), "{g:?}");
+
+        let g = post(&api, "/tokens", &admin, r#"{"allow":["Bad_Name"]}"#).await;
+        assert_eq!(g.status, 400, "{g:?}");
+        assert!(
+            g.json()["message"].as_str().unwrap().contains("allow"),
+            "{g:?}"
+        );
+        let g = post(
+            &api,
+            "/tokens",
+            &admin,
+            r#"{"allow":["web"],"sources":["10.0.0.1/8"]}"#,
+        )
+        .await;
+        assert_eq!(g.status, 400, "{g:?}");
+        assert!(g.body.contains("sources"), "{g:?}");
+        let g = post(&api, "/tokens", &admin, r#"{"allow":[]}"#).await;
+        assert_eq!(g.status, 400, "{g:?}");
+        let g = post(
+            &api,
+            "/tokens",
+            &admin,
+            r#"{"allow":["web"],"colour":"red"}"#,
+        )
+        .await;
+        assert_eq!(g.status, 400, "{g:?}");
+        assert!(g.body.contains("colour"), "{g:?}");
+        let g = post(&api, "/tokens", &admin, "{not json").await;
+        assert_eq!(g.status, 400, "{g:?}");
+        let g = curl(
+            &api,
+            "/tokens",
+            Some(&admin),
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: text/plain",
+                "--data-binary",
+                "x",
+            ],
+        )
+        .await;
+        assert_eq!(g.status, 415, "{g:?}");
+
+        // A body over max_body_bytes: refused by its length, and when sent
+        // chunked (no length), refused once the limit is passed.
+        let big = format!(
+            r#"{{"allow":["web"],"description":"{}"}}"#,
+            "d".repeat(4096)
+        );
+        let g = post(&api, "/tokens", &admin, &big).await;
+        assert_eq!(g.status, 413, "{g:?}");
+        let g = curl(
+            &api,
+            "/tokens",
+            Some(&admin),
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "--data-binary",
+                &big,
+            ],
+        )
+        .await;
+        assert_eq!(g.status, 413, "{g:?}");
+
+        let g = curl(&api, "/nothing", Some(&admin), &[]).await;
+        assert_eq!(g.status, 404, "{g:?}");
+        let g = curl(&api, "/tokens", Some(&admin), &["-X", "DELETE"]).await;
+        assert_eq!(g.status, 405, "{g:?}");
+        assert!(
+            g.headers.to_ascii_lowercase().contains("allow: get, post"),
+            "{g:?}"
+        );
+        let g = curl(&api, "/tokens?limti=3", Some(&admin), &[]).await;
+        assert_eq!(g.status, 400, "{g:?}");
+        assert!(g.body.contains("limti"), "{g:?}");
+        let g = curl(&api, "/tokens?limit=0", Some(&admin), &[]).await;
+        assert_eq!(g.status, 400, "{g:?}");
+        let g = curl(&api, "/tokens/tk_000000000000", Some(&admin), &[]).await;
+        assert_eq!(g.status, 404, "{g:?}");
+        let g = curl(&api, "/events?kind=nope", Some(&admin), &[]).await;
+        assert_eq!(g.status, 400, "{g:?}");
+
+        // A revoked token does not change: 409.
+        let (_, id) = env.token(&["web"]);
+        store.revoke(&id).unwrap();
+        let g = curl(
+            &api,
+            &format!("/tokens/{id}"),
+            Some(&admin),
+            &[
+                "-X",
+                "PATCH",
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                r#"{"description":"x"}"#,
+            ],
+        )
+        .await;
+        assert_eq!(g.status, 409, "{g:?}");
+
+        // No failed request created anything.
+        assert_eq!(store.list().unwrap().len(), 1);
+        assert_eq!(events(&store, "token_created"), 0);
+        let g = curl(&api, "/healthz", None, &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        assert_eq!(g.json()["status"], "ok");
+        let g = curl(&api, "/openapi.json", None, &[]).await;
+        assert_eq!(g.json()["openapi"], "3.0.3");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn a_denied_source_never_reaches_a_handler() {
+    smol::block_on(async {
+        let mut env = start("api-deny", "allow = [\"192.0.2.0/24\"]").await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        let g = post(&api, "/tokens", &admin, r#"{"allow":["web"]}"#).await;
+        assert_eq!(g.status, 0, "no HTTP answer at all: {g:?}");
+        assert_ne!(g.exit, 0, "{g:?}");
+        // Not even the key check ran: the key was never used.
+        let k = store.list_api_keys().unwrap();
+        assert_eq!(k[0].last_used_at, None, "{k:?}");
+        assert!(store.list().unwrap().is_empty());
+        let g = curl(&api, "/healthz", None, &[]).await;
+        assert_eq!(g.status, 0, "{g:?}");
+        env.finish().await.expect("clean stop");
+    });
+
+    // deny wins over allow, the same way.
+    smol::block_on(async {
+        let mut env = start("api-deny2", "deny = [\"127.0.0.0/8\"]").await;
+        let api = env.api.clone().unwrap();
+        assert_eq!(curl(&api, "/healthz", None, &[]).await.status, 0);
+        env.finish().await.expect("clean stop");
+    });
+}
+
+/// Opens a connection that sends half a request line and holds it.
+fn half_request(addr: std::net::SocketAddr) -> StdTcp {
+    let mut c = StdTcp::connect(addr).unwrap();
+    c.write_all(b"GET /healthz HT").unwrap();
+    c
+}
+
+#[test]
+fn slow_clients_time_out_and_connections_are_capped() {
+    smol::block_on(async {
+        let mut env = start("api-slow", "max_connections = 2\nheader_timeout_ms = 600").await;
+        let api = env.api.clone().unwrap();
+        let addr: std::net::SocketAddr = api.strip_prefix("http://").unwrap().parse().unwrap();
+
+        // A client that never finishes its headers is closed after the
+        // header timeout.
+        let t0 = Instant::now();
+        let took = smol::unblock(move || {
+            let mut c = half_request(addr);
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut b = Vec::new();
+            let _ = c.read_to_end(&mut b);
+            t0.elapsed()
+        })
+        .await;
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "closed after {took:?}"
+        );
+
+        // Two held connections fill the cap: a third is not served until
+        // one of them ends (here: by its header timeout).
+        let (h1, h2) = smol::unblock(move || (half_request(addr), half_request(addr))).await;
+        smol::Timer::after(Duration::from_millis(100)).await;
+        let t0 = Instant::now();
+        let g = curl(&api, "/healthz", None, &[]).await;
+        let waited = t0.elapsed();
+        assert_eq!(g.status, 200, "{g:?}");
+        assert!(
+            waited >= Duration::from_millis(300),
+            "served after {waited:?}, beside two held connections"
+        );
+        drop((h1, h2));
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn https_and_a_unix_socket() {
+    smol::block_on(async {
+        let sock_dir = common::TempDir::new("api-sock");
+        let sock = sock_dir.path().join("api.sock");
+        let mut env = Env::start_with("api-unix", |t| {
+            format!("{t}\n[api]\nlisten = \"unix:{}\"\n", sock.display())
+        })
+        .await;
+        let api = env.api.clone().unwrap();
+        assert_eq!(api, format!("unix:{}", sock.display()));
+        let admin = key(&env.store(), Role::Admin);
+        let g = curl(&api, "/tokens", Some(&admin), &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660, "{mode:o}");
+        env.finish().await.expect("clean stop");
+        assert!(!sock.exists(), "the socket is removed at shutdown");
+    });
+
+    smol::block_on(async {
+        let mut env = Env::start_with("api-https", |t| {
+            let cert = t
+                .lines()
+                .find(|l| l.starts_with("cert = ") && l.contains("agent.crt"))
+                .unwrap()
+                .to_owned();
+            let key = cert
+                .replace("cert = ", "key = ")
+                .replace("agent.crt", "agent.key");
+            format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{cert}\n{key}\n")
+        })
+        .await;
+        let api = env.api.clone().unwrap();
+        let port = api.rsplit(':').next().unwrap().to_owned();
+        assert!(api.starts_with("https://"), "{api}");
+        let admin = key(&env.store(), Role::Admin);
+        let ca = env.pki.ca_file.display().to_string();
+        let local = format!("https://localhost:{port}");
+        let g = curl(&local, "/tokens", Some(&admin), &["--cacert", &ca]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        // Plain HTTP on the HTTPS port gets no API answer.
+        let plain = format!("http://127.0.0.1:{port}");
+        assert_ne!(curl(&plain, "/healthz", None, &[]).await.status, 200);
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn the_api_off_loopback_needs_https() {
+    let dir = common::TempDir::new("api-config");
+    let pki = common::Pki::generate(dir.path());
+    let base = common::edge_toml(dir.path(), &pki, "");
+    let path = dir.path().join("edge.toml");
+    let e = tether_edge::Config::parse(
+        &path,
+        &format!("{base}\n[api]\nlisten = \"0.0.0.0:7070\"\n"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "api.listen", "{e}");
+    assert!(e.reason.contains("HTTPS"), "{e}");
+    let e = tether_edge::Config::parse(
+        &path,
+        &format!(
+            "{base}\n[api]\nlisten = \"0.0.0.0:7070\"\ncert = \"{}\"\n",
+            pki.agent_cert.display()
+        ),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "api.key", "{e}");
+    let e = tether_edge::Config::parse(
+        &path,
+        &format!("{base}\n[api]\nlisten = \"unix:api.sock\"\n"),
+    )
+    .unwrap_err();
+    assert!(e.reason.contains("absolute"), "{e}");
+    let ok = tether_edge::Config::parse(
+        &path,
+        &format!(
+            "{base}\n[api]\nlisten = \"0.0.0.0:7070\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            pki.agent_cert.display(),
+            pki.agent_key.display()
+        ),
+    );
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn the_first_key_is_made_offline_and_shown_once() {
+    let dir = common::TempDir::new("api-cli");
+    let pki = common::Pki::generate(dir.path());
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, common::edge_toml(dir.path(), &pki, "")).unwrap();
+    let bin = env!("CARGO_BIN_EXE_tether-edge");
+    let run = |args: &[&str]| {
+        Command::new(bin)
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "apikey",
+        "create",
+        "--role",
+        "admin",
+        "--description",
+        "ops",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert!(
+        secret.starts_with("ak_") && secret.len() == 3 + 12 + 1 + 43,
+        "{secret}"
+    );
+    let out = run(&["apikey", "list"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains(&secret[..15]) && table.contains("admin"),
+        "{table}"
+    );
+    assert!(!table.contains(&secret[16..]), "no secret in the list");
+    let out = run(&["apikey", "create"]);
+    assert_eq!(out.status.code(), Some(64), "--role is required: {out:?}");
+    let out = run(&["apikey", "create", "--role", "root"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let out = run(&["apikey", "revoke", &secret[..15]]);
+    assert!(out.status.success(), "{out:?}");
+    let store = SqliteStore::open(&dir.path().join("state")).unwrap();
+    assert!(matches!(
+        store.verify_api_key(&secret),
+        Err(tether_edge::store::AuthError::Revoked(_))
+    ));
+    assert_eq!(events(&store, "apikey_created"), 1);
+    assert_eq!(events(&store, "apikey_revoked"), 1);
+}
