@@ -9,7 +9,11 @@
 //! only modules listed after it):
 //!
 //! - `server` ([`Server`] / [`run`]): binds the listeners, accepts, watches
-//!   the store (revocations, endpoint owners), shuts down gracefully.
+//!   the store (revocations, scopes, endpoint owners), prunes events, shuts
+//!   down gracefully.
+//! - `api`: the admin API (its listener, limits, routes and JSON; the
+//!   document is `openapi.json` beside `src/`), on hyper 1 and the edge's
+//!   executor; it changes the store, the watcher applies the changes.
 //! - `agent`: one agent connection, from admission to unbinding at its end.
 //! - `handshake`: TLS, the first frame, `Hello` and the token check, before
 //!   any session memory exists.
@@ -28,12 +32,13 @@
 //!   pure (no I/O, no clock): parsing, `restrict-ips`, and the conjunction of
 //!   the edge's, the endpoint's and the agent's layers; [`scope`]: the
 //!   other half of the policy model, pure too: a token's bind rules
-//!   (`name`, `*.suffix`, `*`) and source CIDRs; [`listing`]: what the CLI
-//!   prints.
+//!   (`name`, `*.suffix`, `*`) and source CIDRs; [`events`]: the event
+//!   type and its kinds, pure; [`listing`]: what the CLI prints.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver. Not here yet:
-//! rotation, the admin API and events (DESIGN.md), which later issues add.
+//! rotation, Prometheus metrics and the events of sessions and binds
+//! (DESIGN.md), which later work adds.
 
 mod admission;
 mod agent;

@@ -3,9 +3,10 @@
 //! into the store on the blocking pool ([`State::store_call`]), and closing
 //! a tunnel with a reason ([`close_tunnel`]).
 //!
-//! The modules form one chain: `server` -> `agent` -> `handshake` / `bind`
-//! -> `public` -> `state` -> `registry` / `admission` / `metrics` / `store`,
-//! with `config`, `tls`, `policy` and `scope` (both pure) below them all.
+//! The modules form one chain: `server` -> `api` / `agent` -> `handshake` /
+//! `bind` -> `public` -> `state` -> `registry` / `admission` / `metrics` /
+//! `store`, with `config`, `tls`, `policy`, `scope` and `events` (the last
+//! three pure) below them all.
 //! Nothing below imports anything above it.
 
 use std::collections::HashMap;
