@@ -20,6 +20,7 @@ use tether_proto::{Control, ErrorCode};
 use crate::admission::Pending;
 use crate::bind::{bind, Bound};
 use crate::config::ms;
+use crate::events::{EventKind, NewEvent};
 use crate::handshake::{authenticate, Authenticated, RETRY_BUSY_MS, RETRY_CREDENTIAL_MS};
 use crate::lines::emit;
 use crate::metrics::{Gauge, Refusal};
@@ -74,8 +75,10 @@ pub(crate) async fn serve_agent(
         traffic: Default::default(),
     });
     let driver = crate::state::spawn(driver);
+    let mut welcomed_live = false;
     if state.add_tunnel(&tunnel) {
         let welcomed = welcome(&state, &tunnel, &auth, generation).await;
+        welcomed_live = welcomed;
         drop(pending);
         drop(held);
         if welcomed {
@@ -88,6 +91,14 @@ pub(crate) async fn serve_agent(
     }
 
     let closed = driver.await;
+    if welcomed_live {
+        state.event(
+            NewEvent::new(EventKind::AgentDisconnected)
+                .token(&tunnel.token)
+                .session(tunnel.no, tunnel.peer)
+                .detail(closed.to_string()),
+        );
+    }
     if closed.lingered() {
         state.counters.refuse(Refusal::Lingered);
     }
@@ -191,6 +202,12 @@ async fn welcome(
     if sent.is_err() {
         return false;
     }
+    state.event(
+        NewEvent::new(EventKind::AgentConnected)
+            .token(&tunnel.token)
+            .session(tunnel.no, tunnel.peer)
+            .detail(format!("{} {}", tunnel.agent, tunnel.arch)),
+    );
     log::info!(
         "session {} up: token={} agent={:?} arch={:?} version={} peer={}",
         tunnel.no,
@@ -226,6 +243,13 @@ async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
                             for_log(upstream)
                         );
                         emit(format!("BOUND {endpoint} {url}"));
+                        state.event(
+                            NewEvent::new(EventKind::BindAccepted)
+                                .token(&tunnel.token)
+                                .session(tunnel.no, tunnel.peer)
+                                .endpoint(endpoint)
+                                .detail(url.clone()),
+                        );
                         tunnel
                             .session
                             .send_control(&Control::BindOk { endpoint, url })
@@ -240,6 +264,13 @@ async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
                     }
                     Err(r) => {
                         state.counters.refuse(Refusal::Bind);
+                        state.event(
+                            NewEvent::new(EventKind::BindRefused)
+                                .token(&tunnel.token)
+                                .session(tunnel.no, tunnel.peer)
+                                .endpoint(for_log(endpoint))
+                                .detail(format!("{}: {}: {}", r.code, r.rule, r.message)),
+                        );
                         log::debug!(
                             "session {}: bind {:?} refused: {} ({}): {}",
                             tunnel.no,

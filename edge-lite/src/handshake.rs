@@ -26,9 +26,10 @@ pub(crate) type AgentTls = TlsStream<ReadAhead<TcpStream>>;
 use tether_proto::{Control, ErrorCode, FrameHeader, FrameKind, HEADER_LEN, MAX_CONTROL};
 
 use crate::config::ms;
+use crate::events::{EventKind, NewEvent};
 use crate::metrics::Refusal;
 use crate::state::{for_log, timeout, State};
-use crate::store::{token_id_of, AuthError, VerifiedToken};
+use crate::store::{token_id_of, AuthError, TokenId, VerifiedToken};
 
 /// `retry_after_ms` for refused credentials (the agent must "back off long").
 pub(crate) const RETRY_CREDENTIAL_MS: u32 = 300_000;
@@ -231,6 +232,7 @@ async fn check_hello(
     // The token's form costs nothing to check; the store is asked only
     // about tokens that could exist.
     if token_id_of(token.0).is_none() {
+        auth_failed(state, peer, None, "malformed");
         return Err(refused(
             Refusal::MalformedToken,
             ErrorCode::AUTH_FAILED,
@@ -245,28 +247,31 @@ async fn check_hello(
     let token = match verified {
         Ok(v) => v,
         Err(AuthError::Malformed) => {
+            auth_failed(state, peer, None, "malformed");
             return Err(refused(
                 Refusal::MalformedToken,
                 ErrorCode::AUTH_FAILED,
                 RETRY_CREDENTIAL_MS,
                 "malformed token",
-            ))
+            ));
         }
-        Err(AuthError::Unknown(_)) => {
+        Err(AuthError::Unknown(id)) => {
+            auth_failed(state, peer, Some(&id), "unknown token or wrong secret");
             return Err(refused(
                 Refusal::UnknownToken,
                 ErrorCode::AUTH_FAILED,
                 RETRY_CREDENTIAL_MS,
                 "unknown token",
-            ))
+            ));
         }
-        Err(AuthError::Revoked(_)) => {
+        Err(AuthError::Revoked(id)) => {
+            auth_failed(state, peer, Some(&id), "revoked");
             return Err(refused(
                 Refusal::RevokedToken,
                 ErrorCode::TOKEN_REVOKED,
                 RETRY_CREDENTIAL_MS,
                 "token revoked",
-            ))
+            ));
         }
         Err(AuthError::Store(e)) => {
             log::error!("token check failed: {e}");
@@ -285,6 +290,12 @@ async fn check_hello(
             peer.ip(),
             token.scope().sources_text()
         );
+        auth_failed(
+            state,
+            peer,
+            Some(token.id()),
+            format!("source not allowed ({})", token.scope().sources_text()),
+        );
         return Err(refused(
             Refusal::TokenSource,
             ErrorCode::AUTH_FAILED,
@@ -298,6 +309,15 @@ async fn check_hello(
         agent: for_log(agent).to_owned(),
         arch: for_log(arch).to_owned(),
     })
+}
+
+/// Records a refused credential: the token (when the credential had the
+/// form of one) and the source; never the secret.
+fn auth_failed(state: &State, peer: SocketAddr, token: Option<&TokenId>, why: impl Into<String>) {
+    let mut e = NewEvent::new(EventKind::AuthFailed).detail(why);
+    e.token = token.cloned();
+    e.remote = Some(peer.to_string());
+    state.event(e);
 }
 
 /// Writes `CONTROL(error)` (if any) and `GOAWAY(code)` as raw frames, within

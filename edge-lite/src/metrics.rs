@@ -381,7 +381,15 @@ pub fn summary(before: &Snapshot, now: &Snapshot, every: Duration) -> Option<Str
 
 /// Logs [`Counters::summary_since_last`] every `every`, forever (the server
 /// cancels it, and logs the last one itself).
-pub async fn summarise(counters: Arc<Counters>, denials: Arc<Denials>, every: Duration) {
+///
+/// `on_denials` gets each policy-denial line too (the server records it as
+/// one `policy_denied` event: a summary, not an event per connection).
+pub async fn summarise(
+    counters: Arc<Counters>,
+    denials: Arc<Denials>,
+    every: Duration,
+    on_denials: impl Fn(&str),
+) {
     let _ = counters.summary_since_last();
     let _ = denials.summary_since_last();
     loop {
@@ -391,6 +399,7 @@ pub async fn summarise(counters: Arc<Counters>, denials: Arc<Denials>, every: Du
         }
         if let Some(line) = denials.summary_since_last() {
             log::warn!("{line}");
+            on_denials(&line);
         }
     }
 }

@@ -273,14 +273,26 @@ impl Server {
         } = self;
         let api = api.map(|l| crate::state::spawn(crate::api::serve(state.clone(), l)));
         let pruner = crate::state::spawn(prune_events(state.clone()));
+        let writer = state
+            .take_events()
+            .map(|rx| crate::state::spawn(write_events(state.clone(), rx)));
         let agents = crate::state::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
         let watcher = crate::state::spawn(watch_store(state.clone(), rev));
-        let summary = crate::state::spawn(crate::metrics::summarise(
-            state.counters.clone(),
-            state.denials.clone(),
-            SUMMARY_EVERY,
-        ));
+        let summary = {
+            let st = state.clone();
+            crate::state::spawn(crate::metrics::summarise(
+                state.counters.clone(),
+                state.denials.clone(),
+                SUMMARY_EVERY,
+                move |line| {
+                    st.event(
+                        crate::events::NewEvent::new(crate::events::EventKind::PolicyDenied)
+                            .detail(line),
+                    )
+                },
+            ))
+        };
         // systemd (Type=notify): the listeners are bound and accepting.
         let notifier = tether_notify::Notifier::from_env().unwrap_or_else(|e| {
             log::warn!("NOTIFY_SOCKET: {e}; systemd will not hear from tether-edge");
@@ -344,9 +356,45 @@ impl Server {
                 Timer::after(Duration::from_millis(10)).await;
             }
         }
+        if let Some(w) = writer {
+            // What is queued (the sessions' last events included) is written
+            // within a second; then the writer stops.
+            let _ = crate::state::timeout(Duration::from_secs(1), async {
+                while !state.events_queue_empty() {
+                    Timer::after(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            w.cancel().await;
+        }
         log::info!("stopped");
         crate::lines::flush(Duration::from_secs(1));
         Ok(())
+    }
+}
+
+/// The most events written in one store call.
+const EVENT_BATCH: usize = 256;
+
+/// Writes queued events to the store, in batches of at most
+/// [`EVENT_BATCH`], until cancelled.
+async fn write_events(state: Arc<State>, rx: smol::channel::Receiver<crate::events::NewEvent>) {
+    while let Ok(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < EVENT_BATCH {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let written = state
+            .store_call(move |s| batch.iter().try_for_each(|e| s.record(e).map(|_| ())))
+            .await;
+        if let Err(e) = written {
+            log::warn!("events: cannot record {n} event(s): {e}");
+        }
+        state.events_written(n);
     }
 }
 

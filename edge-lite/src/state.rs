@@ -19,11 +19,17 @@ use tether_proto::{Control, ErrorCode};
 
 use crate::admission::Admission;
 use crate::config::Config;
+use crate::events::NewEvent;
 use crate::metrics::{Counters, Denials};
 use crate::policy::RestrictIps;
 use crate::registry::{Registry, Tunnel};
 use crate::store::Store;
 use crate::tls::Identity;
+
+/// Events waiting for the store; past it a new one is dropped and counted
+/// (a flood of refused handshakes must not queue without bound or make
+/// the handshake wait for SQLite).
+pub(crate) const EVENT_QUEUE: usize = 4096;
 
 /// How long an `Error` may wait for room in the control queue before the
 /// session is closed without it.
@@ -101,6 +107,12 @@ pub(crate) struct State {
     pub(crate) public_open: Arc<AtomicUsize>,
     next_session: AtomicU64,
     shutting_down: AtomicBool,
+    events: smol::channel::Sender<NewEvent>,
+    events_rx: Mutex<Option<smol::channel::Receiver<NewEvent>>>,
+    /// Events dropped because the queue was full.
+    pub(crate) events_dropped: AtomicU64,
+    /// Events queued and not yet written.
+    events_pending: AtomicUsize,
 }
 
 impl State {
@@ -117,6 +129,7 @@ impl State {
             cfg.limits.public_pending_per_source,
             cfg.limits.public_pending_total,
         );
+        let (events, events_rx) = smol::channel::bounded(EVENT_QUEUE);
         let (public_tls, public_identity) = match public_tls {
             Some((c, i)) => (Some(c), Some(i)),
             None => (None, None),
@@ -138,6 +151,10 @@ impl State {
             public_open: Arc::new(AtomicUsize::new(0)),
             next_session: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            events,
+            events_rx: Mutex::new(Some(events_rx)),
+            events_dropped: AtomicU64::new(0),
+            events_pending: AtomicUsize::new(0),
         }
     }
 
@@ -160,6 +177,34 @@ impl State {
     {
         let store = self.store.clone();
         smol::unblock(move || f(&**store.lock().unwrap_or_else(|e| e.into_inner()))).await
+    }
+
+    /// Queues an event for the store; never waits (a full queue drops it
+    /// and counts it in `events_dropped`).
+    pub(crate) fn event(&self, e: NewEvent) {
+        self.events_pending.fetch_add(1, Ordering::SeqCst);
+        if self.events.try_send(e).is_err() {
+            self.events_pending.fetch_sub(1, Ordering::SeqCst);
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The writer stored (or failed to store) `n` queued events.
+    pub(crate) fn events_written(&self, n: usize) {
+        self.events_pending.fetch_sub(n, Ordering::SeqCst);
+    }
+
+    /// Whether every queued event has been written.
+    pub(crate) fn events_queue_empty(&self) -> bool {
+        self.events_pending.load(Ordering::SeqCst) == 0
+    }
+
+    /// The receiving end of the event queue, for the one writer task.
+    pub(crate) fn take_events(&self) -> Option<smol::channel::Receiver<NewEvent>> {
+        self.events_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// A new session number.

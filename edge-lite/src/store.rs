@@ -804,6 +804,17 @@ impl SqliteStore {
         Ok(b)
     }
 
+    /// A write transaction taken at its start (`BEGIN IMMEDIATE`): a
+    /// deferred one that reads first and writes later fails at once with
+    /// `SQLITE_BUSY` when another connection (the running edge, writing its
+    /// events) committed in between; this one waits its turn instead.
+    fn write_tx(&self) -> Result<Transaction<'_>, StoreError> {
+        Ok(Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?)
+    }
+
     /// The next revision, inside the caller's write.
     const NEXT_REV: &'static str = "(SELECT COALESCE(MAX(rev), 0) + 1 FROM tokens)";
 }
@@ -845,7 +856,7 @@ impl Store for SqliteStore {
     }
 
     fn create_many(&self, specs: &[(String, Scope)]) -> Result<Vec<NewToken>, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let mut out = Vec::with_capacity(specs.len());
         for (description, scope) in specs {
             out.push(self.create(description, scope)?);
@@ -879,7 +890,7 @@ impl Store for SqliteStore {
     }
 
     fn update(&self, id: &str, change: &TokenUpdate) -> Result<Updated, StoreError> {
-        let tx = self.conn.unchecked_transaction()?;
+        let tx = self.write_tx()?;
         let Some(old) = self.get(id)? else {
             return Ok(Updated::Unknown);
         };
