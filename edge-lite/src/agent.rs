@@ -38,6 +38,7 @@ pub(crate) async fn serve_agent(
     peer: SocketAddr,
     pending: Pending,
 ) {
+    let accepted = std::time::Instant::now();
     let _ = tcp.set_nodelay(true);
     if let Err(e) = tether_driver::tune_tunnel_socket(&tcp, ms(state.cfg.session.dead_after_ms)) {
         log::debug!("agent socket options: peer={peer}: {e}");
@@ -79,6 +80,12 @@ pub(crate) async fn serve_agent(
     if state.add_tunnel(&tunnel) {
         let welcomed = welcome(&state, &tunnel, &auth, generation).await;
         welcomed_live = welcomed;
+        if welcomed {
+            state
+                .latencies
+                .handshake
+                .observe(accepted.elapsed().as_secs_f64());
+        }
         drop(pending);
         drop(held);
         if welcomed {

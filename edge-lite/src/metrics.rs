@@ -9,7 +9,9 @@
 //! [`Denials`], summarised the same way.
 //!
 //! Plain atomics (and one small map for the denials): no I/O except the
-//! summary's log line.
+//! summary's log line. [`render`] turns a [`Exposition`] (what the admin
+//! API gathers from them and from the registry) into the Prometheus /
+//! OpenMetrics text of `GET /metrics`, through prometheus-client.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -262,6 +264,8 @@ pub enum Gauge {
 pub struct Counters {
     refused: [AtomicU64; Refusal::ALL.len()],
     gauges: [AtomicU64; 3],
+    /// Streams opened to devices since start.
+    streams: AtomicU64,
     /// What the last summary line covered, and when.
     summarised: Mutex<Option<(Snapshot, Instant)>>,
 }
@@ -283,6 +287,16 @@ impl Counters {
     /// Counts one refusal.
     pub fn refuse(&self, why: Refusal) {
         self.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one stream opened to a device.
+    pub fn stream_opened(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Streams opened since start.
+    pub fn streams(&self) -> u64 {
+        self.streams.load(Ordering::Relaxed)
     }
 
     /// Refusals of `why` since start.
@@ -515,4 +529,174 @@ impl Meter {
         self.session.down.fetch_add(n, Ordering::Relaxed);
         self.endpoint.down.fetch_add(n, Ordering::Relaxed);
     }
+}
+
+/// Latency histograms, recorded as things happen (prometheus-client's
+/// histograms are shared handles: the scrape registers clones).
+#[derive(Clone, Debug)]
+pub struct Latencies {
+    /// Agent port: TCP accept to `Welcome` sent, in seconds.
+    pub handshake: prometheus_client::metrics::histogram::Histogram,
+    /// A revocation's commit to `GOAWAY` queued on the token's last live
+    /// session (the store poll included), in seconds.
+    pub revocation: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Latencies {
+    fn default() -> Latencies {
+        use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+        Latencies {
+            // 1 ms .. ~16 s.
+            handshake: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 10 ms .. ~20 s.
+            revocation: Histogram::new(exponential_buckets(0.01, 2.0, 12)),
+        }
+    }
+}
+
+/// One bound endpoint as `GET /metrics` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointTraffic {
+    /// Its name.
+    pub name: String,
+    /// Bytes towards the device, and back, while bound to its session.
+    pub up: u64,
+    /// See `up`.
+    pub down: u64,
+}
+
+/// Everything `GET /metrics` shows, gathered at the scrape.
+#[derive(Debug)]
+pub struct Exposition<'a> {
+    /// The counters.
+    pub counters: &'a Counters,
+    /// Policy denials by endpoint and reason.
+    pub denials: &'a Denials,
+    /// The histograms.
+    pub latencies: &'a Latencies,
+    /// Live sessions (in the registry).
+    pub sessions: u64,
+    /// Bound endpoints with their traffic.
+    pub endpoints: Vec<EndpointTraffic>,
+    /// Streams open now, over every session.
+    pub open_streams: u64,
+    /// Events dropped because their queue was full.
+    pub events_dropped: u64,
+}
+
+/// The refusals that are failed authentications, with their reason label.
+const AUTH_FAILURES: [(Refusal, &str); 4] = [
+    (Refusal::MalformedToken, "malformed"),
+    (Refusal::UnknownToken, "unknown"),
+    (Refusal::RevokedToken, "revoked"),
+    (Refusal::TokenSource, "source"),
+];
+
+/// The OpenMetrics text (which Prometheus scrapes) of `x`; every metric is
+/// prefixed `tether_`.
+pub fn render(x: &Exposition<'_>) -> String {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge as PGauge;
+    type Labels = Vec<(&'static str, String)>;
+    let mut r = prometheus_client::registry::Registry::with_prefix("tether");
+    let gauge = |v: u64| {
+        let g: PGauge = PGauge::default();
+        g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        g
+    };
+    let counter = |v: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(v);
+        c
+    };
+    r.register("sessions", "Live agent sessions", gauge(x.sessions));
+    r.register(
+        "endpoints",
+        "Bound endpoints",
+        gauge(x.endpoints.len() as u64),
+    );
+    r.register(
+        "streams_open",
+        "Streams open to devices now",
+        gauge(x.open_streams),
+    );
+    r.register(
+        "streams",
+        "Streams opened to devices since start",
+        counter(x.counters.streams()),
+    );
+    r.register(
+        "pending_handshakes",
+        "Agent connections between accept and the answer to Hello",
+        gauge(x.counters.gauge(Gauge::PendingHandshakes)),
+    );
+    r.register(
+        "public_connections",
+        "Public connections being served",
+        gauge(x.counters.gauge(Gauge::PublicConnections)),
+    );
+    let bytes = Family::<Labels, Counter>::default();
+    for e in &x.endpoints {
+        for (dir, v) in [("up", e.up), ("down", e.down)] {
+            bytes
+                .get_or_create(&vec![
+                    ("endpoint", e.name.clone()),
+                    ("direction", dir.into()),
+                ])
+                .inc_by(v);
+        }
+    }
+    r.register(
+        "endpoint_bytes",
+        "Bytes carried per bound endpoint (up: towards the device) since its bind",
+        bytes,
+    );
+    let auth = Family::<Labels, Counter>::default();
+    for (why, label) in AUTH_FAILURES {
+        auth.get_or_create(&vec![("reason", label.to_owned())])
+            .inc_by(x.counters.refused(why));
+    }
+    r.register("auth_failures", "Refused agent credentials by reason", auth);
+    let refused = Family::<Labels, Counter>::default();
+    for why in Refusal::ALL {
+        refused
+            .get_or_create(&vec![("reason", why.name().to_owned())])
+            .inc_by(x.counters.refused(why));
+    }
+    r.register(
+        "refusals",
+        "Everything the edge refused or dropped, by reason",
+        refused,
+    );
+    let denied = Family::<Labels, Counter>::default();
+    for (endpoint, why, n) in x.denials.snapshot() {
+        denied
+            .get_or_create(&vec![("endpoint", endpoint), ("reason", why.to_owned())])
+            .inc_by(n);
+    }
+    r.register(
+        "policy_denials",
+        "Public connections denied by traffic policy, by endpoint and reason",
+        denied,
+    );
+    r.register(
+        "events_dropped",
+        "Events dropped because their queue to the store was full",
+        counter(x.events_dropped),
+    );
+    r.register(
+        "handshake_seconds",
+        "Agent port: TCP accept to Welcome",
+        x.latencies.handshake.clone(),
+    );
+    r.register(
+        "revocation_seconds",
+        "A revocation's commit to GOAWAY on the token's last live session",
+        x.latencies.revocation.clone(),
+    );
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out
 }

@@ -36,7 +36,7 @@ use tether_proto::EndpointKind;
 
 use crate::admission::Pending;
 use crate::config::ms;
-use crate::metrics::{Denial, Gauge, Held, Meter, Refusal, NO_ENDPOINT};
+use crate::metrics::{Counters, Denial, Gauge, Held, Meter, Refusal, NO_ENDPOINT};
 use crate::policy::{check_ips, IpVerdict};
 use crate::registry::{NoRoute, Port, Route, Waiting};
 use crate::state::{timeout, State};
@@ -159,7 +159,9 @@ pub(crate) async fn accept_tcp(state: Weak<State>, endpoint: String, listener: T
         drop(state);
         crate::state::spawn(async move {
             let _slot = slot;
-            if let Err(why) = carry(conn, r.session, r.waiting, r.meter, meta, idle).await {
+            if let Err(why) =
+                carry(conn, r.session, r.waiting, r.meter, &counters, meta, idle).await
+            {
                 counters.refuse(why);
             }
         })
@@ -300,7 +302,16 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
     };
     let ended = if r.kind == EndpointKind::TlsPassthrough {
         drop(pending);
-        carry(conn, r.session, r.waiting, r.meter, meta, idle).await
+        carry(
+            conn,
+            r.session,
+            r.waiting,
+            r.meter,
+            &state.counters,
+            meta,
+            idle,
+        )
+        .await
     } else {
         let server = r.server.clone().unwrap_or_else(|| shared.clone());
         let left = deadline.saturating_duration_since(Instant::now());
@@ -341,7 +352,16 @@ async fn serve_tls_client(state: &State, mut conn: TcpStream, peer: SocketAddr, 
             .and_then(|c| c.first())
             .and_then(tls::identity)
             .map(|id| fit(id, &meta));
-        carry(tls, r.session, r.waiting, r.meter, meta, idle).await
+        carry(
+            tls,
+            r.session,
+            r.waiting,
+            r.meter,
+            &state.counters,
+            meta,
+            idle,
+        )
+        .await
     };
     if let Err(why) = ended {
         state.counters.refuse(why);
@@ -458,6 +478,7 @@ pub(crate) async fn carry<P>(
     session: Session,
     waiting: Waiting,
     meter: Meter,
+    counters: &Counters,
     meta: Meta,
     idle: Duration,
 ) -> Result<(), Refusal>
@@ -477,6 +498,7 @@ where
         None => return Err(Refusal::NoStream),
     };
     drop(waiting);
+    counters.stream_opened();
     let id = stream.id();
     let (pr, pw) = split(public);
     let activity = Activity::new();

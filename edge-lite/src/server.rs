@@ -478,8 +478,28 @@ async fn watch_store(state: Arc<State>, mut rev: i64) {
                     state.registry().set_owners(owners);
                 }
                 if !changes.is_empty() {
+                    let changed: HashMap<TokenId, i64> = changes
+                        .iter()
+                        .filter(|c| c.revoked)
+                        .map(|c| (c.id.clone(), c.changed_ms))
+                        .collect();
                     let applied = state.registry().apply_changes(changes);
+                    // A revocation's latency: its commit to the GOAWAY of
+                    // the token's last live session (queued just below).
+                    let closed: std::collections::HashSet<TokenId> = applied
+                        .closed
+                        .iter()
+                        .filter(|(_, revoked)| *revoked)
+                        .map(|(t, _)| t.token.clone())
+                        .collect();
                     act_on(&state, applied);
+                    let now = crate::store::unix_now_ms();
+                    for id in closed {
+                        if let Some(&at) = changed.get(&id).filter(|at| **at > 0) {
+                            let secs = (now - at).max(0) as f64 / 1000.0;
+                            state.latencies.revocation.observe(secs);
+                        }
+                    }
                 }
             }
             Err(e) => log::error!("store poll failed: {e}"),

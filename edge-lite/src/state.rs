@@ -20,7 +20,7 @@ use tether_proto::{Control, ErrorCode};
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::events::NewEvent;
-use crate::metrics::{Counters, Denials};
+use crate::metrics::{Counters, Denials, Latencies};
 use crate::policy::RestrictIps;
 use crate::registry::{Registry, Tunnel};
 use crate::store::Store;
@@ -102,6 +102,8 @@ pub(crate) struct State {
     /// until its driver ends: what a shutdown drains.
     tunnels: Mutex<HashMap<u64, Arc<Tunnel>>>,
     pub(crate) counters: Arc<Counters>,
+    /// Handshake and revocation latencies, for `GET /metrics`.
+    pub(crate) latencies: Latencies,
     pub(crate) admission: Arc<Admission>,
     /// Public connections being served, against `limits.public_connections`.
     pub(crate) public_open: Arc<AtomicUsize>,
@@ -147,6 +149,7 @@ impl State {
             registry: Mutex::new(registry),
             tunnels: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
+            latencies: Latencies::default(),
             admission,
             public_open: Arc::new(AtomicUsize::new(0)),
             next_session: AtomicU64::new(1),

@@ -227,6 +227,8 @@ pub struct TokenChange {
     pub scope: Scope,
     /// Whether it is revoked now.
     pub revoked: bool,
+    /// Unix milliseconds of the change (0: before schema version 3).
+    pub changed_ms: i64,
 }
 
 /// A token just created: show [`NewToken::token`] once, then forget it.
@@ -578,7 +580,7 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        what: "API keys and events",
+        what: "API keys, events, and the time of a token's last change in ms",
         apply: migrate_3,
     },
 ];
@@ -646,7 +648,8 @@ fn migrate_2(tx: &Transaction<'_>) -> Result<(), StoreError> {
 
 fn migrate_3(tx: &Transaction<'_>) -> Result<(), StoreError> {
     tx.execute_batch(
-        "CREATE TABLE api_keys (
+        "ALTER TABLE tokens ADD COLUMN changed_ms INTEGER NOT NULL DEFAULT 0;
+        CREATE TABLE api_keys (
             id TEXT PRIMARY KEY,
             salt BLOB NOT NULL,
             hash BLOB NOT NULL,
@@ -830,8 +833,8 @@ impl Store for SqliteStore {
             let n = self.conn.execute(
                 &format!(
                     "INSERT OR IGNORE INTO tokens
-                     (id, salt, hash, description, rules, sources, created_at, rev)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {})",
+                     (id, salt, hash, description, rules, sources, created_at, rev, changed_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {}, ?8)",
                     Self::NEXT_REV
                 ),
                 params![
@@ -841,7 +844,8 @@ impl Store for SqliteStore {
                     description,
                     scope.rules.to_string(),
                     scope.sources_text(),
-                    unix_now()
+                    unix_now(),
+                    unix_now_ms()
                 ],
             )?;
             if n == 1 {
@@ -905,7 +909,7 @@ impl Store for SqliteStore {
         self.conn.execute(
             &format!(
                 "UPDATE tokens SET description = ?2, rules = ?3, sources = ?4, updated_at = ?5,
-                 rev = {} WHERE id = ?1",
+                 changed_ms = ?6, rev = {} WHERE id = ?1",
                 Self::NEXT_REV
             ),
             params![
@@ -913,7 +917,8 @@ impl Store for SqliteStore {
                 description,
                 scope.rules.to_string(),
                 scope.sources_text(),
-                unix_now()
+                unix_now(),
+                unix_now_ms()
             ],
         )?;
         let now = self.get(id)?;
@@ -925,10 +930,11 @@ impl Store for SqliteStore {
         let id = bare_id(id);
         let n = self.conn.execute(
             &format!(
-                "UPDATE tokens SET revoked_at = ?2, rev = {} WHERE id = ?1 AND revoked_at IS NULL",
+                "UPDATE tokens SET revoked_at = ?2, changed_ms = ?3, rev = {}
+                 WHERE id = ?1 AND revoked_at IS NULL",
                 Self::NEXT_REV
             ),
-            params![id, unix_now()],
+            params![id, unix_now(), unix_now_ms()],
         )?;
         if n == 1 {
             return Ok(Revoked::Now);
@@ -980,7 +986,8 @@ impl Store for SqliteStore {
 
     fn changes_since(&self, rev: i64) -> Result<(i64, Vec<TokenChange>), StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, rules, sources, revoked_at, rev FROM tokens WHERE rev > ?1 ORDER BY rev",
+            "SELECT id, rules, sources, revoked_at, rev, changed_ms FROM tokens
+             WHERE rev > ?1 ORDER BY rev",
         )?;
         let rows = st.query_map(params![rev], |r| {
             Ok((
@@ -989,17 +996,19 @@ impl Store for SqliteStore {
                 r.get::<_, String>(2)?,
                 r.get::<_, Option<i64>>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })?;
         let mut newest = rev;
         let mut out = Vec::new();
         for row in rows {
-            let (id, rules, sources, revoked_at, r) = row?;
+            let (id, rules, sources, revoked_at, r, changed_ms) = row?;
             newest = newest.max(r);
             out.push(TokenChange {
                 scope: scope_of(&id, &rules, &sources)?,
                 id: TokenId(id),
                 revoked: revoked_at.is_some(),
+                changed_ms,
             });
         }
         Ok((newest, out))

@@ -771,3 +771,89 @@ fn events_reflect_a_scripted_sequence_exactly() {
         env.finish().await.expect("clean stop");
     });
 }
+
+/// The value of the sample named exactly `name` (with its labels) in an
+/// OpenMetrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_reflect_a_scripted_sequence_exactly() {
+    smol::block_on(async {
+        use futures_lite::{AsyncReadExt, AsyncWriteExt};
+        let mut env = start("api-metrics", "").await;
+        let api = env.api.clone().unwrap();
+        let read = key(&env.store(), Role::Read);
+        assert_eq!(curl(&api, "/metrics", None, &[]).await.status, 401);
+
+        let (token, id) = env.token(&["web"]);
+        let a = Agent::welcome(&env, &token).await;
+        let url = a.bind_ok("web", EndpointKind::Tcp).await;
+        let mut c = smol::net::TcpStream::connect(url_addr(&url)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        c.close().await.unwrap();
+        let mut st = common::within(Duration::from_secs(5), a.session.accept())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        st.read_to_end(&mut got).await.unwrap();
+        st.write_all(b"hello back").await.unwrap();
+        st.close().await.unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).await.unwrap();
+        drop(st);
+        let forged = format!("{}{}", &token[..16], "A".repeat(43));
+        let b = Agent::connect(&env).await;
+        b.hello(&forged).await;
+        let m = Agent::connect(&env).await;
+        m.hello("garbage").await;
+
+        let g = curl(&api, "/metrics", Some(&read), &[]).await;
+        assert_eq!(g.status, 200, "{g:?}");
+        assert!(
+            g.headers.contains("application/openmetrics-text"),
+            "{}",
+            g.headers
+        );
+        let t = &g.body;
+        let want = [
+            ("tether_sessions", 1.0),
+            ("tether_endpoints", 1.0),
+            ("tether_streams_total", 1.0),
+            (
+                "tether_endpoint_bytes_total{endpoint=\"web\",direction=\"up\"}",
+                5.0,
+            ),
+            (
+                "tether_endpoint_bytes_total{endpoint=\"web\",direction=\"down\"}",
+                10.0,
+            ),
+            ("tether_auth_failures_total{reason=\"unknown\"}", 1.0),
+            ("tether_auth_failures_total{reason=\"malformed\"}", 1.0),
+            ("tether_auth_failures_total{reason=\"revoked\"}", 0.0),
+            ("tether_handshake_seconds_count", 1.0),
+            ("tether_revocation_seconds_count", 0.0),
+        ];
+        for (name, v) in want {
+            assert_eq!(sample(t, name), Some(v), "{name} in:\n{t}");
+        }
+        assert!(t.trim_end().ends_with("# EOF"), "{t}");
+
+        // A revocation: the session goes, and its latency is observed once.
+        env.store().revoke(&id).unwrap();
+        common::within(Duration::from_secs(2), async {
+            while a.recv().await.is_some() {}
+        })
+        .await;
+        common::until(Duration::from_secs(2), "the revocation counted", || async {
+            let t = curl(&api, "/metrics", Some(&read), &[]).await.body;
+            sample(&t, "tether_revocation_seconds_count") == Some(1.0)
+                && sample(&t, "tether_sessions") == Some(0.0)
+        })
+        .await;
+        drop((b, m));
+        env.finish().await.expect("clean stop");
+    });
+}

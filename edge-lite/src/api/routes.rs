@@ -132,6 +132,7 @@ enum Op {
     ListApiKeys,
     CreateApiKey,
     RevokeApiKey,
+    Metrics,
 }
 
 impl Op {
@@ -144,7 +145,8 @@ impl Op {
             | Op::ListSessions
             | Op::ListEndpoints
             | Op::ListEvents
-            | Op::ListApiKeys => Some(Role::Read),
+            | Op::ListApiKeys
+            | Op::Metrics => Some(Role::Read),
             Op::CreateToken
             | Op::UpdateToken
             | Op::RevokeToken
@@ -183,6 +185,7 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<(Op, Option<&'a str>), Fa
         ["sessions"] => (&[(Method::GET, Op::ListSessions)], "GET", None),
         ["endpoints"] => (&[(Method::GET, Op::ListEndpoints)], "GET", None),
         ["events"] => (&[(Method::GET, Op::ListEvents)], "GET", None),
+        ["metrics"] => (&[(Method::GET, Op::Metrics)], "GET", None),
         ["apikeys"] => (
             &[
                 (Method::GET, Op::ListApiKeys),
@@ -293,6 +296,10 @@ async fn serve(state: &Arc<State>, max_body: u64, req: Request<Incoming>) -> Res
             revoke_token(state, id, by).await
         }
         Op::ListSessions => list_sessions(state, &query),
+        Op::Metrics => {
+            query.only(&[])?;
+            Ok(metrics(state))
+        }
         Op::ListEndpoints => list_endpoints(state, &query).await,
         Op::ListEvents => list_events(state, &query).await,
         Op::ListApiKeys => {
@@ -493,6 +500,45 @@ fn health(state: &Arc<State>) -> Result<Resp, Failure> {
     };
     drop(reg);
     Ok(json(StatusCode::OK, &h))
+}
+
+/// `GET /metrics`: the counters and the registry now, as OpenMetrics text.
+fn metrics(state: &Arc<State>) -> Resp {
+    let (sessions, open_streams, endpoints) = {
+        let reg = state.registry();
+        let live = reg.live_sessions();
+        let open: usize = live.iter().map(|(t, _)| t.session.live_streams()).sum();
+        let endpoints = reg
+            .bindings()
+            .into_iter()
+            .map(|(name, b)| {
+                let (up, down) = b.traffic.get();
+                crate::metrics::EndpointTraffic {
+                    name: name.to_owned(),
+                    up,
+                    down,
+                }
+            })
+            .collect();
+        (live.len() as u64, open as u64, endpoints)
+    };
+    let text = crate::metrics::render(&crate::metrics::Exposition {
+        counters: &state.counters,
+        denials: &state.denials,
+        latencies: &state.latencies,
+        sessions,
+        endpoints,
+        open_streams,
+        events_dropped: state
+            .events_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+    });
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    r
 }
 
 async fn list_tokens(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
