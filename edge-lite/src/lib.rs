@@ -37,8 +37,8 @@
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver. Not here yet:
-//! rotation, Prometheus metrics and the events of sessions and binds
-//! (DESIGN.md), which later work adds.
+//! rotation and rate limits on failed authentication (DESIGN.md), which
+//! later work adds.
 
 mod admission;
 mod agent;
