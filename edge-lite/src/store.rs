@@ -709,6 +709,30 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A credential being created (see `SqliteStore::mint`).
+struct Minted {
+    id: String,
+    secret: [u8; SECRET_LEN],
+    salt: [u8; SALT_LEN],
+    hash: [u8; 32],
+}
+
+impl Minted {
+    /// The credential shown once: `<prefix><id>.<secret>`.
+    fn shown(&self, prefix: &str) -> TokenString {
+        TokenString(format!(
+            "{prefix}{}.{}",
+            self.id,
+            URL_SAFE_NO_PAD.encode(self.secret)
+        ))
+    }
+}
+
+/// Whether `p`'s secret hashes, with `salt`, to `stored` (constant time).
+fn secret_matches(p: &Presented, salt: &[u8], stored: &[u8]) -> bool {
+    bool::from(hash(salt, &p.secret).as_slice().ct_eq(stored))
+}
+
 /// The SQLite store; see the module docs.
 pub struct SqliteStore {
     conn: Connection,
@@ -807,6 +831,22 @@ impl SqliteStore {
         Ok(b)
     }
 
+    /// A fresh credential: a random id, secret and salt, and the hash
+    /// stored for them.
+    fn mint(&self) -> Result<Minted, StoreError> {
+        let idb: [u8; ID_LEN / 2] = self.random()?;
+        let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
+        let secret: [u8; SECRET_LEN] = self.random()?;
+        let salt: [u8; SALT_LEN] = self.random()?;
+        let hash = hash(&salt, &secret);
+        Ok(Minted {
+            id,
+            secret,
+            salt,
+            hash,
+        })
+    }
+
     /// A write transaction taken at its start (`BEGIN IMMEDIATE`): a
     /// deferred one that reads first and writes later fails at once with
     /// `SQLITE_BUSY` when another connection (the running edge, writing its
@@ -825,11 +865,7 @@ impl SqliteStore {
 impl Store for SqliteStore {
     fn create(&self, description: &str, scope: &Scope) -> Result<NewToken, StoreError> {
         loop {
-            let idb: [u8; ID_LEN / 2] = self.random()?;
-            let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
-            let secret: [u8; SECRET_LEN] = self.random()?;
-            let salt: [u8; SALT_LEN] = self.random()?;
-            let h = hash(&salt, &secret);
+            let m = self.mint()?;
             let n = self.conn.execute(
                 &format!(
                     "INSERT OR IGNORE INTO tokens
@@ -838,9 +874,9 @@ impl Store for SqliteStore {
                     Self::NEXT_REV
                 ),
                 params![
-                    id,
-                    &salt[..],
-                    &h[..],
+                    m.id,
+                    &m.salt[..],
+                    &m.hash[..],
                     description,
                     scope.rules.to_string(),
                     scope.sources_text(),
@@ -849,10 +885,9 @@ impl Store for SqliteStore {
                 ],
             )?;
             if n == 1 {
-                let token = TokenString(format!("tk_{id}.{}", URL_SAFE_NO_PAD.encode(secret)));
                 return Ok(NewToken {
-                    id: TokenId(id),
-                    token,
+                    token: m.shown("tk_"),
+                    id: TokenId(m.id),
                 });
             }
             // An id collision (1 in 2^48 per pair): draw again.
@@ -967,8 +1002,7 @@ impl Store for SqliteStore {
         let Some((salt, stored, rules, sources, revoked_at)) = row else {
             return Err(AuthError::Unknown(p.id));
         };
-        let h = hash(&salt, &p.secret);
-        if !bool::from(h.as_slice().ct_eq(stored.as_slice())) {
+        if !secret_matches(&p, &salt, &stored) {
             return Err(AuthError::Unknown(p.id));
         }
         if revoked_at.is_some() {
@@ -1109,19 +1143,15 @@ impl Store for SqliteStore {
         by: Option<&ApiKeyId>,
     ) -> Result<NewApiKey, StoreError> {
         loop {
-            let idb: [u8; ID_LEN / 2] = self.random()?;
-            let id: String = idb.iter().map(|b| format!("{b:02x}")).collect();
-            let secret: [u8; SECRET_LEN] = self.random()?;
-            let salt: [u8; SALT_LEN] = self.random()?;
-            let h = hash(&salt, &secret);
+            let m = self.mint()?;
             let n = self.conn.execute(
                 "INSERT OR IGNORE INTO api_keys
                  (id, salt, hash, role, description, created_at, created_by)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
-                    id,
-                    &salt[..],
-                    &h[..],
+                    m.id,
+                    &m.salt[..],
+                    &m.hash[..],
                     role.as_str(),
                     description,
                     unix_now(),
@@ -1129,10 +1159,9 @@ impl Store for SqliteStore {
                 ],
             )?;
             if n == 1 {
-                let key = TokenString(format!("ak_{id}.{}", URL_SAFE_NO_PAD.encode(secret)));
                 return Ok(NewApiKey {
-                    id: ApiKeyId(id),
-                    key,
+                    key: m.shown("ak_"),
+                    id: ApiKeyId(m.id),
                 });
             }
         }
@@ -1208,8 +1237,7 @@ impl Store for SqliteStore {
         let Some((salt, stored, role, revoked_at)) = row else {
             return Err(AuthError::Unknown(p.id));
         };
-        let h = hash(&salt, &p.secret);
-        if !bool::from(h.as_slice().ct_eq(stored.as_slice())) {
+        if !secret_matches(&p, &salt, &stored) {
             return Err(AuthError::Unknown(p.id));
         }
         if revoked_at.is_some() {

@@ -112,6 +112,26 @@ fn events(store: &SqliteStore, kind: &str) -> usize {
         .len()
 }
 
+/// A public client sends 5 bytes through the tcp endpoint at `url`; the
+/// device (`a`) answers 10.
+async fn hello_through(a: &Agent, url: &str) {
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    let mut c = smol::net::TcpStream::connect(url_addr(url)).await.unwrap();
+    c.write_all(b"hello").await.unwrap();
+    c.close().await.unwrap();
+    let mut st = common::within(Duration::from_secs(5), a.session.accept())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    st.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hello");
+    st.write_all(b"hello back").await.unwrap();
+    st.close().await.unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"hello back");
+}
+
 #[test]
 fn tokens_through_the_api_reach_live_sessions_and_a_read_key_cannot_revoke() {
     smol::block_on(async {
@@ -234,24 +254,7 @@ fn sessions_endpoints_and_pages_show_the_live_state() {
         let url = a.bind_ok("web", EndpointKind::Tcp).await;
 
         // Bytes through the endpoint are counted on its session and endpoint.
-        {
-            use futures_lite::{AsyncReadExt, AsyncWriteExt};
-            let mut c = smol::net::TcpStream::connect(url_addr(&url)).await.unwrap();
-            c.write_all(b"hello").await.unwrap();
-            c.close().await.unwrap();
-            let mut st = common::within(Duration::from_secs(5), a.session.accept())
-                .await
-                .unwrap();
-            let mut got = Vec::new();
-            st.read_to_end(&mut got).await.unwrap();
-            assert_eq!(got, b"hello");
-            st.write_all(b"hello back").await.unwrap();
-            st.close().await.unwrap();
-            let mut back = Vec::new();
-            c.read_to_end(&mut back).await.unwrap();
-            assert_eq!(back, b"hello back");
-            drop(st);
-        }
+        hello_through(&a, &url).await;
         // The counters are added as the copy loops move each chunk.
         common::until(Duration::from_secs(2), "bytes counted", || async {
             let v = curl(&api, "/sessions", Some(&read), &[]).await.json();
@@ -782,7 +785,6 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 #[test]
 fn metrics_reflect_a_scripted_sequence_exactly() {
     smol::block_on(async {
-        use futures_lite::{AsyncReadExt, AsyncWriteExt};
         let mut env = start("api-metrics", "").await;
         let api = env.api.clone().unwrap();
         let read = key(&env.store(), Role::Read);
@@ -791,19 +793,7 @@ fn metrics_reflect_a_scripted_sequence_exactly() {
         let (token, id) = env.token(&["web"]);
         let a = Agent::welcome(&env, &token).await;
         let url = a.bind_ok("web", EndpointKind::Tcp).await;
-        let mut c = smol::net::TcpStream::connect(url_addr(&url)).await.unwrap();
-        c.write_all(b"hello").await.unwrap();
-        c.close().await.unwrap();
-        let mut st = common::within(Duration::from_secs(5), a.session.accept())
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        st.read_to_end(&mut got).await.unwrap();
-        st.write_all(b"hello back").await.unwrap();
-        st.close().await.unwrap();
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).await.unwrap();
-        drop(st);
+        hello_through(&a, &url).await;
         let forged = format!("{}{}", &token[..16], "A".repeat(43));
         let b = Agent::connect(&env).await;
         b.hello(&forged).await;

@@ -551,16 +551,31 @@ async fn list_tokens(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
                 .ok_or_else(|| bad(format!("cursor {c:?} is not one this API gave")))?,
         ),
     };
-    let mut page = state
+    let got = state
         .store_call(move |s| s.tokens_page(after.as_ref(), limit + 1))
         .await?;
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next_cursor = more
-        .then(|| page.last().map(|t| t.id.to_string()))
-        .flatten();
-    let items = page.iter().map(wire::Token::from).collect();
-    Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
+    Ok(page(
+        got,
+        limit,
+        |t| t.id.to_string(),
+        |t| wire::Token::from(t),
+    ))
+}
+
+/// A page of at most `limit` of `got` (read with one more than `limit`, so
+/// that a next page shows), with the cursor of its last item if there is
+/// more.
+fn page<S, T: Serialize>(
+    mut got: Vec<S>,
+    limit: usize,
+    cursor: impl Fn(&S) -> String,
+    item: impl Fn(&S) -> T,
+) -> Resp {
+    let more = got.len() > limit;
+    got.truncate(limit);
+    let next_cursor = more.then(|| got.last().map(&cursor)).flatten();
+    let items = got.iter().map(item).collect();
+    json(StatusCode::OK, &wire::Page { items, next_cursor })
 }
 
 async fn create_token(
@@ -836,14 +851,13 @@ async fn list_events(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
         before: q.number_cursor()?,
         limit: limit + 1,
     };
-    let mut got = state.store_call(move |s| s.events(&query)).await?;
-    let more = got.len() > limit;
-    got.truncate(limit);
-    let next_cursor = more
-        .then(|| got.last().map(|e| e.seq.to_string()))
-        .flatten();
-    let items = got.iter().map(wire::Event::from).collect();
-    Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
+    let got = state.store_call(move |s| s.events(&query)).await?;
+    Ok(page(
+        got,
+        limit,
+        |e| e.seq.to_string(),
+        |e| wire::Event::from(e),
+    ))
 }
 
 async fn create_api_key(
