@@ -329,6 +329,13 @@ pub struct LimitsConfig {
     /// An established public connection with no byte either way for this
     /// long is closed.
     pub idle_timeout_ms: u64,
+    /// Agent port: failed authentications per minute from one source (an
+    /// IPv4 address, an IPv6 /64) before refusals are delayed.
+    pub auth_failures_per_source: u32,
+    /// ... and for one token id.
+    pub auth_failures_per_token: u32,
+    /// How long a refusal over either limit is delayed.
+    pub auth_failure_delay_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -346,6 +353,9 @@ impl Default for LimitsConfig {
             public_pending_per_source: 16,
             public_pending_total: 1_024,
             idle_timeout_ms: 600_000,
+            auth_failures_per_source: 30,
+            auth_failures_per_token: 10,
+            auth_failure_delay_ms: 2_000,
         }
     }
 }
@@ -369,6 +379,9 @@ const RANGES: &[(&str, &str, u64, u64)] = &[
     ("limits", "public_pending_per_source", 1, 65_536),
     ("limits", "public_pending_total", 1, 1_048_576),
     ("limits", "idle_timeout_ms", 1_000, 604_800_000),
+    ("limits", "auth_failures_per_source", 1, 1_000_000),
+    ("limits", "auth_failures_per_token", 1, 1_000_000),
+    ("limits", "auth_failure_delay_ms", 0, 60_000),
     ("api", "max_connections", 1, 65_536),
     ("api", "max_body_bytes", 1_024, 16_777_216),
     ("api", "header_timeout_ms", 100, 120_000),
@@ -398,6 +411,9 @@ impl Config {
             ("limits", "public_pending_per_source") => u(l.public_pending_per_source),
             ("limits", "public_pending_total") => u(l.public_pending_total),
             ("limits", "idle_timeout_ms") => l.idle_timeout_ms,
+            ("limits", "auth_failures_per_source") => u64::from(l.auth_failures_per_source),
+            ("limits", "auth_failures_per_token") => u64::from(l.auth_failures_per_token),
+            ("limits", "auth_failure_delay_ms") => l.auth_failure_delay_ms,
             ("events", "max_events") => self.events.max_events,
             ("events", "max_age_days") => self.events.max_age_days,
             ("api", f) => match &self.api {

@@ -57,6 +57,17 @@ struct Refused {
     code: ErrorCode,
     retry_after_ms: u32,
     message: std::borrow::Cow<'static, str>,
+    /// A refused credential: the token it named (if it had a token's
+    /// form) and why, for the event and the rate limits.
+    credential: Option<(Option<TokenId>, String)>,
+}
+
+impl Refused {
+    /// Marks a refused credential.
+    fn credential(mut self, token: Option<&TokenId>, why: impl Into<String>) -> Refused {
+        self.credential = Some((token.cloned(), why.into()));
+        self
+    }
 }
 
 fn refused(
@@ -70,6 +81,7 @@ fn refused(
         code,
         retry_after_ms,
         message: message.into(),
+        credential: None,
     }
 }
 
@@ -157,6 +169,9 @@ async fn authenticate_tls(
         Ok(a) => Some((tls, a)),
         Err(r) => {
             state.counters.refuse(r.why);
+            if let Some((token, why)) = &r.credential {
+                credential_refused(state, peer, token.as_ref(), why).await;
+            }
             let error = Control::Error {
                 code: r.code.0,
                 retry_after_ms: r.retry_after_ms,
@@ -232,13 +247,13 @@ async fn check_hello(
     // The token's form costs nothing to check; the store is asked only
     // about tokens that could exist.
     if token_id_of(token.0).is_none() {
-        auth_failed(state, peer, None, "malformed");
         return Err(refused(
             Refusal::MalformedToken,
             ErrorCode::AUTH_FAILED,
             RETRY_CREDENTIAL_MS,
             "malformed token",
-        ));
+        )
+        .credential(None, "malformed"));
     }
     let presented = crate::store::TokenString::presented(token.0);
     let verified = state
@@ -247,31 +262,31 @@ async fn check_hello(
     let token = match verified {
         Ok(v) => v,
         Err(AuthError::Malformed) => {
-            auth_failed(state, peer, None, "malformed");
             return Err(refused(
                 Refusal::MalformedToken,
                 ErrorCode::AUTH_FAILED,
                 RETRY_CREDENTIAL_MS,
                 "malformed token",
-            ));
+            )
+            .credential(None, "malformed"));
         }
         Err(AuthError::Unknown(id)) => {
-            auth_failed(state, peer, Some(&id), "unknown token or wrong secret");
             return Err(refused(
                 Refusal::UnknownToken,
                 ErrorCode::AUTH_FAILED,
                 RETRY_CREDENTIAL_MS,
                 "unknown token",
-            ));
+            )
+            .credential(Some(&id), "unknown token or wrong secret"));
         }
         Err(AuthError::Revoked(id)) => {
-            auth_failed(state, peer, Some(&id), "revoked");
             return Err(refused(
                 Refusal::RevokedToken,
                 ErrorCode::TOKEN_REVOKED,
                 RETRY_CREDENTIAL_MS,
                 "token revoked",
-            ));
+            )
+            .credential(Some(&id), "revoked"));
         }
         Err(AuthError::Store(e)) => {
             log::error!("token check failed: {e}");
@@ -290,17 +305,15 @@ async fn check_hello(
             peer.ip(),
             token.scope().sources_text()
         );
-        auth_failed(
-            state,
-            peer,
-            Some(token.id()),
-            format!("source not allowed ({})", token.scope().sources_text()),
-        );
         return Err(refused(
             Refusal::TokenSource,
             ErrorCode::AUTH_FAILED,
             RETRY_CREDENTIAL_MS,
             format!("token {} may not connect from {}", token.id(), peer.ip()),
+        )
+        .credential(
+            Some(token.id()),
+            format!("source not allowed ({})", token.scope().sources_text()),
         ));
     }
     Ok(Authenticated {
@@ -311,13 +324,54 @@ async fn check_hello(
     })
 }
 
-/// Records a refused credential: the token (when the credential had the
-/// form of one) and the source; never the secret.
-fn auth_failed(state: &State, peer: SocketAddr, token: Option<&TokenId>, why: impl Into<String>) {
+/// Records a refused credential (the token when the credential had the
+/// form of one, and the source; never the secret) and counts it against
+/// the rate limits; over either, waits `auth_failure_delay_ms` before the
+/// refusal goes out (the connection keeps its admission slot meanwhile),
+/// counted as `rate_limited`, with one `rate_limited` event per key and run.
+async fn credential_refused(state: &State, peer: SocketAddr, token: Option<&TokenId>, why: &str) {
     let mut e = NewEvent::new(EventKind::AuthFailed).detail(why);
     e.token = token.cloned();
     e.remote = Some(peer.to_string());
     state.event(e);
+    let limited = state.auth_limits().fail(
+        crate::admission::Source::of(peer.ip()),
+        token,
+        std::time::Instant::now(),
+    );
+    if !limited.any() {
+        return;
+    }
+    state.counters.refuse(Refusal::RateLimited);
+    let limits = &state.cfg.limits;
+    let note = |what: String| {
+        let mut e = NewEvent::new(EventKind::RateLimited).detail(what);
+        e.token = token.cloned();
+        e.remote = Some(peer.to_string());
+        state.event(e);
+    };
+    if limited.source == Some(true) {
+        log::warn!(
+            "source {}: more than {} failed authentications per minute: refusals are delayed",
+            peer.ip(),
+            limits.auth_failures_per_source
+        );
+        note(format!(
+            "source over {} failed authentications per minute",
+            limits.auth_failures_per_source
+        ));
+    }
+    if let (Some(true), Some(t)) = (limited.token, token) {
+        log::warn!(
+            "token {t}: more than {} failed authentications per minute: refusals are delayed",
+            limits.auth_failures_per_token
+        );
+        note(format!(
+            "token over {} failed authentications per minute",
+            limits.auth_failures_per_token
+        ));
+    }
+    smol::Timer::after(ms(limits.auth_failure_delay_ms)).await;
 }
 
 /// Writes `CONTROL(error)` (if any) and `GOAWAY(code)` as raw frames, within

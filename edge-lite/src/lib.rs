@@ -22,7 +22,8 @@
 //!   the ClientHello, the handshake, and the copy into streams.
 //! - `state`: what every task shares, the one `timeout`, store calls.
 //! - `registry`: who holds which endpoint (with its effective policy);
-//!   `admission`: pending handshakes per source; [`metrics`]: the counters
+//!   `admission`: pending handshakes per source; [`ratelimit`]: failed
+//!   authentications per source and token id; [`metrics`]: the counters
 //!   and the policy denials; [`lines`]: the stdout lines.
 //! - [`config`]: the typed `edge.toml`; [`store`]: the store interface and
 //!   its SQLite implementation (tokens as salted hashes, never secrets, with
@@ -37,8 +38,7 @@
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver. Not here yet:
-//! rotation and rate limits on failed authentication (DESIGN.md), which
-//! later work adds.
+//! rotation (DESIGN.md), which later work adds.
 
 mod admission;
 mod agent;
@@ -52,6 +52,7 @@ pub mod listing;
 pub mod metrics;
 pub mod policy;
 mod public;
+pub mod ratelimit;
 mod registry;
 pub mod scope;
 mod server;

@@ -66,11 +66,14 @@ pub enum Refusal {
     Lingered,
     /// Admin API: `[api]` allow / deny refuse the source.
     ApiSource,
+    /// Agent port: a refused credential over a rate limit (its refusal was
+    /// delayed).
+    RateLimited,
 }
 
 impl Refusal {
     /// Every reason, in the order of the summary line.
-    pub const ALL: [Refusal; 23] = [
+    pub const ALL: [Refusal; 24] = [
         Refusal::SourceBusy,
         Refusal::AgentIpDenied,
         Refusal::PendingFull,
@@ -94,6 +97,7 @@ impl Refusal {
         Refusal::Idle,
         Refusal::Lingered,
         Refusal::ApiSource,
+        Refusal::RateLimited,
     ];
 
     /// The name in the summary line and in a snapshot.
@@ -122,6 +126,7 @@ impl Refusal {
             Refusal::Idle => "idle_timeout",
             Refusal::Lingered => "lingered",
             Refusal::ApiSource => "api_source_denied",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 

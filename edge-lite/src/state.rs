@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::events::NewEvent;
 use crate::metrics::{Counters, Denials, Latencies};
 use crate::policy::RestrictIps;
+use crate::ratelimit::AuthLimits;
 use crate::registry::{Registry, Tunnel};
 use crate::store::Store;
 use crate::tls::Identity;
@@ -115,6 +116,8 @@ pub(crate) struct State {
     pub(crate) events_dropped: AtomicU64,
     /// Events queued and not yet written.
     events_pending: AtomicUsize,
+    /// Failed authentications per source and token id.
+    auth_limits: Mutex<AuthLimits>,
 }
 
 impl State {
@@ -132,6 +135,7 @@ impl State {
             cfg.limits.public_pending_total,
         );
         let (events, events_rx) = smol::channel::bounded(EVENT_QUEUE);
+        let cfg_limits = cfg.limits;
         let (public_tls, public_identity) = match public_tls {
             Some((c, i)) => (Some(c), Some(i)),
             None => (None, None),
@@ -158,6 +162,10 @@ impl State {
             events_rx: Mutex::new(Some(events_rx)),
             events_dropped: AtomicU64::new(0),
             events_pending: AtomicUsize::new(0),
+            auth_limits: Mutex::new(AuthLimits::new(
+                cfg_limits.auth_failures_per_source,
+                cfg_limits.auth_failures_per_token,
+            )),
         }
     }
 
@@ -190,6 +198,12 @@ impl State {
             self.events_pending.fetch_sub(1, Ordering::SeqCst);
             self.events_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The rate limits of failed authentication (plain data: never held
+    /// across an await).
+    pub(crate) fn auth_limits(&self) -> MutexGuard<'_, AuthLimits> {
+        self.auth_limits.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The writer stored (or failed to store) `n` queued events.

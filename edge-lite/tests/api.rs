@@ -847,3 +847,108 @@ fn metrics_reflect_a_scripted_sequence_exactly() {
         env.finish().await.expect("clean stop");
     });
 }
+
+/// An edge with the API and these `[limits]`.
+async fn start_limited(tag: &str, limits: &str) -> Env {
+    let limits = limits.to_owned();
+    Env::start_with(tag, move |t| {
+        format!("{t}\n[limits]\n{limits}\n\n[api]\nlisten = \"127.0.0.1:0\"\n")
+    })
+    .await
+}
+
+/// One Hello with `token` on a fresh connection: how long its answer took.
+async fn timed_hello(env: &Env, token: &str) -> (Duration, Option<Msg>) {
+    let a = Agent::connect(env).await;
+    let t0 = Instant::now();
+    let m = a.hello(token).await;
+    (t0.elapsed(), m)
+}
+
+#[test]
+fn a_burst_of_bad_hellos_from_one_address_is_slowed_and_recorded() {
+    smol::block_on(async {
+        let mut env = start_limited(
+            "api-ratelimit",
+            "auth_failures_per_source = 3\nauth_failure_delay_ms = 600",
+        )
+        .await;
+        let api = env.api.clone().unwrap();
+        let read = key(&env.store(), Role::Read);
+        let (token, _) = env.token(&["web"]);
+        for i in 0..6 {
+            let (took, m) = timed_hello(&env, "not-a-token").await;
+            assert!(
+                matches!(m, Some(Msg::Error { code, .. }) if code == ErrorCode::AUTH_FAILED),
+                "{m:?}"
+            );
+            if i < 3 {
+                assert!(took < Duration::from_millis(400), "#{i} took {took:?}");
+            } else {
+                assert!(took >= Duration::from_millis(550), "#{i} took {took:?}");
+            }
+        }
+        // A credential that verifies is never delayed, from the same source.
+        let (took, m) = timed_hello(&env, &token).await;
+        assert!(matches!(m, Some(Msg::Welcome { .. })), "{m:?}");
+        assert!(took < Duration::from_millis(400), "took {took:?}");
+
+        common::until(Duration::from_secs(3), "events recorded", || async {
+            let v = curl(&api, "/events?limit=100", Some(&read), &[])
+                .await
+                .json();
+            kinds(&v["items"])
+                .iter()
+                .any(|(k, n)| k == "auth_failed" && *n == 6)
+        })
+        .await;
+        let v = curl(&api, "/events?kind=rate_limited", Some(&read), &[])
+            .await
+            .json();
+        let items = v["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "one event per run, not per refusal: {v}");
+        assert!(
+            items[0]["detail"].as_str().unwrap().contains("source"),
+            "{v}"
+        );
+        let t = curl(&api, "/metrics", Some(&read), &[]).await.body;
+        assert_eq!(
+            sample(&t, "tether_refusals_total{reason=\"rate_limited\"}"),
+            Some(3.0),
+            "{t}"
+        );
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn a_sprayed_token_id_is_slowed_but_its_device_still_connects() {
+    smol::block_on(async {
+        let mut env = start_limited(
+            "api-ratelimit-token",
+            "auth_failures_per_token = 2\nauth_failure_delay_ms = 600",
+        )
+        .await;
+        let api = env.api.clone().unwrap();
+        let read = key(&env.store(), Role::Read);
+        let (token, id) = env.token(&["web"]);
+        let forged = format!("{}{}", &token[..16], "A".repeat(43));
+        let mut took = Vec::new();
+        for _ in 0..3 {
+            took.push(timed_hello(&env, &forged).await.0);
+        }
+        assert!(took[1] < Duration::from_millis(400), "{took:?}");
+        assert!(took[2] >= Duration::from_millis(550), "{took:?}");
+        let (t, m) = timed_hello(&env, &token).await;
+        assert!(matches!(m, Some(Msg::Welcome { .. })), "{m:?}");
+        assert!(t < Duration::from_millis(400), "the device: {t:?}");
+        common::until(Duration::from_secs(3), "the event", || async {
+            let v = curl(&api, "/events?kind=rate_limited", Some(&read), &[])
+                .await
+                .json();
+            v["items"].as_array().unwrap().len() == 1 && v["items"][0]["token_id"] == id.as_str()
+        })
+        .await;
+        env.finish().await.expect("clean stop");
+    });
+}

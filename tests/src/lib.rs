@@ -478,6 +478,11 @@ pub struct Limits {
     pub public_pending_per_source: Option<usize>,
     /// Public TLS port: unfinished handshakes in all.
     pub public_pending_total: Option<usize>,
+    /// Agent port: failed authentications per minute per source before
+    /// refusals are delayed (the edge's default: 30).
+    pub auth_failures_per_source: Option<u32>,
+    /// ... and per token id (the edge's default: 10).
+    pub auth_failures_per_token: Option<u32>,
 }
 
 impl Limits {
@@ -532,6 +537,14 @@ impl Limits {
             u(self.public_pending_per_source),
         );
         put("public_pending_total", u(self.public_pending_total));
+        put(
+            "auth_failures_per_source",
+            self.auth_failures_per_source.map(u64::from),
+        );
+        put(
+            "auth_failures_per_token",
+            self.auth_failures_per_token.map(u64::from),
+        );
         if t.is_empty() {
             t
         } else {
