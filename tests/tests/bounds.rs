@@ -201,6 +201,20 @@ fn alive(a: &mut RawAgent, data: u64, t: Duration) -> bool {
 
 // ------------------------------------------------------------ (a) admission
 
+/// The edge's defaults, but with the rate limits on failed authentication
+/// out of the way (they have tests of their own in edge-lite/tests/api.rs),
+/// for tests about what floods of refused Hellos do to something else.
+fn without_auth_limits() -> EdgeOpts {
+    EdgeOpts {
+        limits: Limits {
+            auth_failures_per_source: Some(1_000_000),
+            auth_failures_per_token: Some(1_000_000),
+            ..Limits::default()
+        },
+        ..EdgeOpts::default()
+    }
+}
+
 #[test]
 fn admission_flood_from_one_source_does_not_keep_a_device_out_past_two_seconds() {
     // 500 idle sockets, the Hello workers' sockets, the daemon and its
@@ -210,16 +224,8 @@ fn admission_flood_from_one_source_does_not_keep_a_device_out_past_two_seconds()
         nofile >= 1024,
         "RLIMIT_NOFILE is {nofile}: too low for the flood"
     );
-    // Admission alone: the rate limits on failed authentication (which
-    // would slow the flood's Hellos) are out of the way.
-    let bed = Bed::start(EdgeOpts {
-        limits: Limits {
-            auth_failures_per_source: Some(1_000_000),
-            auth_failures_per_token: Some(1_000_000),
-            ..Limits::default()
-        },
-        ..EdgeOpts::default()
-    });
+    // Admission alone: the flood's Hellos are not slowed.
+    let bed = Bed::start(without_auth_limits());
     let (token, _) = bed.token(&["echo"]);
     let up = echo_upstream();
     let dcfg = write_daemon_config(
@@ -270,16 +276,8 @@ fn admission_flood_from_one_source_does_not_keep_a_device_out_past_two_seconds()
 
 #[test]
 fn refusals_are_counted_in_the_log_not_written_one_line_each() {
-    // 200 refusals at once, not delayed by the rate limits (which have
-    // tests of their own in edge-lite/tests/api.rs).
-    let bed = Bed::start(EdgeOpts {
-        limits: Limits {
-            auth_failures_per_source: Some(1_000_000),
-            auth_failures_per_token: Some(1_000_000),
-            ..Limits::default()
-        },
-        ..EdgeOpts::default()
-    });
+    // 200 refusals at once, not delayed.
+    let bed = Bed::start(without_auth_limits());
     let from = bed.edge.proc.err.len();
     const N: usize = 200;
     let mut refused = 0;
