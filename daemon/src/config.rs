@@ -43,6 +43,12 @@ pub struct Config {
     /// `LoadCredential=credential:PATH` ([`Config::credential_path`]).
     #[serde(default)]
     pub credential: Option<PathBuf>,
+    /// Where a rotated credential is kept (a writable directory, mode 0700
+    /// at most). Absent: `$STATE_DIRECTORY` (systemd's `StateDirectory=`);
+    /// with neither, rotation offers are refused. A relative path is
+    /// relative to the config file's directory.
+    #[serde(default)]
+    pub state_directory: Option<PathBuf>,
     /// Reconnect timing.
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -639,6 +645,9 @@ impl Config {
         if let Some(p) = cfg.credential.take() {
             cfg.credential = Some(dir.join(p));
         }
+        if let Some(p) = cfg.state_directory.take() {
+            cfg.state_directory = Some(dir.join(p));
+        }
         cfg.path = file.to_owned();
         Ok(cfg)
     }
@@ -653,6 +662,18 @@ impl Config {
             Some(d) if !d.is_empty() => Ok(Path::new(&d).join(CREDENTIAL_NAME)),
             _ => Err(CredentialError::Unset(self.path.clone())),
         }
+    }
+
+    /// The directory for rotated credentials: `state_directory`, else the
+    /// first of `$STATE_DIRECTORY`; `None` with neither.
+    pub fn state_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.state_directory {
+            return Some(p.clone());
+        }
+        let dir = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty())?;
+        // systemd passes several, colon-separated, when the unit names several.
+        let first = dir.to_string_lossy().split(':').next()?.to_owned();
+        Some(PathBuf::from(first))
     }
 
     /// The TLS server name to verify: `server_name`, or the host of `edge`.
@@ -731,18 +752,19 @@ impl Credential {
         }
         let text =
             fs::read_to_string(path).map_err(|e| CredentialError::Read(path.to_owned(), e))?;
-        let token = text.lines().next().unwrap_or("").trim();
+        Credential::parse(text.lines().next().unwrap_or(""))
+            .map_err(|why| CredentialError::Malformed(path.to_owned(), why))
+    }
+
+    /// A token as the first line of a credential file holds it (surrounding
+    /// white space ignored).
+    pub fn parse(line: &str) -> Result<Credential, &'static str> {
+        let token = line.trim();
         if token.is_empty() {
-            return Err(CredentialError::Malformed(
-                path.to_owned(),
-                "the first line is empty",
-            ));
+            return Err("the first line is empty");
         }
         if token.len() > 1024 || token.bytes().any(|b| !b.is_ascii_graphic()) {
-            return Err(CredentialError::Malformed(
-                path.to_owned(),
-                "the first line is not a token (printable ASCII, at most 1024 bytes)",
-            ));
+            return Err("the first line is not a token (printable ASCII, at most 1024 bytes)");
         }
         Ok(Credential {
             token: token.to_owned(),

@@ -40,7 +40,9 @@
 //! lines, `WATCHDOG=1` from a task of the same executor, `STOPPING=1`;
 //! SIGHUP ([`Signal::Reload`]) reloads the endpoints ([`reload`]).
 //!
-//! Not here (yet): credential rotation.
+//! [`rotation`]: the credential presented (the rotated one from the state
+//! directory while the edge accepts it, else the factory one) and storing
+//! the one a rotation offers, atomically.
 
 use std::cell::RefCell;
 use std::fmt;
@@ -66,6 +68,7 @@ pub mod logger;
 pub mod proxy;
 pub mod proxy_header;
 mod reload;
+pub mod rotation;
 mod service;
 mod tunnel;
 
@@ -310,7 +313,8 @@ async fn run_inner(
         }
     };
     let service = Rc::new(service::Service::new(notifier));
-    let credential = Credential::load(&config.credential_path()?)?;
+    let factory = Credential::load(&config.credential_path()?)?;
+    let credentials = rotation::Credentials::load(factory, config.state_path());
     let tls = TlsConnector::from(dial::client_config(config.ca_file.as_deref())?);
     let name = config.tls_name().map_err(RunError::ServerName)?;
     let trust = dial::trust_source(config.ca_file.as_deref());
@@ -318,7 +322,7 @@ async fn run_inner(
         "edge {} (server name {}, trust {trust}), credential {}, {} endpoint(s)",
         config.edge,
         name.to_str(),
-        credential.id(),
+        credentials.current().id(),
         config.endpoints.len()
     );
 
@@ -328,10 +332,9 @@ async fn run_inner(
         Duration::from_millis(rc.max_backoff_ms),
         Duration::from_millis(rc.healthy_after_ms),
     );
-    check_state_directory();
     let rt = Rc::new(Runtime {
         endpoints: std::cell::RefCell::new(Rc::new(config.endpoints.clone())),
-        credential,
+        credentials: RefCell::new(credentials),
         mux: config.session.mux_config(),
         stats,
         service: service.clone(),
@@ -368,29 +371,6 @@ async fn run_inner(
     .await;
     info!("stopped");
     Ok(())
-}
-
-/// `$STATE_DIRECTORY` (systemd's `StateDirectory=`), where rotated
-/// credentials will live: said at start, and warned about when it is not a
-/// directory, so that a unit without it is noticed
-/// before a rotation needs it.
-fn check_state_directory() {
-    let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) else {
-        return;
-    };
-    // systemd passes several, colon-separated, when the unit names several.
-    let first = std::path::PathBuf::from(
-        dir.to_string_lossy()
-            .split(':')
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-    );
-    if first.is_dir() {
-        info!("state directory {}", first.display());
-    } else {
-        warn!("STATE_DIRECTORY {}: not a directory", first.display());
-    }
 }
 
 /// Waits for a cut session's driver to end, at most [`CUT_DEADLINE`], then

@@ -27,14 +27,16 @@ use tether_driver::{Closed, Session};
 use tether_proto::control::Secret;
 use tether_proto::{Control, ErrorCode, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-use crate::config::{Credential, Endpoint};
+use crate::config::Endpoint;
 use crate::dial::EdgeStream;
+use crate::rotation::test_pause;
 
 /// What every session of this run shares.
 pub(crate) struct Runtime {
     /// The endpoints to publish; a reload (SIGHUP) replaces the list.
     pub endpoints: RefCell<Rc<Vec<Endpoint>>>,
-    pub credential: Credential,
+    /// The credentials, and which one is presented.
+    pub credentials: RefCell<crate::rotation::Credentials>,
     pub mux: tether_proto::Config,
     pub stats: std::sync::Arc<crate::Stats>,
     /// What systemd is told.
@@ -198,10 +200,13 @@ pub(crate) async fn serve(
     };
     let mut driver = crate::spawn(rt.stats.track(driver));
 
+    // The credential this session presents (a rotation during it changes
+    // what the next one presents).
+    let credential = rt.credentials.borrow().current().clone();
     let hello = Control::Hello {
         version: PROTOCOL_VERSION,
         min_version: MIN_PROTOCOL_VERSION,
-        token: Secret(rt.credential.secret()),
+        token: Secret(credential.secret()),
         agent: crate::AGENT,
         arch: crate::arch(),
     };
@@ -209,10 +214,7 @@ pub(crate) async fn serve(
         warn!("session with {addr} ended before Hello was sent: {e}");
         return ended_early(&sess, driver).await;
     }
-    debug!(
-        "Hello sent to {addr} with credential {}",
-        rt.credential.id()
-    );
+    debug!("Hello sent to {addr} with credential {}", credential.id());
 
     // Wait for Welcome or Error. A silent edge is caught by the heartbeat
     // (at dead_after); one that answers pings but never Welcome, by this
@@ -268,9 +270,16 @@ pub(crate) async fn serve(
             error!(
                 "{}: {code} ({message}); credential {}, retry after {} ms",
                 refusal_subject(code),
-                rt.credential.id(),
+                credential.id(),
                 retry_after_ms
             );
+            // The other credential, if there is one, is tried without the
+            // edge's wait, which is about this one.
+            let other = matches!(code, ErrorCode::AUTH_FAILED | ErrorCode::TOKEN_REVOKED)
+                && rt
+                    .credentials
+                    .borrow_mut()
+                    .refused(&format!("{code}: {}", crate::printable(message)));
             rt.ended_because(format!(
                 "{}: {code} ({})",
                 refusal_subject(code),
@@ -280,7 +289,11 @@ pub(crate) async fn serve(
             let _ = tether_driver::timeout(Duration::from_secs(1), &mut driver).await;
             return Outcome::Refused {
                 lived: None,
-                retry_after: retry_hint(retry_after_ms),
+                retry_after: if other {
+                    Duration::ZERO
+                } else {
+                    retry_hint(retry_after_ms)
+                },
             };
         }
         other => {
@@ -291,6 +304,7 @@ pub(crate) async fn serve(
         }
     };
     let welcomed = Instant::now();
+    rt.credentials.borrow_mut().accepted();
     rt.bound.borrow_mut().clear();
     *rt.live.borrow_mut() = Some(sess.clone());
     rt.say_connected();
@@ -311,7 +325,7 @@ pub(crate) async fn serve(
     let control = crate::spawn(control_loop(
         sess.clone(),
         rt.clone(),
-        session_no,
+        (session_no, credential.id().to_owned()),
         refused.clone(),
     ));
     crate::spawn(accept_loop(sess.clone(), rt.clone(), session_no)).detach();
@@ -417,7 +431,7 @@ async fn peer_drains(sess: &Session) {
 async fn control_loop(
     sess: Session,
     rt: Rc<Runtime>,
-    session_no: u64,
+    (session_no, presented): (u64, String),
     refused: Rc<Cell<Option<Duration>>>,
 ) {
     while let Some(bytes) = sess.recv_control().await {
@@ -466,11 +480,42 @@ async fn control_loop(
                 ));
                 refused.set(Some(retry_hint(retry_after_ms)));
             }
-            Ok(Control::RotateOffer { token_id, .. }) => {
-                warn!("session {session_no}: credential rotation to {token_id} offered; not supported yet, ignored");
+            Ok(Control::RotateOffer { token_id, token }) => {
+                let token_id = crate::printable(token_id);
+                let stored = {
+                    let mut creds = rt.credentials.borrow_mut();
+                    if creds.current().id() != presented {
+                        // Stored on another session already: this one's
+                        // offer is for a credential no longer presented.
+                        info!("session {session_no}: rotation to {token_id} offered for {presented}, which is no longer presented; ignored");
+                        continue;
+                    }
+                    info!(
+                        "session {session_no}: the edge offers {token_id} to replace {presented}"
+                    );
+                    test_pause("offer_received");
+                    creds.store(&token_id, token.0)
+                };
+                match stored {
+                    Ok(()) => {
+                        let msg = Control::RotateStored {
+                            token_id: &token_id,
+                        };
+                        if let Err(e) = sess.send_control(&msg).await {
+                            warn!("session {session_no}: RotateStored not sent ({e}); the next session presents {token_id}");
+                        }
+                        test_pause("stored_sent");
+                    }
+                    Err(e) => error!(
+                        "session {session_no}: cannot store the rotated credential {token_id}: {e}; going on with {presented}, which the edge keeps valid"
+                    ),
+                }
             }
             Ok(Control::RotateConfirmed { token_id }) => {
-                warn!("session {session_no}: unexpected RotateConfirmed for {token_id}, ignored");
+                info!(
+                    "session {session_no}: rotation to {} complete: the edge retired the previous credential",
+                    crate::printable(token_id)
+                );
             }
             Ok(other) => {
                 error!("session {session_no}: edge broke the protocol: unexpected {other:?}");

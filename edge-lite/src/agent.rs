@@ -74,6 +74,7 @@ pub(crate) async fn serve_agent(
         arch: auth.arch.clone(),
         since: crate::store::unix_now(),
         traffic: Default::default(),
+        offer: Default::default(),
     });
     let driver = crate::state::spawn(driver);
     let mut welcomed_live = false;
@@ -121,21 +122,24 @@ pub(crate) async fn serve_agent(
 /// The token's scope for a session about to go live: the one read at
 /// `Hello`, unless the registry applied changes since `generation`; then
 /// the store's (again, until no change came between the read and the
-/// admission). Admits the session under that scope.
+/// admission). Admits the session under that scope. Returns the sessions
+/// it evicted and whether a rotation of the token is requested.
 async fn admit(
     state: &Arc<State>,
     tunnel: &Arc<Tunnel>,
     auth: &Authenticated,
     mut generation: u64,
-) -> Result<Vec<Arc<Tunnel>>, ErrorCode> {
+) -> Result<(Vec<Arc<Tunnel>>, bool), ErrorCode> {
     let per_token = state.cfg.limits.sessions_per_token;
     let mut scope = Arc::new(auth.token.scope().clone());
+    let mut rotation_requested = auth.token.rotation_requested();
     loop {
         {
             let mut reg = state.registry();
             if reg.generation() == generation {
                 return reg
                     .admit(tunnel, scope, per_token)
+                    .map(|evicted| (evicted, rotation_requested))
                     .map_err(|_| ErrorCode::TOKEN_REVOKED);
             }
             generation = reg.generation();
@@ -146,6 +150,7 @@ async fn admit(
                 if !t.scope.admits(tunnel.peer.ip()) {
                     return Err(ErrorCode::AUTH_FAILED);
                 }
+                rotation_requested = t.rotation_requested_at.is_some();
                 scope = Arc::new(t.scope);
             }
             Ok(_) => return Err(ErrorCode::TOKEN_REVOKED),
@@ -165,9 +170,20 @@ async fn welcome(
     generation: u64,
 ) -> bool {
     let per_token = state.cfg.limits.sessions_per_token;
+    // A successor's first Hello retires its predecessor before Welcome;
+    // its scope is then the predecessor's, which `admit` reads again.
+    let retired = match auth.token.completes() {
+        Some(_) => crate::rotation::complete(state, tunnel).await,
+        None => None,
+    };
+    let generation = if retired.is_some() {
+        generation.wrapping_sub(1)
+    } else {
+        generation
+    };
     let admitted = admit(state, tunnel, auth, generation).await;
-    let evicted = match admitted {
-        Ok(evicted) => evicted,
+    let (evicted, rotation_requested) = match admitted {
+        Ok(x) => x,
         Err(code) => {
             // Revoked, or narrowed, between the store's answer and now.
             let (why, message) = match code {
@@ -224,6 +240,19 @@ async fn welcome(
         auth.version,
         tunnel.peer
     );
+    if let Some(r) = retired {
+        let token_id = r.new.to_string();
+        let confirmed = Control::RotateConfirmed {
+            token_id: &token_id,
+        };
+        if tunnel.session.send_control(&confirmed).await.is_err() {
+            return false;
+        }
+    }
+    if rotation_requested {
+        let (state, tunnel) = (state.clone(), tunnel.clone());
+        crate::state::spawn(async move { crate::rotation::offer(&state, &tunnel).await }).detach();
+    }
     true
 }
 
@@ -322,13 +351,7 @@ async fn serve_controls(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
                 // The binding's drop (outside the lock) closes its port.
                 drop(gone);
             }
-            Control::RotateStored { token_id } => {
-                log::warn!(
-                    "session {}: RotateStored for {:?} without an offer; ignored",
-                    tunnel.no,
-                    for_log(token_id)
-                );
-            }
+            Control::RotateStored { token_id } => crate::rotation::stored(tunnel, token_id),
             other => {
                 log::warn!(
                     "session {}: unexpected control message {:?}; closing (PROTOCOL)",

@@ -54,6 +54,7 @@ pub mod policy;
 mod public;
 pub mod ratelimit;
 mod registry;
+mod rotation;
 pub mod scope;
 mod server;
 mod state;

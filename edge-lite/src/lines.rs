@@ -65,3 +65,25 @@ pub fn flush(limit: Duration) {
         let _ = rx.recv_timeout(limit);
     }
 }
+
+/// A pause point for the rotation crash tests, in debug builds only (the
+/// release build has none): with `TETHER_TEST_PAUSE=<step>:<gate file>`,
+/// reaching `step` prints `PAUSED <step>` and blocks the whole edge while
+/// the gate file exists, so that a test can kill it with SIGKILL exactly
+/// there, or let it go on by removing the file.
+pub(crate) fn test_pause(step: &str) {
+    #[cfg(debug_assertions)]
+    if let Some(spec) = std::env::var_os("TETHER_TEST_PAUSE") {
+        let spec = spec.to_string_lossy();
+        if let Some((at, gate)) = spec.split_once(':') {
+            if at == step {
+                emit(format!("PAUSED {step}"));
+                while std::path::Path::new(gate).exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = step;
+}

@@ -43,9 +43,10 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
         "CREATED",
         "LAST SEEN",
         "REVOKED",
+        "ROTATION",
     ]
     .map(str::to_owned);
-    let rows: Vec<[String; 7]> = tokens
+    let rows: Vec<[String; 8]> = tokens
         .iter()
         .map(|t| {
             [
@@ -68,10 +69,22 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
                 format_time(t.created_at),
                 opt_time(t.last_seen_at),
                 opt_time(t.revoked_at),
+                rotation(t),
             ]
         })
         .collect();
     table(&header, &rows)
+}
+
+/// A token's part in a rotation, for the table.
+fn rotation(t: &TokenInfo) -> String {
+    match (&t.replaced_by, &t.rotated_from) {
+        (Some(by), _) => format!("replaced by {by}"),
+        (None, Some(from)) if t.pending => format!("pending successor of {from}"),
+        _ if t.rotation_requested_at.is_some() => "requested".to_owned(),
+        (None, Some(from)) => format!("successor of {from}"),
+        (None, None) => "-".to_owned(),
+    }
 }
 
 /// The `endpoint list` table: name, kind, owner token, since.

@@ -16,7 +16,9 @@ use futures_lite::StreamExt;
 use tether_edge::events::{EventKind, NewEvent};
 use tether_edge::listing::{apikey_table, endpoint_table, token_table};
 use tether_edge::scope::{parse_sources, Rules, Scope};
-use tether_edge::store::{ApiKeyId, Revoked, Role, SqliteStore, Store, TokenUpdate, Updated};
+use tether_edge::store::{
+    ApiKeyId, Revoked, Role, RotationRequest, SqliteStore, Store, TokenUpdate, Updated,
+};
 use tether_edge::Config;
 
 const USAGE: &str = "\
@@ -27,6 +29,7 @@ Usage: tether-edge --config FILE [serve]
          [--allow RULE...] [--source CIDR... | --any-source]
   or:  tether-edge --config FILE token list
   or:  tether-edge --config FILE token revoke ID
+  or:  tether-edge --config FILE token rotate ID
   or:  tether-edge --config FILE apikey create --role (read|admin) [--description TEXT]
   or:  tether-edge --config FILE apikey list
   or:  tether-edge --config FILE apikey revoke ID
@@ -68,6 +71,12 @@ Commands:
   token list            list tokens (never secrets)
   token revoke ID       revoke a token; running servers close its sessions
                         within 1 s
+  token rotate ID       rotate a token without touching the device: the
+                        running edge offers a successor (same rules) through
+                        the device's tunnel within 1 s, or when it next
+                        connects; tetherd stores it in its state directory
+                        and reconnects with it, and only then is ID retired.
+                        Until then both are valid
   apikey create         create an admin API key (offline, on the store: how
                         the first key is made); --role read (every GET) or
                         --role admin (everything) is required. Prints the
@@ -238,6 +247,7 @@ enum Command {
     Update { id: String, change: TokenUpdate },
     List,
     Revoke(String),
+    Rotate(String),
     Endpoints,
     Release(String),
     Provision(Box<provision::Options>),
@@ -408,6 +418,7 @@ fn parse_args() -> Result<Parsed, String> {
         }
         ["token", "list"] => Command::List,
         ["token", "revoke", id] => Command::Revoke((*id).to_owned()),
+        ["token", "rotate", id] => Command::Rotate((*id).to_owned()),
         ["apikey", "create"] => {
             let r = role
                 .take()
@@ -584,6 +595,38 @@ fn main() -> ExitCode {
                 }
                 Revoked::Unknown => {
                     eprintln!("error: no API key with id {id:?}");
+                    ExitCode::FAILURE
+                }
+            })
+        }),
+        Command::Rotate(id) => with_store(&cfg, |s| {
+            Ok(match s.request_rotation(&id, None)? {
+                RotationRequest::Requested(t) => {
+                    s.record(
+                        &NewEvent::new(EventKind::TokenRotated)
+                            .token(&t.id)
+                            .detail("requested (offline)"),
+                    )?;
+                    eprintln!(
+                        "rotation of token {} requested: the edge offers the device a successor when it is connected",
+                        t.id
+                    );
+                    ExitCode::SUCCESS
+                }
+                RotationRequest::AlreadyPending(t) => {
+                    eprintln!("a rotation of token {} is already pending", t.id);
+                    ExitCode::SUCCESS
+                }
+                RotationRequest::Revoked => {
+                    eprintln!("error: token {id} is revoked; a revoked token is not rotated");
+                    ExitCode::FAILURE
+                }
+                RotationRequest::PendingSuccessor(from) => {
+                    eprintln!("error: token {id} is the pending successor of {from}: its rotation is under way");
+                    ExitCode::FAILURE
+                }
+                RotationRequest::Unknown => {
+                    eprintln!("error: no token with id {id:?}");
                     ExitCode::FAILURE
                 }
             })

@@ -47,6 +47,8 @@ pub(crate) struct Tunnel {
     pub(crate) since: i64,
     /// Bytes its streams carried.
     pub(crate) traffic: Arc<Traffic>,
+    /// The rotation offer made on this session (at most one).
+    pub(crate) offer: crate::rotation::Offer,
 }
 
 /// A tcp endpoint's public port and the task that accepts on it (cancelled,
@@ -116,12 +118,26 @@ struct Live {
 pub(crate) struct Applied {
     /// Tokens revoked by the changes (new to the revoked set).
     pub(crate) revoked: Vec<TokenId>,
-    /// Sessions to close: their token is revoked (`true`) or may no longer
-    /// connect from their address (`false`). Out of the live set already.
-    pub(crate) closed: Vec<(Arc<Tunnel>, bool)>,
+    /// Sessions to close, and why. Out of the live set already.
+    pub(crate) closed: Vec<(Arc<Tunnel>, Close)>,
+    /// Live sessions of tokens an operator asked to rotate: each is
+    /// offered a successor (once per session).
+    pub(crate) rotate: Vec<Arc<Tunnel>>,
     /// Bindings the new rules no longer allow, with their session and the
     /// new scope: unbound already; their drop closes their ports.
     pub(crate) unbound: Vec<(String, Binding, Arc<Scope>)>,
+}
+
+/// Why [`Registry::apply_changes`] took a session out of the live set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Close {
+    /// Its token was revoked: `Error(TOKEN_REVOKED)`, then `GOAWAY`.
+    Revoked,
+    /// Its token may no longer connect from its address.
+    Source,
+    /// A rotation retired its token: the device has a session with the
+    /// successor already, so this one is drained (`GOAWAY(NO_ERROR)`).
+    Retired,
 }
 
 /// The registry; see the module docs.
@@ -228,7 +244,15 @@ impl Registry {
         self.generation += 1;
         let mut out = Applied::default();
         let mut scopes: HashMap<TokenId, Arc<Scope>> = HashMap::new();
+        let mut retired: HashSet<TokenId> = HashSet::new();
+        let mut rotating: HashSet<TokenId> = HashSet::new();
         for c in changes {
+            if c.replaced_by.is_some() {
+                retired.insert(c.id.clone());
+            }
+            if c.rotation_requested {
+                rotating.insert(c.id.clone());
+            }
             if c.revoked {
                 if self.revoked.insert(c.id.clone()) {
                     out.revoked.push(c.id.clone());
@@ -247,16 +271,24 @@ impl Registry {
             let token = l.tunnel.token.clone();
             if self.revoked.contains(&token) {
                 if let Some(l) = self.live.remove(&no) {
-                    out.closed.push((l.tunnel, true));
+                    let why = if retired.contains(&token) {
+                        Close::Retired
+                    } else {
+                        Close::Revoked
+                    };
+                    out.closed.push((l.tunnel, why));
                 }
                 continue;
+            }
+            if rotating.contains(&token) {
+                out.rotate.push(l.tunnel.clone());
             }
             let Some(scope) = scopes.get(&token) else {
                 continue;
             };
             if !scope.admits(l.tunnel.peer.ip()) {
                 if let Some(l) = self.live.remove(&no) {
-                    out.closed.push((l.tunnel, false));
+                    out.closed.push((l.tunnel, Close::Source));
                 }
                 continue;
             }

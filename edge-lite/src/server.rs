@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::lines::emit;
 use crate::metrics::Refusal;
 use crate::public;
-use crate::registry::Applied;
+use crate::registry::{Applied, Close};
 use crate::registry::{Registry, Tunnel};
 use crate::state::{close_tunnel, State};
 use crate::store::{SqliteStore, Store, StoreError, TokenId};
@@ -489,7 +489,7 @@ async fn watch_store(state: Arc<State>, mut rev: i64) {
                     let closed: std::collections::HashSet<TokenId> = applied
                         .closed
                         .iter()
-                        .filter(|(_, revoked)| *revoked)
+                        .filter(|(_, why)| *why == Close::Revoked)
                         .map(|(t, _)| t.token.clone())
                         .collect();
                     act_on(&state, applied);
@@ -515,18 +515,30 @@ fn act_on(state: &Arc<State>, applied: Applied) {
         revoked,
         closed,
         unbound,
+        rotate,
     } = applied;
     let mut counts: HashMap<TokenId, usize> = revoked.into_iter().map(|t| (t, 0)).collect();
-    for (t, was_revoked) in closed {
-        if was_revoked {
-            *counts.entry(t.token.clone()).or_insert(0) += 1;
-        } else {
-            log::warn!(
+    for t in rotate {
+        let state = state.clone();
+        crate::state::spawn(async move { crate::rotation::offer(&state, &t).await }).detach();
+    }
+    for (t, why) in closed {
+        match why {
+            Close::Revoked => *counts.entry(t.token.clone()).or_insert(0) += 1,
+            Close::Source => log::warn!(
                 "session {} of token {} closed: the token may no longer connect from {}",
                 t.no,
                 t.token,
                 t.peer.ip()
-            );
+            ),
+            Close::Retired => {
+                counts.remove(&t.token);
+                log::info!(
+                    "session {} of token {} drained: a rotation retired the token",
+                    t.no,
+                    t.token
+                );
+            }
         }
         // Its endpoints go now, not when its connection ends: their ports
         // close and another session of an allowed token can bind them.
@@ -535,8 +547,13 @@ fn act_on(state: &Arc<State>, applied: Applied) {
             emit(format!("UNBOUND {name}"));
         }
         drop(gone);
+        if why == Close::Retired {
+            // The device's new session carries on; this one's streams finish.
+            t.session.goaway(ErrorCode::NO_ERROR);
+            continue;
+        }
         crate::state::spawn(async move {
-            let (code, message) = if was_revoked {
+            let (code, message) = if why == Close::Revoked {
                 (ErrorCode::TOKEN_REVOKED, "token revoked")
             } else {
                 (

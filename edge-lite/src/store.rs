@@ -21,7 +21,18 @@
 //! from a newer tether-edge is refused, not used. Version 1 is the schema
 //! the edge had before versions (a database it made opens as version 0 with
 //! those tables); version 2 turned the allow lists into scopes in place;
-//! version 3 added the admin API's keys and the events.
+//! version 3 added the admin API's keys and the events; version 4 the
+//! rotation columns.
+//!
+//! Rotation ([`Store::request_rotation`], DESIGN.md invariant 5): an
+//! operator marks a token for rotation; the edge mints a successor
+//! ([`Store::mint_successor`]: same scope, `rotated_from` naming the token)
+//! when it offers one to a live session of the token; both are valid until
+//! the device authenticates with a successor ([`Store::complete_rotation`],
+//! called at that `Hello`), which then takes the predecessor's scope and
+//! description while the predecessor is revoked with `replaced_by` set,
+//! and so are the other successors offered meanwhile. At most
+//! [`MAX_PENDING_SUCCESSORS`] are minted per rotation.
 //!
 //! API keys (`ak_<id>.<secret>`, the same form as tokens) are kept the same
 //! way: a salted hash, compared in constant time, with a [`Role`]. Events
@@ -50,6 +61,12 @@ const SECRET_LEN: usize = 32;
 const SALT_LEN: usize = 16;
 /// The file name of the store inside `state_dir`.
 pub const DB_FILE: &str = "tokens.db";
+
+/// Successors minted for one rotation before it completes, at most: each
+/// offer to a new session of the token mints one (the secret is never
+/// stored, so an offer cannot be repeated), and a device that cannot store
+/// them must not make the edge mint without end.
+pub const MAX_PENDING_SUCCESSORS: usize = 4;
 
 /// A token's public id: 12 lowercase hex characters (the `<id>` in
 /// `tk_<id>.<secret>`), stored as such and shown as `tk_<id>`.
@@ -162,6 +179,8 @@ fn hash(salt: &[u8], secret: &[u8]) -> [u8; 32] {
 pub struct VerifiedToken {
     id: TokenId,
     scope: Scope,
+    completes: Option<TokenId>,
+    rotation_requested: bool,
 }
 
 impl VerifiedToken {
@@ -173,6 +192,17 @@ impl VerifiedToken {
     /// Its scope when it was verified (the server keeps the live one).
     pub fn scope(&self) -> &Scope {
         &self.scope
+    }
+
+    /// When it is a successor whose predecessor is still active: that
+    /// predecessor, which this `Hello` retires ([`Store::complete_rotation`]).
+    pub fn completes(&self) -> Option<&TokenId> {
+        self.completes.as_ref()
+    }
+
+    /// Whether an operator asked for it to be rotated.
+    pub fn rotation_requested(&self) -> bool {
+        self.rotation_requested
     }
 }
 
@@ -193,6 +223,15 @@ pub struct TokenInfo {
     pub last_seen_at: Option<i64>,
     /// Unix seconds of the revocation.
     pub revoked_at: Option<i64>,
+    /// Unix seconds of an operator's rotation request, while it is pending.
+    pub rotation_requested_at: Option<i64>,
+    /// The token it succeeds, when a rotation minted it.
+    pub rotated_from: Option<TokenId>,
+    /// Whether it is a successor whose predecessor is still active (valid
+    /// beside it until the device authenticates with one of them).
+    pub pending: bool,
+    /// The successor that retired it, when a rotation did.
+    pub replaced_by: Option<TokenId>,
 }
 
 /// A change to a token's description or scope; `None` leaves a field as it is.
@@ -229,6 +268,52 @@ pub struct TokenChange {
     pub revoked: bool,
     /// Unix milliseconds of the change (0: before schema version 3).
     pub changed_ms: i64,
+    /// An operator asked for it to be rotated, and it is not yet.
+    pub rotation_requested: bool,
+    /// A rotation retired it (it is revoked too): its sessions are drained,
+    /// not cut, while the device moves to this successor.
+    pub replaced_by: Option<TokenId>,
+}
+
+/// The outcome of [`Store::request_rotation`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotationRequest {
+    /// Requested now; the token as it is now.
+    Requested(Box<TokenInfo>),
+    /// A rotation was requested before and is not done: it stands.
+    AlreadyPending(Box<TokenInfo>),
+    /// It is revoked.
+    Revoked,
+    /// It is a pending successor of this token: rotate that one.
+    PendingSuccessor(TokenId),
+    /// No such token.
+    Unknown,
+}
+
+/// The outcome of [`Store::mint_successor`].
+#[derive(Debug)]
+pub enum Successor {
+    /// A successor to offer, shown once (to the device, never the log).
+    Minted(NewToken),
+    /// No rotation of the token is pending (done, or the token revoked).
+    NotRequested,
+    /// [`MAX_PENDING_SUCCESSORS`] were minted and none was used.
+    Stalled,
+}
+
+/// A rotation that [`Store::complete_rotation`] finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retired {
+    /// The predecessor, revoked now.
+    pub old: TokenId,
+    /// The successor the device authenticated with.
+    pub new: TokenId,
+    /// The API key that asked for the rotation (None: the offline CLI).
+    pub requested_by: Option<ApiKeyId>,
+    /// Unix milliseconds of the request.
+    pub requested_ms: i64,
+    /// The other successors offered meanwhile, revoked now.
+    pub abandoned: Vec<TokenId>,
 }
 
 /// A token just created: show [`NewToken::token`] once, then forget it.
@@ -473,8 +558,30 @@ pub trait Store: Send {
     /// new scope to the token's live sessions ([`Store::changes_since`]).
     fn update(&self, id: &str, change: &TokenUpdate) -> Result<Updated, StoreError>;
 
-    /// Marks a token revoked.
+    /// Marks a token revoked, with the successors a pending rotation of
+    /// it minted.
     fn revoke(&self, id: &str) -> Result<Revoked, StoreError>;
+
+    /// Asks for a token to be rotated (`by`: the API key, None offline);
+    /// the edge offers a successor to its live sessions and to the next
+    /// one. Asking again while one is pending changes nothing.
+    fn request_rotation(
+        &self,
+        id: &str,
+        by: Option<&ApiKeyId>,
+    ) -> Result<RotationRequest, StoreError>;
+
+    /// Mints a successor of `id` for an offer: same description and scope,
+    /// valid beside `id` from now on. Only while a rotation of `id` is
+    /// requested, and at most [`MAX_PENDING_SUCCESSORS`] times per request.
+    fn mint_successor(&self, id: &TokenId) -> Result<Successor, StoreError>;
+
+    /// The device authenticated with `successor`: if its predecessor is
+    /// still active, retires it (revoked, `replaced_by` = `successor`),
+    /// gives `successor` the predecessor's description and scope as they
+    /// are now and its endpoints, and revokes the other successors minted
+    /// for it. `None` when there was nothing to complete.
+    fn complete_rotation(&self, successor: &TokenId) -> Result<Option<Retired>, StoreError>;
 
     /// Checks a presented credential; on success records `last_seen_at`.
     fn verify(&self, presented: &str) -> Result<VerifiedToken, AuthError>;
@@ -583,6 +690,11 @@ pub const MIGRATIONS: &[Migration] = &[
         what: "API keys, events, and the time of a token's last change in ms",
         apply: migrate_3,
     },
+    Migration {
+        version: 4,
+        what: "token rotation: requests, successors and the token each replaced",
+        apply: migrate_4,
+    },
 ];
 
 /// The newest schema version this build knows.
@@ -677,6 +789,17 @@ fn migrate_3(tx: &Transaction<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
+fn migrate_4(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute_batch(
+        "ALTER TABLE tokens ADD COLUMN rotate_requested_ms INTEGER NULL;
+         ALTER TABLE tokens ADD COLUMN rotate_requested_by TEXT NULL;
+         ALTER TABLE tokens ADD COLUMN rotated_from TEXT NULL;
+         ALTER TABLE tokens ADD COLUMN replaced_by TEXT NULL;
+         CREATE INDEX tokens_rotated_from ON tokens (rotated_from);",
+    )?;
+    Ok(())
+}
+
 /// Runs the pending migrations in one `BEGIN IMMEDIATE` transaction (a
 /// second process opening the store meanwhile waits, then finds it done).
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -748,7 +871,9 @@ impl fmt::Debug for SqliteStore {
 }
 
 const TOKEN_COLUMNS: &str =
-    "id, description, rules, sources, created_at, updated_at, last_seen_at, revoked_at";
+    "id, description, rules, sources, created_at, updated_at, last_seen_at, revoked_at,
+     rotate_requested_ms, rotated_from, replaced_by,
+     COALESCE((SELECT p.revoked_at IS NULL FROM tokens p WHERE p.id = tokens.rotated_from), 0)";
 
 fn scope_of(id: &str, rules: &str, sources: &str) -> Result<Scope, StoreError> {
     let corrupt = |what: &str, e: crate::scope::ScopeError| StoreError::Corrupt {
@@ -771,6 +896,10 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenInfo, StoreE
     let updated_at = r.get(5)?;
     let last_seen_at = r.get(6)?;
     let revoked_at = r.get(7)?;
+    let requested_ms: Option<i64> = r.get(8)?;
+    let rotated_from: Option<String> = r.get(9)?;
+    let replaced_by: Option<String> = r.get(10)?;
+    let pending: bool = r.get(11)?;
     Ok(scope_of(&id, &rules, &sources).map(|scope| TokenInfo {
         id: TokenId(id),
         description,
@@ -779,6 +908,10 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<TokenInfo, StoreE
         updated_at,
         last_seen_at,
         revoked_at,
+        rotation_requested_at: requested_ms.map(|ms| ms / 1000),
+        rotated_from: rotated_from.map(TokenId),
+        pending,
+        replaced_by: replaced_by.map(TokenId),
     }))
 }
 
@@ -858,19 +991,21 @@ impl SqliteStore {
         )?)
     }
 
-    /// The next revision, inside the caller's write.
-    const NEXT_REV: &'static str = "(SELECT COALESCE(MAX(rev), 0) + 1 FROM tokens)";
-}
-
-impl Store for SqliteStore {
-    fn create(&self, description: &str, scope: &Scope) -> Result<NewToken, StoreError> {
+    /// Inserts a new token (a successor of `rotated_from` when given).
+    fn insert_token(
+        &self,
+        description: &str,
+        scope: &Scope,
+        rotated_from: Option<&TokenId>,
+    ) -> Result<NewToken, StoreError> {
         loop {
             let m = self.mint()?;
             let n = self.conn.execute(
                 &format!(
                     "INSERT OR IGNORE INTO tokens
-                     (id, salt, hash, description, rules, sources, created_at, rev, changed_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {}, ?8)",
+                     (id, salt, hash, description, rules, sources, created_at, rev, changed_ms,
+                      rotated_from)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {}, ?8, ?9)",
                     Self::NEXT_REV
                 ),
                 params![
@@ -881,7 +1016,8 @@ impl Store for SqliteStore {
                     scope.rules.to_string(),
                     scope.sources_text(),
                     unix_now(),
-                    unix_now_ms()
+                    unix_now_ms(),
+                    rotated_from.map(TokenId::as_str)
                 ],
             )?;
             if n == 1 {
@@ -892,6 +1028,15 @@ impl Store for SqliteStore {
             }
             // An id collision (1 in 2^48 per pair): draw again.
         }
+    }
+
+    /// The next revision, inside the caller's write.
+    const NEXT_REV: &'static str = "(SELECT COALESCE(MAX(rev), 0) + 1 FROM tokens)";
+}
+
+impl Store for SqliteStore {
+    fn create(&self, description: &str, scope: &Scope) -> Result<NewToken, StoreError> {
+        self.insert_token(description, scope, None)
     }
 
     fn create_many(&self, specs: &[(String, Scope)]) -> Result<Vec<NewToken>, StoreError> {
@@ -963,17 +1108,31 @@ impl Store for SqliteStore {
 
     fn revoke(&self, id: &str) -> Result<Revoked, StoreError> {
         let id = bare_id(id);
+        let tx = self.write_tx()?;
         let n = self.conn.execute(
             &format!(
-                "UPDATE tokens SET revoked_at = ?2, changed_ms = ?3, rev = {}
+                "UPDATE tokens SET revoked_at = ?2, changed_ms = ?3, rev = {},
+                 rotate_requested_ms = NULL, rotate_requested_by = NULL
                  WHERE id = ?1 AND revoked_at IS NULL",
                 Self::NEXT_REV
             ),
             params![id, unix_now(), unix_now_ms()],
         )?;
         if n == 1 {
+            // Its pending successors go with it (a successor that a device
+            // proved retired it already: this token would not be active).
+            self.conn.execute(
+                &format!(
+                    "UPDATE tokens SET revoked_at = ?2, changed_ms = ?3, rev = {}
+                     WHERE rotated_from = ?1 AND revoked_at IS NULL",
+                    Self::NEXT_REV
+                ),
+                params![id, unix_now(), unix_now_ms()],
+            )?;
+            tx.commit()?;
             return Ok(Revoked::Now);
         }
+        drop(tx);
         let exists: Option<i64> = self
             .conn
             .query_row("SELECT 1 FROM tokens WHERE id = ?1", params![id], |r| {
@@ -987,19 +1146,166 @@ impl Store for SqliteStore {
         })
     }
 
+    fn request_rotation(
+        &self,
+        id: &str,
+        by: Option<&ApiKeyId>,
+    ) -> Result<RotationRequest, StoreError> {
+        let tx = self.write_tx()?;
+        let Some(t) = self.get(id)? else {
+            return Ok(RotationRequest::Unknown);
+        };
+        if t.revoked_at.is_some() {
+            return Ok(RotationRequest::Revoked);
+        }
+        if t.pending {
+            if let Some(from) = t.rotated_from {
+                return Ok(RotationRequest::PendingSuccessor(from));
+            }
+        }
+        if t.rotation_requested_at.is_some() {
+            return Ok(RotationRequest::AlreadyPending(Box::new(t)));
+        }
+        self.conn.execute(
+            &format!(
+                "UPDATE tokens SET rotate_requested_ms = ?2, rotate_requested_by = ?3,
+                 changed_ms = ?2, rev = {} WHERE id = ?1",
+                Self::NEXT_REV
+            ),
+            params![t.id.as_str(), unix_now_ms(), by.map(ApiKeyId::as_str)],
+        )?;
+        let now = self.get(t.id.as_str())?;
+        tx.commit()?;
+        Ok(now.map_or(RotationRequest::Unknown, |t| {
+            RotationRequest::Requested(Box::new(t))
+        }))
+    }
+
+    fn mint_successor(&self, id: &TokenId) -> Result<Successor, StoreError> {
+        let tx = self.write_tx()?;
+        let Some(t) = self.get(id.as_str())? else {
+            return Ok(Successor::NotRequested);
+        };
+        if t.revoked_at.is_some() || t.rotation_requested_at.is_none() {
+            return Ok(Successor::NotRequested);
+        }
+        let minted: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM tokens WHERE rotated_from = ?1 AND revoked_at IS NULL",
+            params![id.as_str()],
+            |r| r.get(0),
+        )?;
+        if minted as usize >= MAX_PENDING_SUCCESSORS {
+            return Ok(Successor::Stalled);
+        }
+        let new = self.insert_token(&t.description, &t.scope, Some(id))?;
+        tx.commit()?;
+        Ok(Successor::Minted(new))
+    }
+
+    fn complete_rotation(&self, successor: &TokenId) -> Result<Option<Retired>, StoreError> {
+        let tx = self.write_tx()?;
+        let Some(new) = self.get(successor.as_str())? else {
+            return Ok(None);
+        };
+        let Some(old_id) = new.rotated_from.as_ref().filter(|_| new.pending) else {
+            return Ok(None);
+        };
+        if new.revoked_at.is_some() {
+            return Ok(None);
+        }
+        type Row = (String, String, String, Option<i64>, Option<String>);
+        let (description, rules, sources, requested_ms, requested_by): Row = self.conn.query_row(
+            "SELECT description, rules, sources, rotate_requested_ms, rotate_requested_by
+                 FROM tokens WHERE id = ?1",
+            params![old_id.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )?;
+        let (now, now_ms) = (unix_now(), unix_now_ms());
+        let mut st = self.conn.prepare(
+            "SELECT id FROM tokens WHERE rotated_from = ?1 AND id != ?2 AND revoked_at IS NULL
+             ORDER BY id",
+        )?;
+        let abandoned = st
+            .query_map(params![old_id.as_str(), successor.as_str()], |r| {
+                r.get::<_, String>(0).map(TokenId)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(st);
+        self.conn.execute(
+            &format!(
+                "UPDATE tokens SET revoked_at = ?3, changed_ms = ?4, rev = {}
+                 WHERE rotated_from = ?1 AND id != ?2 AND revoked_at IS NULL",
+                Self::NEXT_REV
+            ),
+            params![old_id.as_str(), successor.as_str(), now, now_ms],
+        )?;
+        self.conn.execute(
+            &format!(
+                "UPDATE tokens SET description = ?2, rules = ?3, sources = ?4, changed_ms = ?5,
+                 rev = {} WHERE id = ?1",
+                Self::NEXT_REV
+            ),
+            params![successor.as_str(), description, rules, sources, now_ms],
+        )?;
+        self.conn.execute(
+            &format!(
+                "UPDATE tokens SET revoked_at = ?3, replaced_by = ?2, changed_ms = ?4,
+                 rotate_requested_ms = NULL, rotate_requested_by = NULL, rev = {}
+                 WHERE id = ?1",
+                Self::NEXT_REV
+            ),
+            params![old_id.as_str(), successor.as_str(), now, now_ms],
+        )?;
+        // The endpoints the device owned stay its own.
+        self.conn.execute(
+            "UPDATE endpoints SET token_id = ?2 WHERE token_id = ?1",
+            params![old_id.as_str(), successor.as_str()],
+        )?;
+        tx.commit()?;
+        Ok(Some(Retired {
+            old: old_id.clone(),
+            new: successor.clone(),
+            requested_by: requested_by.and_then(|k| ApiKeyId::parse(&k)),
+            requested_ms: requested_ms.unwrap_or(now_ms),
+            abandoned,
+        }))
+    }
+
     fn verify(&self, presented: &str) -> Result<VerifiedToken, AuthError> {
         let p = parse_token(presented).ok_or(AuthError::Malformed)?;
-        type Row = (Vec<u8>, Vec<u8>, String, String, Option<i64>);
+        type Row = (
+            Vec<u8>,
+            Vec<u8>,
+            String,
+            String,
+            Option<i64>,
+            bool,
+            Option<String>,
+        );
         let row: Option<Row> = self
             .conn
             .query_row(
-                "SELECT salt, hash, rules, sources, revoked_at FROM tokens WHERE id = ?1",
+                "SELECT salt, hash, rules, sources, revoked_at, rotate_requested_ms IS NOT NULL,
+                 (SELECT p.id FROM tokens p WHERE p.id = tokens.rotated_from
+                  AND p.revoked_at IS NULL)
+                 FROM tokens WHERE id = ?1",
                 params![p.id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
             )
             .optional()
             .map_err(|e| AuthError::Store(e.into()))?;
-        let Some((salt, stored, rules, sources, revoked_at)) = row else {
+        let Some((salt, stored, rules, sources, revoked_at, rotation_requested, completes)) = row
+        else {
             return Err(AuthError::Unknown(p.id));
         };
         if !secret_matches(&p, &salt, &stored) {
@@ -1015,12 +1321,18 @@ impl Store for SqliteStore {
                 params![p.id.as_str(), unix_now()],
             )
             .map_err(|e| AuthError::Store(e.into()))?;
-        Ok(VerifiedToken { id: p.id, scope })
+        Ok(VerifiedToken {
+            id: p.id,
+            scope,
+            completes: completes.map(TokenId),
+            rotation_requested,
+        })
     }
 
     fn changes_since(&self, rev: i64) -> Result<(i64, Vec<TokenChange>), StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT id, rules, sources, revoked_at, rev, changed_ms FROM tokens
+            "SELECT id, rules, sources, revoked_at, rev, changed_ms,
+             rotate_requested_ms IS NOT NULL, replaced_by FROM tokens
              WHERE rev > ?1 ORDER BY rev",
         )?;
         let rows = st.query_map(params![rev], |r| {
@@ -1031,18 +1343,23 @@ impl Store for SqliteStore {
                 r.get::<_, Option<i64>>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, bool>(6)?,
+                r.get::<_, Option<String>>(7)?,
             ))
         })?;
         let mut newest = rev;
         let mut out = Vec::new();
         for row in rows {
-            let (id, rules, sources, revoked_at, r, changed_ms) = row?;
+            let (id, rules, sources, revoked_at, r, changed_ms, rotation_requested, replaced_by) =
+                row?;
             newest = newest.max(r);
             out.push(TokenChange {
                 scope: scope_of(&id, &rules, &sources)?,
                 id: TokenId(id),
                 revoked: revoked_at.is_some(),
                 changed_ms,
+                rotation_requested: rotation_requested && revoked_at.is_none(),
+                replaced_by: replaced_by.map(TokenId),
             });
         }
         Ok((newest, out))

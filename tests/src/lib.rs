@@ -648,6 +648,12 @@ impl Edge {
         )
     }
 
+    /// An edge started some other way (`Proc::spawn_as_service`, for an
+    /// environment), once it listens.
+    pub fn from_proc(proc: Proc, config: &Path) -> Edge {
+        Edge::wait_listening(proc, config)
+    }
+
     fn wait_listening(mut proc: Proc, config: &Path) -> Edge {
         let deadline = Instant::now() + Duration::from_secs(20);
         let agent = loop {

@@ -20,8 +20,8 @@ use crate::events::{EventKind, EventQuery, NewEvent};
 use crate::scope::{parse_sources, Rules, Scope};
 use crate::state::State;
 use crate::store::{
-    ApiKeyId, AuthError, Revoked, Role, Store, StoreError, TokenId, TokenUpdate, Updated,
-    VerifiedKey,
+    ApiKeyId, AuthError, Revoked, Role, RotationRequest, Store, StoreError, TokenId, TokenUpdate,
+    Updated, VerifiedKey,
 };
 
 /// A page holds this many items unless `limit` says otherwise.
@@ -126,6 +126,7 @@ enum Op {
     GetToken,
     UpdateToken,
     RevokeToken,
+    RotateToken,
     ListSessions,
     ListEndpoints,
     ListEvents,
@@ -150,6 +151,7 @@ impl Op {
             Op::CreateToken
             | Op::UpdateToken
             | Op::RevokeToken
+            | Op::RotateToken
             | Op::CreateApiKey
             | Op::RevokeApiKey => Some(Role::Admin),
         }
@@ -181,6 +183,9 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<(Op, Option<&'a str>), Fa
         ),
         ["tokens", id, "revoke"] if !id.is_empty() => {
             (&[(Method::POST, Op::RevokeToken)], "POST", Some(id))
+        }
+        ["tokens", id, "rotate"] if !id.is_empty() => {
+            (&[(Method::POST, Op::RotateToken)], "POST", Some(id))
         }
         ["sessions"] => (&[(Method::GET, Op::ListSessions)], "GET", None),
         ["endpoints"] => (&[(Method::GET, Op::ListEndpoints)], "GET", None),
@@ -294,6 +299,11 @@ async fn serve(state: &Arc<State>, max_body: u64, req: Request<Incoming>) -> Res
             query.only(&[])?;
             let id = token_id(param.as_deref())?;
             revoke_token(state, id, by).await
+        }
+        Op::RotateToken => {
+            query.only(&[])?;
+            let id = token_id(param.as_deref())?;
+            rotate_token(state, id, by).await
         }
         Op::ListSessions => list_sessions(state, &query),
         Op::Metrics => {
@@ -701,6 +711,45 @@ async fn revoke_token(
             }
             Ok(json(StatusCode::OK, &wire::Token::from(&t)))
         }
+    }
+}
+
+async fn rotate_token(
+    state: &Arc<State>,
+    id: TokenId,
+    by: Option<ApiKeyId>,
+) -> Result<Resp, Failure> {
+    let sid = id.clone();
+    let r = state
+        .store_call(move |s| {
+            let r = s.request_rotation(sid.as_str(), by.as_ref())?;
+            if let RotationRequest::Requested(t) = &r {
+                s.record(
+                    &NewEvent::new(EventKind::TokenRotated)
+                        .token(&t.id)
+                        .by(by.as_ref())
+                        .detail("requested"),
+                )?;
+            }
+            Ok::<_, StoreError>(r)
+        })
+        .await?;
+    match r {
+        RotationRequest::Requested(t) | RotationRequest::AlreadyPending(t) => {
+            log::info!("api: rotation of token {id} requested");
+            Ok(json(StatusCode::ACCEPTED, &wire::Token::from(&*t)))
+        }
+        RotationRequest::Revoked => Err(fail(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("token {id} is revoked: a revoked token is not rotated"),
+        )),
+        RotationRequest::PendingSuccessor(from) => Err(fail(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("token {id} is the pending successor of {from}: its rotation is under way"),
+        )),
+        RotationRequest::Unknown => Err(not_found(format!("no token {id}"))),
     }
 }
 

@@ -19,6 +19,10 @@ pub(crate) struct Token {
     pub(crate) updated_at: Option<i64>,
     pub(crate) last_seen_at: Option<i64>,
     pub(crate) revoked_at: Option<i64>,
+    pub(crate) rotation_requested_at: Option<i64>,
+    pub(crate) rotated_from: Option<String>,
+    pub(crate) pending: bool,
+    pub(crate) replaced_by: Option<String>,
 }
 
 impl From<&TokenInfo> for Token {
@@ -32,6 +36,10 @@ impl From<&TokenInfo> for Token {
             updated_at: t.updated_at,
             last_seen_at: t.last_seen_at,
             revoked_at: t.revoked_at,
+            rotation_requested_at: t.rotation_requested_at,
+            rotated_from: t.rotated_from.as_ref().map(|i| i.to_string()),
+            pending: t.pending,
+            replaced_by: t.replaced_by.as_ref().map(|i| i.to_string()),
         }
     }
 }
