@@ -234,3 +234,102 @@ pub(crate) fn test_pause(step: &str) {
     #[cfg(not(debug_assertions))]
     let _ = step;
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    const FACTORY: &str = "tk_000000000001.factory-secret";
+    const NEXT: &str = "tk_000000000002.next-secret";
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "tetherd-rotation-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn factory() -> Credential {
+        Credential::parse(FACTORY).unwrap()
+    }
+
+    #[test]
+    fn an_offer_is_stored_private_and_presented_from_then_on_and_after_a_restart() {
+        let d = dir();
+        let mut c = Credentials::load(factory(), Some(d.clone()));
+        assert_eq!(c.current().id(), "tk_000000000001");
+        c.store("tk_000000000002", NEXT).unwrap();
+        assert_eq!(c.current().secret(), NEXT);
+        let path = d.join(ROTATED);
+        assert_eq!(fs::read_to_string(&path).unwrap(), format!("{NEXT}\n"));
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!d.join(TEMP).exists());
+        // A restart presents the stored one; the factory one is untouched.
+        let again = Credentials::load(factory(), Some(d.clone()));
+        assert_eq!(again.current().secret(), NEXT);
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_credential_and_the_temporary_goes() {
+        let d = dir();
+        fs::write(d.join(TEMP), format!("{NEXT}\n")).unwrap();
+        let c = Credentials::load(factory(), Some(d.clone()));
+        assert_eq!(c.current().secret(), FACTORY);
+        assert!(!d.join(TEMP).exists());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_refused_rotated_credential_falls_back_to_the_factory_one_and_back() {
+        let d = dir();
+        let mut c = Credentials::load(factory(), Some(d.clone()));
+        assert!(!c.refused("unknown"), "nothing to fall back to");
+        assert_eq!(c.current().secret(), FACTORY);
+        c.store("tk_000000000002", NEXT).unwrap();
+        assert!(
+            c.refused("unknown token"),
+            "the factory one is worth a dial now"
+        );
+        assert_eq!(c.current().secret(), FACTORY);
+        // Both refused in a row: back to the rotated one, after the edge's wait.
+        assert!(!c.refused("token revoked"));
+        assert_eq!(c.current().secret(), NEXT);
+        c.accepted();
+        assert!(c.refused("unknown token"));
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn offers_that_cannot_be_stored_change_nothing() {
+        let mut none = Credentials::load(factory(), None);
+        assert!(matches!(
+            none.store("tk_000000000002", NEXT),
+            Err(StoreError::NoDirectory)
+        ));
+        let d = dir();
+        let mut c = Credentials::load(factory(), Some(d.clone()));
+        assert!(matches!(
+            c.store("tk_000000000003", NEXT),
+            Err(StoreError::Malformed(_))
+        ));
+        assert!(matches!(
+            c.store("tk_000000000002", "tk_000000000002.bad\nsecret"),
+            Err(StoreError::Malformed(_))
+        ));
+        assert_eq!(c.current().secret(), FACTORY);
+        assert!(!d.join(ROTATED).exists());
+        fs::remove_dir_all(&d).unwrap();
+        // A state directory that is gone: an error naming it.
+        let mut gone = Credentials::load(factory(), Some(d.clone()));
+        let e = gone.store("tk_000000000002", NEXT).unwrap_err();
+        assert!(e.to_string().contains(&d.display().to_string()), "{e}");
+        assert_eq!(gone.current().secret(), FACTORY);
+    }
+}

@@ -1779,6 +1779,130 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_keeps_both_tokens_valid_until_a_successor_authenticates_then_exactly_one() {
+        let (dir, s) = temp_store();
+        let old = s.create("cam-7", &any()).expect("create");
+        s.claim_endpoint("cam", &old.id, "tcp").expect("claim");
+        // No successor without a request.
+        assert!(matches!(
+            s.mint_successor(&old.id).expect("mint"),
+            Successor::NotRequested
+        ));
+        let RotationRequest::Requested(t) = s.request_rotation(old.id.as_str(), None).expect("rq")
+        else {
+            panic!("not requested");
+        };
+        assert!(t.rotation_requested_at.is_some());
+        assert!(matches!(
+            s.request_rotation(old.id.as_str(), None).expect("again"),
+            RotationRequest::AlreadyPending(_)
+        ));
+        let (_, changes) = s.changes_since(0).expect("changes");
+        assert!(changes
+            .iter()
+            .any(|c| c.id == old.id && c.rotation_requested));
+        let mut minted = Vec::new();
+        for _ in 0..MAX_PENDING_SUCCESSORS {
+            match s.mint_successor(&old.id).expect("mint") {
+                Successor::Minted(n) => minted.push(n),
+                other => panic!("expected a successor, got {other:?}"),
+            }
+        }
+        assert!(
+            matches!(s.mint_successor(&old.id).expect("mint"), Successor::Stalled),
+            "at most {MAX_PENDING_SUCCESSORS} successors per rotation"
+        );
+        // A pending successor is not rotated itself.
+        assert_eq!(
+            s.request_rotation(minted[0].id.as_str(), None).expect("rq"),
+            RotationRequest::PendingSuccessor(old.id.clone())
+        );
+        // Every one of them, and the old token, authenticates meanwhile.
+        let v = s.verify(old.token.expose()).expect("old still valid");
+        assert!(v.rotation_requested() && v.completes().is_none());
+        for n in &minted {
+            let v = s.verify(n.token.expose()).expect("successor valid");
+            assert_eq!(v.completes(), Some(&old.id));
+        }
+        // The operator narrows the old token meanwhile: the successor gets it.
+        let narrow = TokenUpdate {
+            description: Some("cam-7 (kitchen)".into()),
+            rules: Some(Rules::parse(["cam"]).expect("rules")),
+            ..TokenUpdate::default()
+        };
+        s.update(old.id.as_str(), &narrow).expect("update");
+        let chosen = &minted[2];
+        let r = s
+            .complete_rotation(&chosen.id)
+            .expect("complete")
+            .expect("a rotation completed");
+        assert_eq!(r.old, old.id);
+        assert_eq!(r.new, chosen.id);
+        assert_eq!(r.abandoned.len(), MAX_PENDING_SUCCESSORS - 1);
+        assert!(!r.abandoned.contains(&chosen.id));
+        // Exactly one is valid now.
+        assert!(matches!(
+            s.verify(old.token.expose()),
+            Err(AuthError::Revoked(_))
+        ));
+        for n in minted.iter().filter(|n| n.id != chosen.id) {
+            assert!(matches!(
+                s.verify(n.token.expose()),
+                Err(AuthError::Revoked(_))
+            ));
+        }
+        let v = s.verify(chosen.token.expose()).expect("the successor");
+        assert!(v.completes().is_none() && !v.rotation_requested());
+        let now = s.get(chosen.id.as_str()).expect("get").expect("listed");
+        assert_eq!(now.description, "cam-7 (kitchen)");
+        assert_eq!(now.scope.rules.to_string(), "cam");
+        assert_eq!(now.rotated_from.as_ref(), Some(&old.id));
+        assert!(!now.pending);
+        let was = s.get(old.id.as_str()).expect("get").expect("listed");
+        assert_eq!(was.replaced_by.as_ref(), Some(&chosen.id));
+        assert!(was.rotation_requested_at.is_none());
+        assert_eq!(
+            s.endpoint_owners().expect("owners").get("cam"),
+            Some(&chosen.id),
+            "the device keeps its endpoints"
+        );
+        let (_, changes) = s.changes_since(0).expect("changes");
+        let retired = changes
+            .iter()
+            .find(|c| c.id == old.id)
+            .expect("old changed");
+        assert!(retired.revoked && retired.replaced_by.as_ref() == Some(&chosen.id));
+        // Completing again is nothing.
+        assert_eq!(s.complete_rotation(&chosen.id).expect("again"), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn revoking_a_token_under_rotation_revokes_its_successors_and_a_revoked_one_is_not_rotated() {
+        let (dir, s) = temp_store();
+        let old = s.create("d", &any()).expect("create");
+        s.request_rotation(old.id.as_str(), None).expect("rq");
+        let Successor::Minted(new) = s.mint_successor(&old.id).expect("mint") else {
+            panic!("no successor");
+        };
+        assert_eq!(s.revoke(old.id.as_str()).expect("revoke"), Revoked::Now);
+        assert!(matches!(
+            s.verify(new.token.expose()),
+            Err(AuthError::Revoked(_))
+        ));
+        assert_eq!(s.complete_rotation(&new.id).expect("complete"), None);
+        assert_eq!(
+            s.request_rotation(old.id.as_str(), None).expect("rq"),
+            RotationRequest::Revoked
+        );
+        assert_eq!(
+            s.request_rotation("tk_000000000000", None).expect("rq"),
+            RotationRequest::Unknown
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn a_database_from_a_newer_edge_is_refused() {
         let (dir, s) = temp_store();
         assert_eq!(s.user_version().expect("version"), schema_version());

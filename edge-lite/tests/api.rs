@@ -952,3 +952,123 @@ fn a_sprayed_token_id_is_slowed_but_its_device_still_connects() {
         env.finish().await.expect("clean stop");
     });
 }
+
+/// The next control message, decoded, within 2 s.
+async fn next_control(a: &Agent) -> Vec<u8> {
+    common::within(Duration::from_secs(2), a.session.recv_control())
+        .await
+        .expect("a control message")
+}
+
+/// The successor an offer carries: (id, secret).
+fn offered(bytes: &[u8]) -> (String, String) {
+    match tether_proto::Control::decode(bytes).unwrap() {
+        tether_proto::Control::RotateOffer { token_id, token } => {
+            (token_id.to_owned(), token.0.to_owned())
+        }
+        other => panic!("expected RotateOffer, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_rotation_through_the_api_is_offered_live_and_retires_the_old_token_at_the_successors_hello() {
+    smol::block_on(async {
+        let mut env = start("api-rotate", "").await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        let admin_id = admin.split('.').next().unwrap().to_owned();
+        let read = key(&store, Role::Read);
+        let (old, old_id) = env.token(&["cam"]);
+        let a = Agent::welcome(&env, &old).await;
+        a.bind_ok("cam", EndpointKind::Tcp).await;
+
+        // A read key cannot rotate; an unknown token is 404.
+        let g = post(&api, &format!("/tokens/{old_id}/rotate"), &read, "").await;
+        assert_eq!(g.status, 403, "{g:?}");
+        let g = post(&api, "/tokens/tk_000000000000/rotate", &admin, "").await;
+        assert_eq!(g.status, 404, "{g:?}");
+        let g = post(&api, &format!("/tokens/{old_id}/rotate"), &admin, "").await;
+        assert_eq!(g.status, 202, "{g:?}");
+        assert!(g.json()["rotation_requested_at"].is_i64(), "{g:?}");
+
+        // The live session is offered a successor within 1 s; both are valid.
+        let t0 = Instant::now();
+        let (new_id, new) = offered(&next_control(&a).await);
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(new.starts_with(&format!("{new_id}.")));
+        let g = curl(&api, &format!("/tokens/{new_id}"), Some(&read), &[]).await;
+        assert_eq!(g.json()["pending"], true, "{g:?}");
+        assert_eq!(g.json()["rotated_from"], old_id.as_str(), "{g:?}");
+        assert_eq!(g.json()["allow"], serde_json::json!(["cam"]));
+        // Rotating the pending successor is a conflict.
+        let g = post(&api, &format!("/tokens/{new_id}/rotate"), &admin, "").await;
+        assert_eq!(g.status, 409, "{g:?}");
+
+        // RotateStored: the edge drains the session (not TOKEN_REVOKED),
+        // so the device dials again with the stored successor.
+        a.send(&tether_proto::Control::RotateStored { token_id: &new_id })
+            .await;
+        common::until(Duration::from_secs(1), "the session drained", || async {
+            a.session.peer_goaway().is_some()
+        })
+        .await;
+        assert_eq!(
+            a.session.peer_goaway().map(|(c, _)| c),
+            Some(ErrorCode::NO_ERROR)
+        );
+
+        // Until the successor's Hello the old token still works, and a
+        // new session of it is offered a successor of its own.
+        let b = Agent::welcome(&env, &old).await;
+        let (second_id, second) = offered(&next_control(&b).await);
+        assert_ne!(second_id, new_id);
+
+        // The successor's Hello: Welcome, then RotateConfirmed.
+        let c = Agent::welcome(&env, &new).await;
+        match common::owned(&next_control(&c).await) {
+            Msg::Other(m) => assert!(m.contains("RotateConfirmed"), "{m}"),
+            other => panic!("expected RotateConfirmed, got {other:?}"),
+        }
+        // The device keeps its endpoint under the new token.
+        let url = c.bind_ok("cam", EndpointKind::Tcp).await;
+        hello_through(&c, &url).await;
+        // The old token's other session is drained too, within 1 s.
+        common::until(
+            Duration::from_secs(1),
+            "the old session drained",
+            || async { b.session.peer_goaway().is_some() },
+        )
+        .await;
+        assert_eq!(
+            b.session.peer_goaway().map(|(c, _)| c),
+            Some(ErrorCode::NO_ERROR)
+        );
+
+        // Exactly one of the three is valid now.
+        for (t, what) in [(&old, "the old token"), (&second, "the unused successor")] {
+            let d = Agent::connect(&env).await;
+            match d.hello(t).await {
+                Some(Msg::Error { code, .. }) => {
+                    assert_eq!(code, ErrorCode::TOKEN_REVOKED, "{what}")
+                }
+                other => panic!("{what}: expected TOKEN_REVOKED, got {other:?}"),
+            }
+        }
+        let g = curl(&api, &format!("/tokens/{old_id}"), Some(&read), &[]).await;
+        assert_eq!(g.json()["replaced_by"], new_id.as_str(), "{g:?}");
+        assert!(g.json()["revoked_at"].is_i64());
+
+        // Two events, both naming the admin key: the request, the retirement.
+        let g = curl(&api, "/events?kind=token_rotated", Some(&read), &[]).await;
+        let items = g.json()["items"].as_array().unwrap().clone();
+        assert_eq!(items.len(), 2, "{g:?}");
+        assert_eq!(items[0]["detail"], format!("retired; replaced by {new_id}"));
+        assert_eq!(items[1]["detail"], "requested");
+        for e in &items {
+            assert_eq!(e["api_key_id"], admin_id.as_str(), "{e}");
+            assert_eq!(e["token_id"], old_id.as_str(), "{e}");
+        }
+        env.finish().await.expect("clean stop");
+    });
+}
