@@ -83,6 +83,7 @@ Files:
   FILE (--config)    edge = \"host:port\" (resolved again on every dial),
                      server_name (default: the host part of edge), ca_file,
                      credential (default: $CREDENTIALS_DIRECTORY/credential),
+                     state_directory (default: $STATE_DIRECTORY),
                      [reconnect], [session] and the [[endpoint]] tables;
                      relative paths are relative to FILE's directory. An
                      error in it is reported as
@@ -92,7 +93,13 @@ Files:
   credential         the file that credential names: the device's token on
                      its first line. Read at start, after FILE, and refused
                      when group or others may read or write it (its mode must
-                     be 0600 or stricter).
+                     be 0600 or stricter). Never written: a rotation stores
+                     the new token in the state directory instead.
+  STATE/credential   the rotated credential, written atomically (0600,
+                     fsync, rename, fsync of the directory) when the edge
+                     offers one; presented instead of the factory one while
+                     the edge accepts it, else tetherd falls back to the
+                     factory credential and logs why
   ca_file            the CA certificates (PEM) that the edge's certificate
                      must chain to, read at start; without ca_file, the
                      system CA bundle: $SSL_CERT_FILE, else
@@ -117,8 +124,8 @@ Environment:
                      where systemd's LoadCredential= put the credentials:
                      credential, when the config names none, is
                      $CREDENTIALS_DIRECTORY/credential
-  STATE_DIRECTORY    systemd's StateDirectory=: logged at start, and warned
-                     about when it is not a directory
+  STATE_DIRECTORY    systemd's StateDirectory=: where the rotated credential
+                     is kept when the config has no state_directory
   JOURNAL_STREAM     when it names stderr (device:inode), log lines start
                      with a syslog priority <N> (3 error, 4 warning, 6 info,
                      7 debug) and carry no timestamp, so that

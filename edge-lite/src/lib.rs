@@ -15,6 +15,8 @@
 //!   document is `openapi.json` beside `src/`), on hyper 1 and the edge's
 //!   executor; it changes the store, the watcher applies the changes.
 //! - `agent`: one agent connection, from admission to unbinding at its end.
+//! - `rotation`: offering a successor token to a session, draining it once
+//!   the device stored it, retiring the old token at the successor's `Hello`.
 //! - `handshake`: TLS, the first frame, `Hello` and the token check, before
 //!   any session memory exists.
 //! - `bind`: deciding a `Bind` (ACL, limits, ownership, tcp ports).
@@ -37,8 +39,7 @@
 //!   type and its kinds, pure; [`listing`]: what the CLI prints.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
-//! `tether-driver`; this crate adds no second driver. Not here yet:
-//! rotation (DESIGN.md), which later work adds.
+//! `tether-driver`; this crate adds no second driver.
 
 mod admission;
 mod agent;

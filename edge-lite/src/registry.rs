@@ -48,7 +48,34 @@ pub(crate) struct Tunnel {
     /// Bytes its streams carried.
     pub(crate) traffic: Arc<Traffic>,
     /// The rotation offer made on this session (at most one).
-    pub(crate) offer: crate::rotation::Offer,
+    pub(crate) offer: Offer,
+}
+
+/// The one rotation offer a session may get (`rotation::offer`).
+#[derive(Debug, Default)]
+pub(crate) struct Offer {
+    claimed: std::sync::atomic::AtomicBool,
+    successor: std::sync::Mutex<Option<TokenId>>,
+}
+
+impl Offer {
+    /// True the first time only: the caller makes the offer.
+    pub(crate) fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::SeqCst)
+    }
+
+    /// The successor offered, once it was sent.
+    pub(crate) fn set_successor(&self, id: TokenId) {
+        *self.successor.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+    }
+
+    /// The successor offered, if any.
+    pub(crate) fn successor(&self) -> Option<TokenId> {
+        self.successor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// A tcp endpoint's public port and the task that accepts on it (cancelled,

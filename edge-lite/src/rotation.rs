@@ -13,10 +13,10 @@
 //! offered a new successor) or with the new one (and the rotation
 //! completes). The secret of a successor is never stored: a session is
 //! offered at most once ([`Offer`]), and each new session of the old token
-//! gets a successor of its own, at most [`MAX_PENDING_SUCCESSORS`].
+//! gets a successor of its own, at most [`MAX_PENDING_SUCCESSORS`]
+//! (`registry::Offer` is a session's).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tether_proto::control::Secret;
 use tether_proto::{Control, ErrorCode};
@@ -24,29 +24,13 @@ use tether_proto::{Control, ErrorCode};
 use crate::events::{EventKind, NewEvent};
 use crate::registry::Tunnel;
 use crate::state::{for_log, State};
-use crate::store::{Retired, Successor, TokenId, MAX_PENDING_SUCCESSORS};
-
-/// The one rotation offer a session may get.
-#[derive(Debug, Default)]
-pub(crate) struct Offer {
-    claimed: AtomicBool,
-    successor: Mutex<Option<TokenId>>,
-}
-
-impl Offer {
-    fn successor(&self) -> Option<TokenId> {
-        self.successor
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
+use crate::store::{Retired, Successor, MAX_PENDING_SUCCESSORS};
 
 /// Offers `tunnel` a successor of its token, unless it was offered one
 /// already or it is no longer live. The successor is minted (and committed)
 /// first, then sent.
 pub(crate) async fn offer(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
-    if tunnel.offer.claimed.swap(true, Ordering::SeqCst) || !state.registry().is_live(tunnel.no) {
+    if !tunnel.offer.claim() || !state.registry().is_live(tunnel.no) {
         return;
     }
     let id = tunnel.token.clone();
@@ -70,11 +54,7 @@ pub(crate) async fn offer(state: &Arc<State>, tunnel: &Arc<Tunnel>) {
             return;
         }
     };
-    *tunnel
-        .offer
-        .successor
-        .lock()
-        .unwrap_or_else(|e| e.into_inner()) = Some(new.id.clone());
+    tunnel.offer.set_successor(new.id.clone());
     let token_id = new.id.to_string();
     let sent = tunnel
         .session

@@ -3,7 +3,7 @@
 //! into the store on the blocking pool ([`State::store_call`]), and closing
 //! a tunnel with a reason ([`close_tunnel`]).
 //!
-//! The modules form one chain: `server` -> `api` / `agent` -> `handshake` /
+//! The modules form one chain: `server` -> `api` / `agent` -> `rotation` / `handshake` /
 //! `bind` -> `public` -> `state` -> `registry` / `admission` / `metrics` /
 //! `store`, with `config`, `tls`, `policy`, `scope` and `events` (the last
 //! three pure) below them all.

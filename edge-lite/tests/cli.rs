@@ -99,7 +99,10 @@ fn token_create_list_revoke_round_trip_and_the_db_holds_no_secret() {
     let (_, list, _) = edge(&config, &["token", "list"]);
     let row = list.lines().find(|l| l.starts_with(id)).unwrap();
     let header = list.lines().next().unwrap();
-    let (at, end) = (header.find("REVOKED").unwrap(), header.find("ROTATION").unwrap());
+    let (at, end) = (
+        header.find("REVOKED").unwrap(),
+        header.find("ROTATION").unwrap(),
+    );
     assert_ne!(row[at..end].trim(), "-", "revoked column is set: {row}");
 
     let (code, _, err) = edge(&config, &["token", "revoke", "0123456789ab"]);
