@@ -94,6 +94,17 @@ impl Rig {
         rig
     }
 
+    /// A rig whose tetherd is paused at `step` of a rotation just asked for.
+    fn paused_in_tetherd(step: &str) -> Rig {
+        let mut rig = Rig::start();
+        rig.kill_daemon();
+        rig.start_daemon(Some(step));
+        rig.wait_bound();
+        rig.rotate();
+        Rig::wait_paused(rig.daemon(), step);
+        rig
+    }
+
     fn gate(&self) -> PathBuf {
         self.dir.join("gate")
     }
@@ -367,12 +378,7 @@ const DEVICE_STEPS: [&str; 5] = [
 #[test]
 fn tetherd_killed_at_each_step_of_a_rotation_still_connects_and_one_token_stays_active() {
     for step in DEVICE_STEPS {
-        let mut rig = Rig::start();
-        rig.kill_daemon();
-        rig.start_daemon(Some(step));
-        rig.wait_bound();
-        rig.rotate();
-        Rig::wait_paused(rig.daemon(), step);
+        let mut rig = Rig::paused_in_tetherd(step);
         rig.kill_daemon();
         rig.release();
         // The device restarts with whatever its disk holds: the factory
@@ -415,12 +421,7 @@ fn tetherd_killed_at_each_step_of_a_rotation_still_connects_and_one_token_stays_
 fn the_edge_killed_at_each_step_of_a_rotation_leaves_the_device_connected_and_one_token_active() {
     // The edge killed while tetherd is at each of its steps ...
     for step in DEVICE_STEPS {
-        let mut rig = Rig::start();
-        rig.kill_daemon();
-        rig.start_daemon(Some(step));
-        rig.wait_bound();
-        rig.rotate();
-        Rig::wait_paused(rig.daemon(), step);
+        let mut rig = Rig::paused_in_tetherd(step);
         rig.kill_edge();
         rig.start_edge(None);
         rig.release();
