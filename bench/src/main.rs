@@ -3,7 +3,9 @@
 //! binaries and passes their paths. `tether-bench bounds` (module [`bounds`],
 //! `scripts/bench bounds`) measures what hostile peers can hold on the edge;
 //! `tether-bench policy` (module [`policy`], `scripts/bench policy`) what
-//! traffic policies cost it.
+//! traffic policies cost it; `tether-bench ops` (module [`ops`],
+//! `scripts/bench ops`) what an operator's actions cost: the API, Hello at
+//! 100,000 tokens, a revoke with 1,000 sessions, a rotation round trip.
 //!
 //! What it starts (127.0.0.1 only, every port chosen by the OS and read back
 //! from the programs' stdout lines, as `scripts/demo` does; `scripts/bench`
@@ -78,6 +80,7 @@ use tether_tests::Lines;
 mod bounds;
 mod compare;
 mod iperf;
+mod ops;
 mod policy;
 
 /// The domain of the TLS endpoints.
@@ -118,15 +121,17 @@ enum Bench {
     Tunnel,
     Bounds,
     Policy,
+    Ops,
 }
 
 fn parse_args() -> Res<(Bench, Args)> {
     let mut it = std::env::args().skip(1);
-    let usage = "usage: tether-bench tunnel|bounds|policy --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n                    [--tetherd-release PATH (tunnel: required)] [--net LABEL (tunnel)]\n       tether-bench buffer-len";
+    let usage = "usage: tether-bench tunnel|bounds|policy|ops --edge PATH --tetherd PATH --out FILE [--pidfile FILE]\n                    [--tetherd-release PATH (tunnel: required)] [--net LABEL (tunnel)]\n       tether-bench buffer-len";
     let bench = match it.next().as_deref() {
         Some("tunnel") => Bench::Tunnel,
         Some("bounds") => Bench::Bounds,
         Some("policy") => Bench::Policy,
+        Some("ops") => Bench::Ops,
         Some("buffer-len") => {
             println!(
                 "{}",
@@ -979,6 +984,7 @@ fn real_main() -> Res<()> {
         Bench::Tunnel => tunnel(args),
         Bench::Bounds => bounds::run(args),
         Bench::Policy => policy::run(args),
+        Bench::Ops => ops::run(args),
     }
 }
 

@@ -342,6 +342,7 @@ async fn run_inner(
         live: Default::default(),
         bound: Default::default(),
         why: Default::default(),
+        rotated: Default::default(),
     });
     if let Some(every) = tether_notify::watchdog_interval() {
         info!(
@@ -461,13 +462,20 @@ async fn supervise(
                     }
                     draining.push((session, driver));
                     // At once, unless the previous session was drained early
-                    // too: an edge that drains every session cannot make us spin.
-                    let first = backoff.attempt() == 0;
-                    let delay = backoff.next_delay(&mut rng);
-                    if first {
+                    // too: an edge that drains every session cannot make us
+                    // spin. After a rotation stored in that session, at once
+                    // anyway: the edge waits for a Hello with the new token
+                    // (one per stored offer, so this cannot spin either).
+                    if rt.rotated.take() {
                         Duration::ZERO
                     } else {
-                        delay
+                        let first = backoff.attempt() == 0;
+                        let delay = backoff.next_delay(&mut rng);
+                        if first {
+                            Duration::ZERO
+                        } else {
+                            delay
+                        }
                     }
                 }
                 Outcome::Ended { lived } => {

@@ -49,6 +49,10 @@ pub(crate) struct Runtime {
     pub bound: RefCell<BTreeSet<String>>,
     /// Why the last session ended, for the next status line.
     pub why: RefCell<String>,
+    /// A rotated credential was stored during the live session: the drain
+    /// that follows is the edge asking for a `Hello` with it, which is
+    /// dialed at once whatever the backoff says.
+    pub rotated: Cell<bool>,
 }
 
 impl Runtime {
@@ -305,6 +309,7 @@ pub(crate) async fn serve(
     };
     let welcomed = Instant::now();
     rt.credentials.borrow_mut().accepted();
+    rt.rotated.set(false);
     rt.bound.borrow_mut().clear();
     *rt.live.borrow_mut() = Some(sess.clone());
     rt.say_connected();
@@ -498,6 +503,7 @@ async fn control_loop(
                 };
                 match stored {
                     Ok(()) => {
+                        rt.rotated.set(true);
                         let msg = Control::RotateStored {
                             token_id: &token_id,
                         };
