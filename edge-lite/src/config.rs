@@ -186,6 +186,10 @@ pub struct EventsConfig {
     pub max_events: u64,
     /// None older than this many days.
     pub max_age_days: u64,
+    /// Also write every event as one JSON line: `"stdout"` (among the
+    /// machine-readable lines) or an absolute file path (appended to,
+    /// created with mode 0640). Absent: the store only.
+    pub json_lines: Option<String>,
 }
 
 impl Default for EventsConfig {
@@ -194,11 +198,33 @@ impl Default for EventsConfig {
         EventsConfig {
             max_events: r.max_events,
             max_age_days: r.max_age_secs / 86_400,
+            json_lines: None,
         }
     }
 }
 
+/// Where `[events] json_lines` sends events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JsonLines {
+    /// The edge's stdout, among its other lines.
+    Stdout,
+    /// Appended to this file.
+    File(PathBuf),
+}
+
 impl EventsConfig {
+    /// The JSON-lines sink, checked: `stdout` or an absolute path.
+    pub fn sink(&self) -> Result<Option<JsonLines>, String> {
+        match self.json_lines.as_deref() {
+            None => Ok(None),
+            Some("stdout") => Ok(Some(JsonLines::Stdout)),
+            Some(p) if Path::new(p).is_absolute() => Ok(Some(JsonLines::File(PathBuf::from(p)))),
+            Some(p) => Err(format!(
+                "{p:?} is neither \"stdout\" nor an absolute file path"
+            )),
+        }
+    }
+
     /// As the store's retention.
     pub fn retention(&self) -> crate::events::Retention {
         crate::events::Retention {
@@ -672,6 +698,9 @@ impl Config {
                         .into(),
                 ));
             }
+        }
+        if let Err(why) = self.events.sink() {
+            return Err(doc.at(&["events", "json_lines"], why));
         }
         // Last, the files: every value above is checked first.
         tls::load_identity(&self.agent.cert, &self.agent.key).map_err(|e| match e {

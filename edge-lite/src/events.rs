@@ -175,7 +175,8 @@ pub struct Event {
 }
 
 /// Which events to list: every filter that is set must match; newest first
-/// from `before` (exclusive; `None`: from the newest).
+/// from `before` (exclusive; `None`: from the newest), or, with `after`,
+/// oldest first from after that sequence number (exclusive).
 #[derive(Clone, Debug, Default)]
 pub struct EventQuery {
     /// Only this kind.
@@ -186,6 +187,9 @@ pub struct EventQuery {
     pub since_ms: Option<i64>,
     /// Only events older than this sequence number (the cursor).
     pub before: Option<i64>,
+    /// Only events newer than this sequence number, oldest first (what the
+    /// JSON-lines writer follows).
+    pub after: Option<i64>,
     /// At most this many.
     pub limit: usize,
 }

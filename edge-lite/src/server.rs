@@ -56,6 +56,8 @@ pub enum RunError {
     Store(StoreError),
     /// The admin API's listener could not be set up.
     Api(String),
+    /// The JSON-lines file of events cannot be opened.
+    Events(String),
     /// A listener could not be bound.
     Listen {
         /// Which listener.
@@ -73,6 +75,7 @@ impl fmt::Display for RunError {
             RunError::Tls { listener, reason } => write!(f, "{listener} listener: {reason}"),
             RunError::Store(e) => write!(f, "{e}"),
             RunError::Api(e) => write!(f, "api listener: {e}"),
+            RunError::Events(e) => write!(f, "{e}"),
             RunError::Listen {
                 listener,
                 addr,
@@ -276,6 +279,41 @@ impl Server {
         let writer = state
             .take_events()
             .map(|rx| crate::state::spawn(write_events(state.clone(), rx)));
+        // Events as JSON lines: from the newest recorded at start on.
+        let follow = match state.cfg.events.sink() {
+            Ok(Some(sink)) => {
+                if let crate::config::JsonLines::File(p) = &sink {
+                    use std::os::unix::fs::OpenOptionsExt as _;
+                    std::fs::OpenOptions::new()
+                        .append(true)
+                        .create(true)
+                        .mode(0o640)
+                        .open(p)
+                        .map_err(|e| {
+                            RunError::Events(format!("events.json_lines: {}: {e}", p.display()))
+                        })?;
+                }
+                let after = state
+                    .store_call(|s| {
+                        s.events(&crate::events::EventQuery {
+                            limit: 1,
+                            ..Default::default()
+                        })
+                    })
+                    .await
+                    .map_err(RunError::Store)?
+                    .first()
+                    .map_or(0, |e| e.seq);
+                Some((
+                    sink,
+                    std::sync::Arc::new(std::sync::atomic::AtomicI64::new(after)),
+                ))
+            }
+            _ => None,
+        };
+        let follower = follow
+            .clone()
+            .map(|(sink, after)| crate::state::spawn(follow_events(state.clone(), sink, after)));
         let agents = crate::state::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
         let watcher = crate::state::spawn(watch_store(state.clone(), rev));
@@ -367,6 +405,11 @@ impl Server {
             .await;
             w.cancel().await;
         }
+        if let (Some(f), Some((sink, after))) = (follower, follow) {
+            // The last events, the writer's included, are written out too.
+            f.cancel().await;
+            while follow_once(&state, &sink, &after).await {}
+        }
         log::info!("stopped");
         crate::lines::flush(Duration::from_secs(1));
         Ok(())
@@ -396,6 +439,79 @@ async fn write_events(state: Arc<State>, rx: smol::channel::Receiver<crate::even
         }
         state.events_written(n);
     }
+}
+
+/// How often the JSON-lines writer looks for new events.
+const FOLLOW_EVERY: Duration = Duration::from_millis(200);
+/// The most events it reads at once.
+const FOLLOW_BATCH: usize = 1_000;
+
+/// Writes every event recorded after `after` (whoever recorded it: the
+/// edge, the API or the offline CLI) to `sink` as one JSON line each, in
+/// the order of their sequence numbers, every [`FOLLOW_EVERY`].
+async fn follow_events(
+    state: Arc<State>,
+    sink: crate::config::JsonLines,
+    after: Arc<std::sync::atomic::AtomicI64>,
+) {
+    loop {
+        while follow_once(&state, &sink, &after).await {}
+        Timer::after(FOLLOW_EVERY).await;
+    }
+}
+
+/// One batch of [`follow_events`]; true when a full batch was written
+/// (more may wait).
+async fn follow_once(
+    state: &Arc<State>,
+    sink: &crate::config::JsonLines,
+    after: &std::sync::atomic::AtomicI64,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    let q = crate::events::EventQuery {
+        after: Some(after.load(Ordering::SeqCst)),
+        limit: FOLLOW_BATCH,
+        ..Default::default()
+    };
+    let batch = match state.store_call(move |s| s.events(&q)).await {
+        Ok(b) => b,
+        Err(e) => {
+            log::warn!("events: cannot read them for json_lines: {e}");
+            return false;
+        }
+    };
+    let Some(last) = batch.last() else {
+        return false;
+    };
+    after.store(last.seq, Ordering::SeqCst);
+    let full = batch.len() == FOLLOW_BATCH;
+    let lines: Vec<String> = batch.iter().map(crate::api::event_json).collect();
+    match sink {
+        crate::config::JsonLines::Stdout => lines.into_iter().for_each(emit),
+        crate::config::JsonLines::File(p) => {
+            let p = p.clone();
+            // Opened for each batch: logrotate's move-and-create needs no signal.
+            let wrote = smol::unblock(move || {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .mode(0o640)
+                    .open(&p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+                let mut text = lines.join("\n");
+                text.push('\n');
+                f.write_all(text.as_bytes())
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            })
+            .await;
+            if let Err(e) = wrote {
+                log::warn!("events: json_lines: {e}");
+            }
+        }
+    }
+    full
 }
 
 /// How often old events are deleted (`[events]` retention).

@@ -1597,20 +1597,23 @@ impl Store for SqliteStore {
     }
 
     fn events(&self, q: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        let mut st = self.conn.prepare(
+        let order = if q.after.is_some() { "ASC" } else { "DESC" };
+        let mut st = self.conn.prepare(&format!(
             "SELECT seq, at_ms, kind, token_id, session, remote, endpoint, api_key, detail
              FROM events
              WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR token_id = ?2)
                AND (?3 IS NULL OR at_ms >= ?3) AND (?4 IS NULL OR seq < ?4)
-             ORDER BY seq DESC LIMIT ?5",
-        )?;
+               AND (?6 IS NULL OR seq > ?6)
+             ORDER BY seq {order} LIMIT ?5"
+        ))?;
         let rows = st.query_map(
             params![
                 q.kind.map(EventKind::as_str),
                 q.token.as_ref().map(TokenId::as_str),
                 q.since_ms,
                 q.before,
-                q.limit as i64
+                q.limit as i64,
+                q.after
             ],
             |r| {
                 Ok((

@@ -1072,3 +1072,86 @@ fn a_rotation_through_the_api_is_offered_live_and_retires_the_old_token_at_the_s
         env.finish().await.expect("clean stop");
     });
 }
+
+#[test]
+fn events_are_also_written_as_json_lines_whoever_recorded_them_and_a_relative_path_is_refused() {
+    // A relative path (or anything but "stdout") is a config error naming the field.
+    {
+        let dir = common::TempDir::new("api-jsonl-config");
+        let pki = common::Pki::generate(dir.path());
+        let base = common::edge_toml(dir.path(), &pki, "");
+        let e = tether_edge::Config::parse(
+            &dir.path().join("edge.toml"),
+            &format!("{base}\n[events]\njson_lines = \"events.jsonl\"\n"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "events.json_lines", "{e}");
+    }
+    smol::block_on(async {
+        let file = std::env::temp_dir().join(format!(
+            "tether-events-{}-{}.jsonl",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut env = start(
+            "api-jsonl",
+            &format!("\n[events]\njson_lines = \"{}\"\n", file.display()),
+        )
+        .await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        // Through the API (recorded in the request), by the edge (through
+        // its writer) and by another connection, as the offline CLI does.
+        let g = post(&api, "/tokens", &admin, r#"{"allow":["cam"]}"#).await;
+        assert_eq!(g.status, 201, "{g:?}");
+        let secret = g.json()["secret"].as_str().unwrap().to_owned();
+        let a = Agent::welcome(&env, &secret).await;
+        store
+            .record(
+                &tether_edge::events::NewEvent::new(tether_edge::events::EventKind::TokenUpdated)
+                    .detail("offline"),
+            )
+            .unwrap();
+        let read = || {
+            std::fs::read_to_string(&file)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .collect::<Vec<_>>()
+        };
+        common::until(Duration::from_secs(2), "three lines", || async {
+            read().len() >= 3
+        })
+        .await;
+        let kinds: Vec<String> = read()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["token_created", "agent_connected", "token_updated"],
+            "in the order they were recorded"
+        );
+        let seqs: Vec<i64> = read().iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        // At shutdown, the last events (the session's end) are written too.
+        drop(a);
+        env.finish().await.expect("clean stop");
+        let all = read();
+        assert_eq!(
+            all.last().unwrap()["kind"],
+            "agent_disconnected",
+            "{all:#?}"
+        );
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(!text.contains(&secret[16..]), "no secret in the lines");
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o007, 0, "others may not read the events: {mode:o}");
+        let _ = std::fs::remove_file(&file);
+    });
+}

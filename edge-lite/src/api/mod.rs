@@ -26,6 +26,12 @@
 mod routes;
 mod wire;
 
+/// An event as the API shows it (`Event` in openapi.json), as one line of
+/// JSON: what `[events] json_lines` writes.
+pub(crate) fn event_json(e: &crate::events::Event) -> String {
+    serde_json::to_string(&wire::Event::from(e)).unwrap_or_default()
+}
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -898,6 +898,7 @@ async fn list_events(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {
         token,
         since_ms,
         before: q.number_cursor()?,
+        after: None,
         limit: limit + 1,
     };
     let got = state.store_call(move |s| s.events(&query)).await?;
