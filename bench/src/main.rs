@@ -737,18 +737,26 @@ fn work_dir(prefix: &str) -> Res<tempfile::TempDir> {
 /// `token create` against the edge's store (config `cfg`) for `endpoints`;
 /// returns the token.
 fn token(edge_bin: &Path, cfg: &str, endpoints: &[&str]) -> Res<String> {
-    let mut cmd = Command::new(edge_bin);
-    cmd.args(["--config", cfg, "token", "create", "--description", "bench"]);
+    let mut args = vec!["token", "create", "--description", "bench"];
     for e in endpoints {
-        cmd.args(["--allow", e]);
+        args.extend(["--allow", e]);
     }
-    let out = cmd
+    edge_cli(edge_bin, cfg, &args)
+}
+
+/// Runs `tether-edge --config CFG ARGS...` (an offline command on the
+/// store) and returns what it printed on stdout (a credential: shown once).
+fn edge_cli(edge_bin: &Path, cfg: &str, args: &[&str]) -> Res<String> {
+    let what = args.iter().take(2).copied().collect::<Vec<_>>().join(" ");
+    let out = Command::new(edge_bin)
+        .args(["--config", cfg])
+        .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| format!("token create: {e}"))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "token create failed: {}",
+            "{what} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }

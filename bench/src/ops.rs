@@ -70,18 +70,7 @@ fn api_edge(args: &Args, dir: &Path, pki: &Pki, tail: &str) -> Res<ApiEdge> {
         &format!("[api]\nlisten = \"127.0.0.1:0\"\n\n{tail}"),
     )?;
     let cfg = toml.to_str().ok_or("non-UTF-8 path")?.to_owned();
-    let out = Command::new(&args.edge)
-        .args(["--config", &cfg, "apikey", "create", "--role", "admin"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("apikey create: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "apikey create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let key = crate::edge_cli(&args.edge, &cfg, &["apikey", "create", "--role", "admin"])?;
     let (proc, agent) = start_edge(args, dir, &cfg)?;
     let line = proc.wait_line("LISTEN api")?;
     let api = line
@@ -159,20 +148,24 @@ fn curl_batch(e: &ApiEdge, reqs: &[Req<'_>]) -> Res<Vec<(u16, f64)>> {
 /// One curl call; the time from just before it starts to its exit.
 fn curl_once(e: &ApiEdge, method: &str, path: &str) -> Res<(u16, Duration)> {
     let t0 = Instant::now();
+    let code = curl_status(&e.api, &e.key, method, path)?;
+    Ok((code, t0.elapsed()))
+}
+
+/// One request by one curl process with `key`: the HTTP status (0: none).
+fn curl_status(api: &str, key: &str, method: &str, path: &str) -> Res<u16> {
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
         .arg("-H")
-        .arg(format!("Authorization: Bearer {}", e.key))
-        .arg(format!("{}{path}", e.api))
+        .arg(format!("Authorization: Bearer {key}"))
+        .arg(format!("{api}{path}"))
         .stdin(Stdio::null())
         .output()
-        .map_err(|x| format!("curl: {x}"))?;
-    let took = t0.elapsed();
-    let code = String::from_utf8_lossy(&out.stdout)
+        .map_err(|x| format!("curl: {x} (apt-get install curl)"))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
-        .unwrap_or(0);
-    Ok((code, took))
+        .unwrap_or(0))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -387,26 +380,16 @@ fn revoke_case(e: &ApiEdge, tls: &Arc<rustls::ClientConfig>, token: &str) -> Res
     }))
 }
 
-/// curl on a thread of its own, awaited without blocking the executor.
+/// [`curl_status`] on a thread of its own, awaited without blocking the
+/// executor that runs the sessions' drivers.
 async fn blocking_curl(api: String, key: String, path: String) -> Res<u16> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let out = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
-            .arg("-H")
-            .arg(format!("Authorization: Bearer {key}"))
-            .arg(format!("{api}{path}"))
-            .stdin(Stdio::null())
-            .output();
-        let code = out
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(0u16);
-        let _ = tx.send(code);
+        let _ = tx.send(curl_status(&api, &key, "POST", &path));
     });
     loop {
         if let Ok(c) = rx.try_recv() {
-            return Ok(c);
+            return c;
         }
         async_io::Timer::after(Duration::from_millis(1)).await;
     }

@@ -120,7 +120,8 @@ pub(crate) async fn serve_agent(
 }
 
 /// The token's scope for a session about to go live: the one read at
-/// `Hello`, unless the registry applied changes since `generation`; then
+/// `Hello`, unless the registry applied changes since `generation` (`None`:
+/// the store changed the token since, read it again); then
 /// the store's (again, until no change came between the read and the
 /// admission). Admits the session under that scope. Returns the sessions
 /// it evicted and whether a rotation of the token is requested.
@@ -128,7 +129,7 @@ async fn admit(
     state: &Arc<State>,
     tunnel: &Arc<Tunnel>,
     auth: &Authenticated,
-    mut generation: u64,
+    mut generation: Option<u64>,
 ) -> Result<(Vec<Arc<Tunnel>>, bool), ErrorCode> {
     let per_token = state.cfg.limits.sessions_per_token;
     let mut scope = Arc::new(auth.token.scope().clone());
@@ -136,13 +137,13 @@ async fn admit(
     loop {
         {
             let mut reg = state.registry();
-            if reg.generation() == generation {
+            if generation == Some(reg.generation()) {
                 return reg
                     .admit(tunnel, scope, per_token)
                     .map(|evicted| (evicted, rotation_requested))
                     .map_err(|_| ErrorCode::TOKEN_REVOKED);
             }
-            generation = reg.generation();
+            generation = Some(reg.generation());
         }
         let id = tunnel.token.to_string();
         match state.store_call(move |s| s.get(&id)).await {
@@ -176,11 +177,7 @@ async fn welcome(
         Some(_) => crate::rotation::complete(state, tunnel).await,
         None => None,
     };
-    let generation = if retired.is_some() {
-        generation.wrapping_sub(1)
-    } else {
-        generation
-    };
+    let generation = retired.is_none().then_some(generation);
     let admitted = admit(state, tunnel, auth, generation).await;
     let (evicted, rotation_requested) = match admitted {
         Ok(x) => x,
