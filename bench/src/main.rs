@@ -744,12 +744,13 @@ fn token(edge_bin: &Path, cfg: &str, endpoints: &[&str]) -> Res<String> {
     edge_cli(edge_bin, cfg, &args)
 }
 
-/// Runs `tether-edge --config CFG ARGS...` (an offline command on the
-/// store) and returns what it printed on stdout (a credential: shown once).
+/// Runs `tether-edge --offline --config CFG ARGS...` (an offline command
+/// on the store) and returns what it printed on stdout (a credential:
+/// shown once).
 fn edge_cli(edge_bin: &Path, cfg: &str, args: &[&str]) -> Res<String> {
     let what = args.iter().take(2).copied().collect::<Vec<_>>().join(" ");
     let out = Command::new(edge_bin)
-        .args(["--config", cfg])
+        .args(["--offline", "--config", cfg])
         .args(args)
         .stdin(Stdio::null())
         .output()

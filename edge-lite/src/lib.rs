@@ -36,7 +36,9 @@
 //!   the edge's, the endpoint's and the agent's layers; [`scope`]: the
 //!   other half of the policy model, pure too: a token's bind rules
 //!   (`name`, `*.suffix`, `*`) and source CIDRs; [`events`]: the event
-//!   type and its kinds, pure; [`listing`]: what the CLI prints.
+//!   type and its kinds, pure; [`wire`]: the API's JSON, which the API
+//!   writes and the CLI reads (or makes offline); [`listing`]: the CLI's
+//!   tables of it; [`client`]: the CLI's client of the API.
 //!
 //! The multiplexer and its async driver are `tether-proto` and
 //! `tether-driver`; this crate adds no second driver.
@@ -45,6 +47,7 @@ mod admission;
 mod agent;
 mod api;
 mod bind;
+pub mod client;
 pub mod config;
 pub mod events;
 mod handshake;
@@ -61,6 +64,7 @@ mod server;
 mod state;
 pub mod store;
 mod tls;
+pub mod wire;
 
 use std::future::Future;
 

@@ -1,10 +1,11 @@
-//! What the `token`, `apikey` and `endpoint` subcommands print: their
-//! tables and their timestamps
-//! (UTC, ISO 8601). Never a secret: [`TokenInfo`] has none.
+//! What the CLI's `list` commands print: tables of the API's JSON types
+//! ([`crate::wire`]), whether they came from the API or, offline, from the
+//! store, and their timestamps (UTC, ISO 8601). Never a secret: none of
+//! these types has one.
 
 use std::fmt::Write as _;
 
-use crate::store::{ApiKeyInfo, EndpointInfo, TokenInfo};
+use crate::wire::{ApiKey, Endpoint, Event, Session, Token};
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
 pub fn format_time(unix: i64) -> String {
@@ -28,13 +29,42 @@ pub fn format_time(unix: i64) -> String {
     )
 }
 
+/// Unix milliseconds as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+pub fn format_time_ms(unix_ms: i64) -> String {
+    let t = format_time(unix_ms.div_euclid(1000));
+    format!("{}.{:03}Z", &t[..t.len() - 1], unix_ms.rem_euclid(1000))
+}
+
 fn opt_time(t: Option<i64>) -> String {
     t.map_or_else(|| "-".to_owned(), format_time)
 }
 
+fn opt<T: ToString>(v: Option<&T>) -> String {
+    v.map_or_else(|| "-".to_owned(), T::to_string)
+}
+
+/// A free-text cell: `-` when empty, control characters escaped (a
+/// description must not rewrite the terminal).
+fn text(s: &str) -> String {
+    if s.is_empty() {
+        "-".to_owned()
+    } else {
+        s.escape_debug().to_string()
+    }
+}
+
+/// A list cell: comma-separated, or `empty` when there is nothing.
+fn list(v: &[String], empty: &str) -> String {
+    if v.is_empty() {
+        empty.to_owned()
+    } else {
+        v.join(",")
+    }
+}
+
 /// The `token list` table: id, description, bind rules, sources, created,
-/// last seen, revoked.
-pub fn token_table(tokens: &[TokenInfo]) -> String {
+/// last seen, revoked, rotation.
+pub fn token_table(tokens: &[Token]) -> String {
     let header = [
         "ID",
         "DESCRIPTION",
@@ -50,22 +80,10 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
         .iter()
         .map(|t| {
             [
-                t.id.to_string(),
-                if t.description.is_empty() {
-                    "-".to_owned()
-                } else {
-                    t.description.escape_debug().to_string()
-                },
-                if t.scope.rules.is_empty() {
-                    "-".to_owned()
-                } else {
-                    t.scope.rules.to_string()
-                },
-                if t.scope.sources.is_empty() {
-                    "any".to_owned()
-                } else {
-                    t.scope.sources_text()
-                },
+                t.id.clone(),
+                text(&t.description),
+                list(&t.allow, "-"),
+                list(&t.sources, "any"),
                 format_time(t.created_at),
                 opt_time(t.last_seen_at),
                 opt_time(t.revoked_at),
@@ -77,7 +95,7 @@ pub fn token_table(tokens: &[TokenInfo]) -> String {
 }
 
 /// A token's part in a rotation, for the table.
-fn rotation(t: &TokenInfo) -> String {
+fn rotation(t: &Token) -> String {
     match (&t.replaced_by, &t.rotated_from) {
         (Some(by), _) => format!("replaced by {by}"),
         (None, Some(from)) if t.pending => format!("pending successor of {from}"),
@@ -87,21 +105,20 @@ fn rotation(t: &TokenInfo) -> String {
     }
 }
 
-/// The `endpoint list` table: name, kind, owner token, since.
-pub fn endpoint_table(endpoints: &[EndpointInfo]) -> String {
-    let header = ["ENDPOINT", "KIND", "OWNER", "SINCE"].map(str::to_owned);
-    let rows: Vec<[String; 4]> = endpoints
+/// The `endpoint list` table: name, kind, owner token, since (claimed),
+/// and, from a running edge, the URL and the session serving it.
+pub fn endpoint_table(endpoints: &[Endpoint]) -> String {
+    let header = ["ENDPOINT", "KIND", "OWNER", "SINCE", "URL", "SESSION"].map(str::to_owned);
+    let rows: Vec<[String; 6]> = endpoints
         .iter()
         .map(|e| {
             [
                 e.name.clone(),
-                if e.kind.is_empty() {
-                    "-".to_owned()
-                } else {
-                    e.kind.clone()
-                },
-                e.owner.to_string(),
-                format_time(e.claimed_at),
+                opt(e.kind.as_ref()),
+                opt(e.owner_token_id.as_ref()),
+                opt_time(e.claimed_at),
+                opt(e.url.as_ref()),
+                opt(e.session_id.as_ref()),
             ]
         })
         .collect();
@@ -110,7 +127,7 @@ pub fn endpoint_table(endpoints: &[EndpointInfo]) -> String {
 
 /// The `apikey list` table: id, role, description, created (and by whom),
 /// last used, revoked.
-pub fn apikey_table(keys: &[ApiKeyInfo]) -> String {
+pub fn apikey_table(keys: &[ApiKey]) -> String {
     let header = [
         "ID",
         "ROLE",
@@ -125,19 +142,75 @@ pub fn apikey_table(keys: &[ApiKeyInfo]) -> String {
         .iter()
         .map(|k| {
             [
-                k.id.to_string(),
-                k.role.as_str().to_owned(),
-                if k.description.is_empty() {
-                    "-".to_owned()
-                } else {
-                    k.description.escape_debug().to_string()
-                },
+                k.id.clone(),
+                k.role.clone(),
+                text(&k.description),
                 format_time(k.created_at),
-                k.created_by
-                    .as_ref()
-                    .map_or_else(|| "offline".to_owned(), |b| b.to_string()),
+                k.created_by.clone().unwrap_or_else(|| "offline".to_owned()),
                 opt_time(k.last_used_at),
                 opt_time(k.revoked_at),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// The `session list` table: id, token, remote address, agent and arch,
+/// connected since, endpoints, open streams, bytes each way.
+pub fn session_table(sessions: &[Session]) -> String {
+    let header = [
+        "ID",
+        "TOKEN",
+        "REMOTE",
+        "AGENT",
+        "ARCH",
+        "SINCE",
+        "ENDPOINTS",
+        "STREAMS",
+        "BYTES UP",
+        "BYTES DOWN",
+    ]
+    .map(str::to_owned);
+    let rows: Vec<[String; 10]> = sessions
+        .iter()
+        .map(|s| {
+            [
+                s.id.to_string(),
+                s.token_id.clone(),
+                s.remote.clone(),
+                text(&s.agent),
+                text(&s.arch),
+                format_time(s.connected_at),
+                list(&s.endpoints, "-"),
+                s.open_streams.to_string(),
+                s.bytes_up.to_string(),
+                s.bytes_down.to_string(),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// The `event list` table: seq, time, kind, token, session, remote,
+/// endpoint, API key, detail.
+pub fn event_table(events: &[Event]) -> String {
+    let header = [
+        "SEQ", "TIME", "KIND", "TOKEN", "SESSION", "REMOTE", "ENDPOINT", "KEY", "DETAIL",
+    ]
+    .map(str::to_owned);
+    let rows: Vec<[String; 9]> = events
+        .iter()
+        .map(|e| {
+            [
+                e.seq.to_string(),
+                format_time_ms(e.at_ms),
+                e.kind.clone(),
+                opt(e.token_id.as_ref()),
+                opt(e.session_id.as_ref()),
+                opt(e.remote.as_ref()),
+                opt(e.endpoint.as_ref()),
+                opt(e.api_key_id.as_ref()),
+                text(&e.detail),
             ]
         })
         .collect();
@@ -177,5 +250,10 @@ mod tests {
         assert_eq!(format_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(format_time(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(format_time(1_795_603_718), "2026-11-25T10:48:38Z");
+        assert_eq!(
+            format_time_ms(1_795_603_718_042),
+            "2026-11-25T10:48:38.042Z"
+        );
+        assert_eq!(format_time_ms(-1), "1969-12-31T23:59:59.999Z");
     }
 }

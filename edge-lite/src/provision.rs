@@ -8,8 +8,9 @@
 //! was provisioned. It works on the store offline, like `token create`; a
 //! running edge sees the new tokens and the revocations within 1 s.
 //!
-//! What it does not do: talk to the admin API (there is none yet), flash
-//! images, or choose upstreams itself.
+//! What it does not do: talk to the admin API (it mints secrets into files
+//! on this host, so it runs where the store is), flash images, or choose
+//! upstreams itself.
 //!
 //! # Order of work, and why each step is where it is
 //!
@@ -96,33 +97,93 @@ const BUNDLE_FILES: [&str; 3] = ["credential", "ca.crt", "tetherd.toml"];
 /// At most this many input errors are listed.
 const MAX_ERRORS: usize = 20;
 
-/// The `provision` flags, as `main` parsed them.
-#[derive(Debug, Default)]
+/// The `provision` flags, as clap parsed them (`cli`).
+#[derive(Debug, Default, clap::Args)]
 pub struct Options {
     /// `--devices FILE`: the CSV (`serial[,endpoints]`).
+    #[arg(
+        long,
+        value_name = "CSV",
+        long_help = "the devices, a CSV with the header serial[,endpoints] ('#' starts a comment line). A serial is 1-64 of A-Z a-z 0-9 . _ -, not starting with '.' or '-'. The endpoints cell, when not empty, replaces the --endpoint templates for that row: entries separated by ';' or spaces, each a SPEC or a bare NAME that takes the upstream and kind of the --endpoint at the same position"
+    )]
     pub devices: Option<PathBuf>,
     /// `--serial S` (repeatable): only these serials (without `--devices`:
     /// these serials, with the templates).
+    #[arg(
+        long = "serial",
+        value_name = "SERIAL",
+        long_help = "only this device (repeatable); without --devices, these serials with the templates"
+    )]
     pub serials: Vec<String>,
     /// `--edge HOST:PORT`.
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        long_help = "the edge's agent address for tetherd.toml"
+    )]
     pub edge: Option<String>,
     /// `--ca FILE`.
+    #[arg(
+        long,
+        value_name = "PEM",
+        long_help = "the CA that signed the edge's agent certificate, copied to every bundle as ca.crt (certificates only; a private key is refused)"
+    )]
     pub ca: Option<PathBuf>,
     /// `--server-name NAME`.
+    #[arg(
+        long,
+        value_name = "NAME",
+        long_help = "server_name in tetherd.toml (default: the host of --edge)"
+    )]
     pub server_name: Option<String>,
     /// `--endpoint NAME=UPSTREAM[,KIND]` (repeatable).
+    #[arg(
+        long = "endpoint",
+        value_name = "SPEC",
+        long_help = "NAME=UPSTREAM[,KIND], an endpoint every device gets (repeatable); KIND is tcp (default), tls or tls-passthrough; in NAME, {serial} is the serial and {label} the serial as a DNS label (lowercase, '.' and '_' as '-'), e.g. 'ssh-{label}=127.0.0.1:22'"
+    )]
     pub endpoints: Vec<String>,
     /// `--out DIR`.
+    #[arg(
+        long,
+        value_name = "DIR",
+        long_help = "write each device's credential, ca.crt and tetherd.toml into DIR/SERIAL/; DIR is made 0700"
+    )]
     pub out: Option<PathBuf>,
     /// `--root DIR`.
+    #[arg(
+        long,
+        value_name = "DIR",
+        long_help = "one device (pick it with --serial or a one-row CSV) into an image root, in DIR/etc/tether (mode 0755): credential (0600, owner --uid:--gid), ca.crt and tetherd.toml (0644, owner 0:0)"
+    )]
     pub root: Option<PathBuf>,
     /// `--uid N`.
+    #[arg(
+        long,
+        value_name = "N",
+        long_help = "with --root: the numeric owner of the credential, the image's tetherd user (not the host's)"
+    )]
     pub uid: Option<u32>,
     /// `--gid N`.
+    #[arg(
+        long,
+        value_name = "N",
+        long_help = "with --root: the numeric group of the credential, the image's tetherd group"
+    )]
     pub gid: Option<u32>,
     /// `--manifest FILE`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        long_help = "serial,token_id,created_unix, one line per device (never a secret); default DIR/manifest.csv with --out, required with --root"
+    )]
     pub manifest: Option<PathBuf>,
     /// `--reissue SERIAL` (repeatable).
+    #[arg(
+        long,
+        value_name = "SERIAL",
+        long_help = "mint a new token for a serial in the manifest, rewrite its bundle, record it, then revoke the old token (repeatable)"
+    )]
     pub reissue: Vec<String>,
 }
 

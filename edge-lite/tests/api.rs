@@ -631,6 +631,7 @@ fn the_first_key_is_made_offline_and_shown_once() {
     let bin = env!("CARGO_BIN_EXE_tether-edge");
     let run = |args: &[&str]| {
         Command::new(bin)
+            .arg("--offline")
             .arg("--config")
             .arg(&path)
             .args(args)
@@ -1153,5 +1154,385 @@ fn events_are_also_written_as_json_lines_whoever_recorded_them_and_a_relative_pa
         let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o007, 0, "others may not read the events: {mode:o}");
         let _ = std::fs::remove_file(&file);
+    });
+}
+
+/// Runs the real `tether-edge` CLI (on the blocking pool: the edge runs on
+/// this thread's executor) with only the `TETHER_API_*` variables of `vars`
+/// set: (exit code, stdout, stderr).
+async fn cli(args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tether-edge"));
+    for v in [
+        "TETHER_API_URL",
+        "TETHER_API_KEY",
+        "TETHER_API_KEY_FILE",
+        "TETHER_API_CA",
+    ] {
+        c.env_remove(v);
+    }
+    c.args(args).envs(vars.iter().copied());
+    let out = smol::unblock(move || c.output().unwrap()).await;
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text:?}"))
+}
+
+#[test]
+fn the_cli_is_a_client_of_the_api_and_every_change_names_its_key() {
+    smol::block_on(async {
+        let mut env = start("api-cli-client", "").await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        let read = key(&store, Role::Read);
+        let admin_id = admin[..15].to_owned();
+        // The key from a file (0600), the address from the environment.
+        let key_file = env.dir.path().join("admin.key");
+        std::fs::write(&key_file, format!("{admin}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let kf = key_file.to_str().unwrap();
+        let by_file = [
+            ("TETHER_API_URL", api.as_str()),
+            ("TETHER_API_KEY_FILE", kf),
+        ];
+        let (code, secret, err) = cli(
+            &[
+                "token",
+                "create",
+                "--allow",
+                "*.site-42",
+                "--description",
+                "gw",
+            ],
+            &by_file,
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        let secret = secret.trim().to_owned();
+        assert!(
+            secret.starts_with("tk_"),
+            "the token, once, on stdout: {secret}"
+        );
+        assert!(
+            err.contains("bind=*.site-42") && !err.contains(&secret[16..]),
+            "{err}"
+        );
+        let id = secret[..15].to_owned();
+        // It went through the API: the event names the key.
+        let ev = store
+            .events(&tether_edge::events::EventQuery {
+                kind: tether_edge::events::EventKind::parse("token_created"),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].event.api_key.as_ref().unwrap().to_string(), admin_id);
+
+        // The key itself from TETHER_API_KEY, the address from --api;
+        // --output json prints the API's documents (a list as an array).
+        let by_env = [("TETHER_API_KEY", admin.as_str())];
+        let (code, out, err) = cli(&["--api", &api, "-o", "json", "token", "list"], &by_env).await;
+        assert_eq!(code, 0, "{err}");
+        let list = json(&out);
+        let t = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id.as_str())
+            .unwrap();
+        assert_eq!(t["allow"], serde_json::json!(["*.site-42"]));
+        assert_eq!(t["description"], "gw");
+        let (code, out, err) = cli(
+            &[
+                "--api",
+                &api,
+                "token",
+                "update",
+                &id,
+                "--allow",
+                "cam.site-42",
+                "--source",
+                "127.0.0.0/8",
+                "-o",
+                "json",
+            ],
+            &by_env,
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(json(&out)["sources"], serde_json::json!(["127.0.0.0/8"]));
+        let got = store.get(&id[3..]).unwrap().unwrap();
+        assert_eq!(got.scope.summary(), "bind=cam.site-42 sources=127.0.0.0/8");
+        // The table shows what the API holds.
+        let (code, table, _) = cli(&["--api", &api, "token", "get", &id], &by_env).await;
+        assert_eq!(code, 0);
+        assert!(
+            table.starts_with("ID ") && table.contains(&id) && table.contains("cam.site-42"),
+            "{table}"
+        );
+
+        // A read key lists but cannot revoke: exit 1 with the API's reason.
+        let by_read = [
+            ("TETHER_API_URL", api.as_str()),
+            ("TETHER_API_KEY", read.as_str()),
+        ];
+        let (code, _, err) = cli(&["token", "revoke", &id], &by_read).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("HTTP 403, forbidden") && err.contains("role read"),
+            "{err}"
+        );
+        assert!(store.get(&id[3..]).unwrap().unwrap().revoked_at.is_none());
+        let (code, _, err) = cli(&["apikey", "list"], &by_read).await;
+        assert_eq!(code, 0, "{err}");
+
+        // An unknown token is the API's 404, a bad id a usage error before
+        // anything is sent.
+        let (code, _, err) = cli(&["token", "rotate", "tk_0123456789ab"], &by_file).await;
+        assert_eq!(code, 1);
+        assert!(
+            err.contains("no token tk_0123456789ab (HTTP 404, not_found)"),
+            "{err}"
+        );
+        let (code, _, err) = cli(&["token", "get", "tk_nothex/../x"], &by_file).await;
+        assert_eq!(code, 64, "{err}");
+
+        // A device connects: session list and endpoint list show it live.
+        let a = Agent::welcome(&env, &secret).await;
+        a.bind_ok("cam.site-42", EndpointKind::Tcp).await;
+        let (code, out, err) = cli(&["-o", "json", "session", "list"], &by_file).await;
+        assert_eq!(code, 0, "{err}");
+        let sessions = json(&out);
+        assert_eq!(sessions.as_array().unwrap().len(), 1, "{out}");
+        assert_eq!(sessions[0]["token_id"], id.as_str());
+        assert_eq!(sessions[0]["endpoints"], serde_json::json!(["cam.site-42"]));
+        let (code, table, _) = cli(&["endpoint", "list"], &by_file).await;
+        assert_eq!(code, 0);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("cam.site-42 "))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            row.contains(&id) && row.contains("tcp://127.0.0.1:"),
+            "{row}"
+        );
+
+        // Revoking through the CLI closes the live session within 1 s.
+        let t0 = Instant::now();
+        let (code, out, err) = cli(&["-o", "json", "token", "revoke", &id], &by_file).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(json(&out)["revoked_at"].is_i64(), "{out}");
+        match a.recv().await {
+            Some(Msg::Error { code, .. }) => assert_eq!(code, ErrorCode::TOKEN_REVOKED),
+            other => panic!("expected Error(TOKEN_REVOKED), got {other:?}"),
+        }
+        // One CLI process (start, connect, request) and the watcher's poll.
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+
+        // The event log through the CLI: exact counts, each naming the key.
+        let (code, out, err) =
+            cli(&["-o", "json", "event", "list", "--token", &id], &by_file).await;
+        assert_eq!(code, 0, "{err}");
+        let mut got: Vec<(String, String)> = json(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| !e["api_key_id"].is_null())
+            .map(|e| {
+                (
+                    e["kind"].as_str().unwrap().to_owned(),
+                    e["api_key_id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        got.sort();
+        let want: Vec<(String, String)> = ["token_created", "token_revoked", "token_updated"]
+            .iter()
+            .map(|k| ((*k).to_owned(), admin_id.clone()))
+            .collect();
+        assert_eq!(got, want, "{out}");
+
+        // status needs no key.
+        let (code, out, err) = cli(&["--api", &api, "status"], &[]).await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("ok: tether-edge "), "{out}");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn the_cli_refuses_to_guess_where_the_api_is_or_which_key_to_use() {
+    smol::block_on(async {
+        let mut env = start("api-cli-refuse", "").await;
+        let api = env.api.clone().unwrap();
+        let cfg = env.config.to_str().unwrap().to_owned();
+        let admin = key(&env.store(), Role::Admin);
+        // No address at all: a usage error that names both ways out.
+        let (code, _, err) = cli(&["token", "list"], &[("TETHER_API_KEY", &admin)]).await;
+        assert_eq!(code, 64);
+        assert!(
+            err.contains("--api URL") && err.contains("--offline"),
+            "{err}"
+        );
+        // No key: named, with where the first one comes from.
+        let (code, _, err) = cli(&["--api", &api, "token", "list"], &[]).await;
+        assert_eq!(code, 64);
+        assert!(
+            err.contains("no API key") && err.contains("TETHER_API_KEY"),
+            "{err}"
+        );
+        // The key is never a flag (ps would show it).
+        let (code, _, err) = cli(&["--api", &api, "--api-key", &admin, "token", "list"], &[]).await;
+        assert_eq!(code, 64, "{err}");
+        assert!(
+            !err.contains(&admin[16..]),
+            "the refusal does not echo a secret: {err}"
+        );
+        // A file that holds no key: named, its content not echoed.
+        let bad = env.dir.path().join("bad.key");
+        std::fs::write(&bad, "tk_0123456789ab.c2VjcmV0\n").unwrap();
+        let (code, _, err) = cli(
+            &[
+                "--api",
+                &api,
+                "--api-key-file",
+                bad.to_str().unwrap(),
+                "token",
+                "list",
+            ],
+            &[],
+        )
+        .await;
+        assert_eq!(code, 64);
+        assert!(
+            err.contains("bad.key: not an API key") && !err.contains("c2VjcmV0"),
+            "{err}"
+        );
+        // A config whose [api] is port 0 here, so: the address from the
+        // config, which nothing listens on; and an API that is not there.
+        let (code, _, err) = cli(
+            &["--config", &cfg, "token", "list"],
+            &[("TETHER_API_KEY", &admin)],
+        )
+        .await;
+        assert_eq!(code, 1, "{err}");
+        assert!(
+            err.contains("cannot reach the API at http://127.0.0.1:0"),
+            "{err}"
+        );
+        // A revoked key: the API's 401.
+        let store = env.store();
+        let k = tether_edge::store::ApiKeyId::parse(&admin[..15]).unwrap();
+        store.revoke_api_key(&k).unwrap();
+        let (code, _, err) = cli(
+            &["--api", &api, "token", "list"],
+            &[("TETHER_API_KEY", &admin)],
+        )
+        .await;
+        assert_eq!(code, 1);
+        assert!(err.contains("HTTP 401, unauthorized"), "{err}");
+        // session list and status need the running edge.
+        for args in [&["session", "list"][..], &["status"]] {
+            let mut a = vec!["--offline", "--config", &cfg];
+            a.extend_from_slice(args);
+            let (code, _, err) = cli(&a, &[]).await;
+            assert_eq!(code, 1, "{args:?}");
+            assert!(err.contains("without --offline"), "{err}");
+        }
+        // endpoint release is offline only, and says so.
+        let (code, _, err) = cli(
+            &["--api", &api, "endpoint", "release", "web"],
+            &[("TETHER_API_KEY", &key(&store, Role::Admin))],
+        )
+        .await;
+        assert_eq!(code, 1);
+        assert!(err.contains("--offline"), "{err}");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn the_cli_speaks_https_and_a_unix_socket() {
+    smol::block_on(async {
+        let sock_dir = common::TempDir::new("api-cli-sock");
+        let sock = sock_dir.path().join("api.sock");
+        let mut env = Env::start_with("api-cli-unix", |t| {
+            format!("{t}\n[api]\nlisten = \"unix:{}\"\n", sock.display())
+        })
+        .await;
+        let admin = key(&env.store(), Role::Admin);
+        let api = env.api.clone().unwrap();
+        let (code, out, err) = cli(
+            &["-o", "json", "apikey", "list"],
+            &[("TETHER_API_URL", &api), ("TETHER_API_KEY", &admin)],
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(json(&out).as_array().unwrap().len(), 1, "{out}");
+        env.finish().await.expect("clean stop");
+    });
+    smol::block_on(async {
+        let mut env = Env::start_with("api-cli-https", |t| {
+            let cert = t
+                .lines()
+                .find(|l| l.starts_with("cert = ") && l.contains("agent.crt"))
+                .unwrap()
+                .to_owned();
+            let key = cert
+                .replace("cert = ", "key = ")
+                .replace("agent.crt", "agent.key");
+            format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{cert}\n{key}\n")
+        })
+        .await;
+        let admin = key(&env.store(), Role::Admin);
+        let port = env
+            .api
+            .clone()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_owned();
+        let url = format!("https://localhost:{port}");
+        let ca = env.pki.ca_file.display().to_string();
+        let vars = [
+            ("TETHER_API_URL", url.as_str()),
+            ("TETHER_API_KEY", admin.as_str()),
+        ];
+        // Without a CA to verify with, nothing is sent.
+        let (code, _, err) = cli(&["token", "list"], &vars).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("--api-ca"), "{err}");
+        let (code, out, err) = cli(
+            &["--api-ca", &ca, "token", "create", "--allow", "web"],
+            &vars,
+        )
+        .await;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.starts_with("tk_"), "{out}");
+        // A CA that did not sign the API's certificate: refused, not ignored.
+        let other = common::TempDir::new("api-cli-other-ca");
+        let other_pki = common::Pki::generate(other.path());
+        let (code, _, err) = cli(
+            &[
+                "--api-ca",
+                other_pki.ca_file.to_str().unwrap(),
+                "token",
+                "list",
+            ],
+            &vars,
+        )
+        .await;
+        assert_eq!(code, 1);
+        assert!(err.contains("TLS with https://localhost:"), "{err}");
+        env.finish().await.expect("clean stop");
     });
 }

@@ -29,6 +29,7 @@ struct Out {
 
 fn run(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Out {
     let out = Command::new(EDGE)
+        .arg("--offline")
         .arg("--config")
         .arg(config)
         .args(args)

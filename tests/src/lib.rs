@@ -687,18 +687,24 @@ impl Edge {
         self.proc.child.id()
     }
 
-    /// Runs `tether-edge --config <this config> ARGS...` (a CLI command
-    /// against the same store) and returns (exit code, stdout, stderr).
+    /// Runs `tether-edge --offline --config <this config> ARGS...` (a CLI
+    /// command on the same store, not through the API) and returns (exit
+    /// code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (Option<i32>, String, String) {
-        let mut all = vec!["--config", self.config.to_str().expect("utf-8")];
+        let mut all = vec![
+            "--offline",
+            "--config",
+            self.config.to_str().expect("utf-8"),
+        ];
         all.extend_from_slice(args);
         run("tether-edge", &all)
     }
 
-    /// `token create` against this edge's store; returns (token, id). An
-    /// empty `allow` asks for every endpoint (`--allow '*'`).
+    /// `token create --offline` against this edge's store; returns (token,
+    /// id). An empty `allow` asks for every endpoint (`--allow '*'`).
     pub fn create_token(config: &Path, allow: &[&str]) -> (String, String) {
         let mut args = vec![
+            "--offline",
             "--config",
             config.to_str().expect("utf-8"),
             "token",

@@ -18,18 +18,17 @@
 //!    with 413 before it is read when `Content-Length` says more).
 //!
 //! The resources, their JSON and their errors are in `openapi.json` (the
-//! edge's crate root, served at `GET /openapi.json`); [`wire`] holds the
+//! edge's crate root, served at `GET /openapi.json`); [`crate::wire`] holds the
 //! types that document describes. Mutations go through the store like the
 //! CLI's; the server's store watcher applies them to live sessions (a
 //! revocation closes them within 1 s), so there is no second path.
 
 mod routes;
-mod wire;
 
 /// An event as the API shows it (`Event` in openapi.json), as one line of
 /// JSON: what `[events] json_lines` writes.
 pub(crate) fn event_json(e: &crate::events::Event) -> String {
-    serde_json::to_string(&wire::Event::from(e)).unwrap_or_default()
+    serde_json::to_string(&crate::wire::Event::from(e)).unwrap_or_default()
 }
 
 use std::net::SocketAddr;

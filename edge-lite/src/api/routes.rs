@@ -15,7 +15,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::wire;
 use crate::events::{EventKind, EventQuery, NewEvent};
 use crate::scope::{parse_sources, Rules, Scope};
 use crate::state::State;
@@ -23,6 +22,7 @@ use crate::store::{
     ApiKeyId, AuthError, Revoked, Role, RotationRequest, Store, StoreError, TokenId, TokenUpdate,
     Updated, VerifiedKey,
 };
+use crate::wire;
 
 /// A page holds this many items unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 100;
@@ -91,7 +91,7 @@ impl Failure {
         let mut r = json(
             self.status,
             &wire::Error {
-                error: self.code,
+                error: self.code.to_owned(),
                 message: self.message,
             },
         );
@@ -502,8 +502,8 @@ fn description(d: &str) -> Result<(), Failure> {
 fn health(state: &Arc<State>) -> Result<Resp, Failure> {
     let reg = state.registry();
     let h = wire::Health {
-        status: "ok",
-        version: env!("CARGO_PKG_VERSION"),
+        status: "ok".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
         uptime_secs: crate::metrics::uptime_secs(),
         sessions: reg.live_sessions().len() as u64,
         endpoints: reg.bindings().len() as u64,
@@ -806,41 +806,14 @@ async fn list_endpoints(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> 
     let owned = state.store_call(|s| s.list_endpoints()).await?;
     let mut all: BTreeMap<String, wire::Endpoint> = BTreeMap::new();
     for e in owned {
-        all.insert(
-            e.name.clone(),
-            wire::Endpoint {
-                name: e.name,
-                kind: (!e.kind.is_empty()).then_some(e.kind),
-                owner_token_id: Some(e.owner.to_string()),
-                claimed_at: Some(e.claimed_at),
-                bound: false,
-                url: None,
-                session_id: None,
-                bound_at: None,
-                policy: None,
-                bytes_up: 0,
-                bytes_down: 0,
-            },
-        );
+        all.insert(e.name.clone(), wire::Endpoint::from(e));
     }
     {
         let reg = state.registry();
         for (name, b) in reg.bindings() {
             let e = all
                 .entry(name.to_owned())
-                .or_insert_with(|| wire::Endpoint {
-                    name: name.to_owned(),
-                    kind: None,
-                    owner_token_id: None,
-                    claimed_at: None,
-                    bound: false,
-                    url: None,
-                    session_id: None,
-                    bound_at: None,
-                    policy: None,
-                    bytes_up: 0,
-                    bytes_down: 0,
-                });
+                .or_insert_with(|| wire::Endpoint::unbound(name.to_owned()));
             let (up, down) = b.traffic.get();
             e.kind = Some(crate::bind::kind_name(b.kind).to_owned());
             e.bound = true;
