@@ -203,6 +203,7 @@ impl Rig {
         let (code, out, err) = run(
             "tether-edge",
             &[
+                "--offline",
                 "--config",
                 self.cfg.to_str().expect("utf-8"),
                 "token",
