@@ -39,11 +39,14 @@ pub enum EventKind {
     ApiKeyRevoked,
     /// A rate limit refused or delayed something.
     RateLimited,
+    /// An endpoint's owner was forgotten (`endpoint`; `token`: the owner it
+    /// had), so that the next token allowed to bind it owns it.
+    EndpointReleased,
 }
 
 impl EventKind {
     /// Every kind, in the order of the documentation.
-    pub const ALL: [EventKind; 13] = [
+    pub const ALL: [EventKind; 14] = [
         EventKind::AgentConnected,
         EventKind::AgentDisconnected,
         EventKind::AuthFailed,
@@ -57,6 +60,7 @@ impl EventKind {
         EventKind::ApiKeyCreated,
         EventKind::ApiKeyRevoked,
         EventKind::RateLimited,
+        EventKind::EndpointReleased,
     ];
 
     /// The kind's name in the API and the store.
@@ -75,6 +79,7 @@ impl EventKind {
             EventKind::ApiKeyCreated => "apikey_created",
             EventKind::ApiKeyRevoked => "apikey_revoked",
             EventKind::RateLimited => "rate_limited",
+            EventKind::EndpointReleased => "endpoint_released",
         }
     }
 

@@ -287,7 +287,14 @@ impl Op {
                 })?)
             }
             Command::Endpoint(EndpointCmd::List) => Op::ListEndpoints,
-            Command::Endpoint(EndpointCmd::Release { name }) => Op::Release(name),
+            Command::Endpoint(EndpointCmd::Release { name }) => {
+                if !tether_proto::valid_endpoint_name(&name) {
+                    return Err(Usage(format!(
+                        "{name:?} is not an endpoint name (DNS labels of lowercase letters, digits and inner '-')"
+                    )));
+                }
+                Op::Release(name)
+            }
             Command::Session(SessionCmd::List { token }) => {
                 Op::ListSessions(token.as_deref().map(token_id).transpose()?)
             }
@@ -379,10 +386,12 @@ impl Op {
                 show(out, &v, || endpoint_table(&v))
             }
             Op::Release(name) => {
-                let owner = b.release_endpoint(&name)?;
-                eprintln!("released endpoint {name} (was owned by token {owner})");
-                let v = serde_json::json!({ "endpoint": name, "released_from": owner });
-                show(out, &v, String::new)
+                let r = b.release_endpoint(&name)?;
+                eprintln!(
+                    "released endpoint {} (was owned by token {})",
+                    r.name, r.released_from
+                );
+                show(out, &r, String::new)
             }
             Op::ListSessions(token) => {
                 let v = b.list_sessions(token.as_ref())?;

@@ -142,6 +142,14 @@ impl From<EndpointInfo> for Endpoint {
     }
 }
 
+/// `EndpointRelease`: the endpoint whose owner was forgotten, and that
+/// owner.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EndpointRelease {
+    pub name: String,
+    pub released_from: String,
+}
+
 /// `Event`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Event {

@@ -1447,14 +1447,6 @@ fn the_cli_refuses_to_guess_where_the_api_is_or_which_key_to_use() {
             assert_eq!(code, 1, "{args:?}");
             assert!(err.contains("without --offline"), "{err}");
         }
-        // endpoint release is offline only, and says so.
-        let (code, _, err) = cli(
-            &["--api", &api, "endpoint", "release", "web"],
-            &[("TETHER_API_KEY", &key(&store, Role::Admin))],
-        )
-        .await;
-        assert_eq!(code, 1);
-        assert!(err.contains("--offline"), "{err}");
         env.finish().await.expect("clean stop");
     });
 }
@@ -1533,6 +1525,87 @@ fn the_cli_speaks_https_and_a_unix_socket() {
         .await;
         assert_eq!(code, 1);
         assert!(err.contains("TLS with https://localhost:"), "{err}");
+        env.finish().await.expect("clean stop");
+    });
+}
+
+#[test]
+fn an_endpoint_released_through_the_api_can_be_bound_by_another_token_at_once() {
+    smol::block_on(async {
+        let mut env = start("api-release", "").await;
+        let api = env.api.clone().unwrap();
+        let store = env.store();
+        let admin = key(&store, Role::Admin);
+        let read = key(&store, Role::Read);
+        let scope = tether_edge::scope::Scope {
+            rules: tether_edge::scope::Rules::parse(&["web".to_owned()]).unwrap(),
+            sources: Vec::new(),
+        };
+        let a = store.create("a", &scope).unwrap();
+        let b = store.create("b", &scope).unwrap();
+        // A binds web and so owns it; its session ends.
+        let agent_a = Agent::welcome(&env, a.token.expose()).await;
+        agent_a.bind_ok("web", EndpointKind::Tcp).await;
+        drop(agent_a);
+        common::until(Duration::from_secs(2), "A's session gone", || async {
+            curl(&api, "/sessions", Some(&read), &[]).await.json()["items"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        })
+        .await;
+        // B may bind web by its rules, but A owns it.
+        let agent_b = Agent::welcome(&env, b.token.expose()).await;
+        match agent_b.bind("web", EndpointKind::Tcp).await {
+            Some(Msg::BindErr { code, .. }) => assert_eq!(code, ErrorCode::ENDPOINT_TAKEN),
+            other => panic!("expected ENDPOINT_TAKEN, got {other:?}"),
+        }
+        let vars = [
+            ("TETHER_API_URL", api.as_str()),
+            ("TETHER_API_KEY", read.as_str()),
+        ];
+        // A read key cannot release; nothing changes.
+        let (code, _, err) = cli(&["endpoint", "release", "web"], &vars).await;
+        assert_eq!(code, 1);
+        assert!(err.contains("HTTP 403, forbidden"), "{err}");
+        let vars = [
+            ("TETHER_API_URL", api.as_str()),
+            ("TETHER_API_KEY", admin.as_str()),
+        ];
+        let (code, out, err) = cli(&["-o", "json", "endpoint", "release", "web"], &vars).await;
+        assert_eq!(code, 0, "{err}");
+        let v = json(&out);
+        assert_eq!(
+            (v["name"].as_str(), v["released_from"].as_str()),
+            (Some("web"), Some(a.id.to_string().as_str()))
+        );
+        // The API's own process made the change: B's next bind succeeds,
+        // without waiting for the store poll.
+        match agent_b.bind("web", EndpointKind::Tcp).await {
+            Some(Msg::BindOk { .. }) => {}
+            other => panic!("expected BindOk right after the release, got {other:?}"),
+        }
+        // Once: an endpoint without an owner is the API's 404; a name that
+        // cannot be one is refused before it is sent.
+        let g = post(&api, "/endpoints/nothing-here/release", &admin, "").await;
+        assert_eq!(g.status, 404, "{g:?}");
+        let (code, _, err) = cli(&["endpoint", "release", "Web/../x"], &vars).await;
+        assert_eq!(code, 64, "{err}");
+        // One event, naming the endpoint, its former owner and the key.
+        let ev = store
+            .events(&tether_edge::events::EventQuery {
+                kind: tether_edge::events::EventKind::parse("endpoint_released"),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(ev.len(), 1, "{ev:?}");
+        assert_eq!(ev[0].event.endpoint.as_deref(), Some("web"));
+        assert_eq!(ev[0].event.token.as_ref(), Some(&a.id));
+        assert_eq!(
+            ev[0].event.api_key.as_ref().unwrap().to_string(),
+            admin[..15]
+        );
         env.finish().await.expect("clean stop");
     });
 }

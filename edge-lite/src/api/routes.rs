@@ -129,6 +129,7 @@ enum Op {
     RotateToken,
     ListSessions,
     ListEndpoints,
+    ReleaseEndpoint,
     ListEvents,
     ListApiKeys,
     CreateApiKey,
@@ -152,6 +153,7 @@ impl Op {
             | Op::UpdateToken
             | Op::RevokeToken
             | Op::RotateToken
+            | Op::ReleaseEndpoint
             | Op::CreateApiKey
             | Op::RevokeApiKey => Some(Role::Admin),
         }
@@ -189,6 +191,9 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<(Op, Option<&'a str>), Fa
         }
         ["sessions"] => (&[(Method::GET, Op::ListSessions)], "GET", None),
         ["endpoints"] => (&[(Method::GET, Op::ListEndpoints)], "GET", None),
+        ["endpoints", name, "release"] if !name.is_empty() => {
+            (&[(Method::POST, Op::ReleaseEndpoint)], "POST", Some(name))
+        }
         ["events"] => (&[(Method::GET, Op::ListEvents)], "GET", None),
         ["metrics"] => (&[(Method::GET, Op::Metrics)], "GET", None),
         ["apikeys"] => (
@@ -311,6 +316,10 @@ async fn serve(state: &Arc<State>, max_body: u64, req: Request<Incoming>) -> Res
             Ok(metrics(state))
         }
         Op::ListEndpoints => list_endpoints(state, &query).await,
+        Op::ReleaseEndpoint => {
+            query.only(&[])?;
+            release_endpoint(state, param.unwrap_or_default(), by).await
+        }
         Op::ListEvents => list_events(state, &query).await,
         Op::ListApiKeys => {
             query.only(&[])?;
@@ -839,6 +848,54 @@ async fn list_endpoints(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> 
     }
     let next_cursor = more.then(|| items.last().map(|e| e.name.clone())).flatten();
     Ok(json(StatusCode::OK, &wire::Page { items, next_cursor }))
+}
+
+/// Forgets an endpoint's owner. This process wrote the change, so the
+/// watcher's `data_version` would not show it: the registry's owners are
+/// reloaded here, in the same store call.
+async fn release_endpoint(
+    state: &Arc<State>,
+    name: String,
+    by: Option<ApiKeyId>,
+) -> Result<Resp, Failure> {
+    if !tether_proto::valid_endpoint_name(&name) {
+        return Err(not_found(format!(
+            "no endpoint {name:?} (an endpoint name is DNS labels of lowercase letters, digits and inner '-')"
+        )));
+    }
+    let n = name.clone();
+    let (owner, owners) = state
+        .store_call(move |s| {
+            let owner = s.release_endpoint(&n)?;
+            if let Some(o) = &owner {
+                s.record(
+                    &NewEvent::new(EventKind::EndpointReleased)
+                        .endpoint(&n)
+                        .token(o)
+                        .by(by.as_ref()),
+                )?;
+            }
+            let owners = match owner {
+                Some(_) => Some(s.endpoint_owners()?),
+                None => None,
+            };
+            Ok::<_, StoreError>((owner, owners))
+        })
+        .await?;
+    match (owner, owners) {
+        (Some(o), Some(owners)) => {
+            state.registry().set_owners(owners);
+            log::info!("api: released endpoint {name} (was owned by token {o})");
+            Ok(json(
+                StatusCode::OK,
+                &wire::EndpointRelease {
+                    name,
+                    released_from: o.to_string(),
+                },
+            ))
+        }
+        _ => Err(not_found(format!("endpoint {name:?} has no owner"))),
+    }
 }
 
 async fn list_events(state: &Arc<State>, q: &Query) -> Result<Resp, Failure> {

@@ -65,8 +65,8 @@ pub(crate) trait Backend {
     fn revoke_api_key(&mut self, id: &ApiKeyId) -> Result<wire::ApiKey, Failed>;
     /// `endpoint list`: every endpoint (all pages).
     fn list_endpoints(&mut self) -> Result<Vec<wire::Endpoint>, Failed>;
-    /// `endpoint release`: the owner it had.
-    fn release_endpoint(&mut self, name: &str) -> Result<String, Failed>;
+    /// `endpoint release`: the endpoint and the owner it had.
+    fn release_endpoint(&mut self, name: &str) -> Result<wire::EndpointRelease, Failed>;
     /// `session list`: every live session (all pages).
     fn list_sessions(&mut self, token: Option<&TokenId>) -> Result<Vec<wire::Session>, Failed>;
     /// `event list`: one page, newest first.
@@ -185,10 +185,12 @@ impl Backend for Api {
         self.all("/endpoints", &[])
     }
 
-    fn release_endpoint(&mut self, name: &str) -> Result<String, Failed> {
-        Err(Failed(format!(
-            "endpoint release {name}: the API has no operation for it; run it with --offline --config FILE on the edge's host (a running edge applies it within 1 s)"
-        )))
+    fn release_endpoint(&mut self, name: &str) -> Result<wire::EndpointRelease, Failed> {
+        Ok(self.0.call(
+            Method::POST,
+            &format!("/endpoints/{name}/release"),
+            None::<&()>,
+        )?)
     }
 
     fn list_sessions(&mut self, token: Option<&TokenId>) -> Result<Vec<wire::Session>, Failed> {
@@ -361,9 +363,20 @@ impl Backend for Offline {
         Ok(v)
     }
 
-    fn release_endpoint(&mut self, name: &str) -> Result<String, Failed> {
+    fn release_endpoint(&mut self, name: &str) -> Result<wire::EndpointRelease, Failed> {
         match self.0.release_endpoint(name)? {
-            Some(owner) => Ok(owner.to_string()),
+            Some(owner) => {
+                self.0.record(
+                    &NewEvent::new(EventKind::EndpointReleased)
+                        .endpoint(name)
+                        .token(&owner)
+                        .detail("offline"),
+                )?;
+                Ok(wire::EndpointRelease {
+                    name: name.to_owned(),
+                    released_from: owner.to_string(),
+                })
+            }
             None => Err(Failed(format!("endpoint {name:?} has no owner"))),
         }
     }

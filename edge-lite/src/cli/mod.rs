@@ -382,11 +382,11 @@ List endpoints and the token that owns each (the first token to bind an
 endpoint owns it; others get ENDPOINT_TAKEN); through the API also the
 bound ones' URLs and sessions.")]
     List,
-    /// Forget an endpoint's owner (--offline only).
+    /// Forget an endpoint's owner.
     #[command(long_about = "\
 Forget an endpoint's owner, so that the next token allowed to bind it owns
-it (to move an endpoint to a new device). On the store: --offline only, for
-the API has no operation for it yet.")]
+it (to move an endpoint to a new device). A running edge applies it at
+once (through the API) or within 1 s (--offline).")]
     Release {
         /// The endpoint's name.
         #[arg(value_name = "NAME")]
