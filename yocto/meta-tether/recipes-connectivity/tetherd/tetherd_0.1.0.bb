@@ -22,7 +22,7 @@ LIC_FILES_CHKSUM = "file://LICENSE;md5=3b83ef96387f14655fc854ddc3c6bd57"
 # tetherd-crates.inc was made from: scripts/yocto-crates --check checks it.
 TETHER_GIT_URI ??= "git://example.invalid/tether.git;protocol=https;branch=main"
 SRC_URI = "${TETHER_GIT_URI};destsuffix=${BP}"
-SRCREV = "3f2b10e3a3674082afb6c7c79ba632b7a4addca0"
+SRCREV = "d7e414540d249848e8b752c4740374e1cbd86da6"
 # scarthgap unpacks into WORKDIR; wrynose sets UNPACKDIR (WORKDIR/sources)
 # itself, and this weak default then does nothing.
 UNPACKDIR ??= "${WORKDIR}"
