@@ -29,6 +29,32 @@ async fn start(tag: &str, extra: &str) -> Env {
     .await
 }
 
+/// An edge whose API listens on the unix socket `sock`.
+async fn start_unix(tag: &str, sock: &std::path::Path) -> Env {
+    let sock = sock.to_owned();
+    Env::start_with(tag, move |t| {
+        format!("{t}\n[api]\nlisten = \"unix:{}\"\n", sock.display())
+    })
+    .await
+}
+
+/// An edge whose API speaks HTTPS on 127.0.0.1, with the agent port's
+/// certificate (for localhost, signed by the test CA).
+async fn start_https(tag: &str) -> Env {
+    Env::start_with(tag, |t| {
+        let cert = t
+            .lines()
+            .find(|l| l.starts_with("cert = ") && l.contains("agent.crt"))
+            .unwrap()
+            .to_owned();
+        let key = cert
+            .replace("cert = ", "key = ")
+            .replace("agent.crt", "agent.key");
+        format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{cert}\n{key}\n")
+    })
+    .await
+}
+
 fn key(store: &SqliteStore, role: Role) -> String {
     store
         .create_api_key(role, "test", None)
@@ -539,10 +565,7 @@ fn https_and_a_unix_socket() {
     smol::block_on(async {
         let sock_dir = common::TempDir::new("api-sock");
         let sock = sock_dir.path().join("api.sock");
-        let mut env = Env::start_with("api-unix", |t| {
-            format!("{t}\n[api]\nlisten = \"unix:{}\"\n", sock.display())
-        })
-        .await;
+        let mut env = start_unix("api-unix", &sock).await;
         let api = env.api.clone().unwrap();
         assert_eq!(api, format!("unix:{}", sock.display()));
         let admin = key(&env.store(), Role::Admin);
@@ -556,18 +579,7 @@ fn https_and_a_unix_socket() {
     });
 
     smol::block_on(async {
-        let mut env = Env::start_with("api-https", |t| {
-            let cert = t
-                .lines()
-                .find(|l| l.starts_with("cert = ") && l.contains("agent.crt"))
-                .unwrap()
-                .to_owned();
-            let key = cert
-                .replace("cert = ", "key = ")
-                .replace("agent.crt", "agent.key");
-            format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{cert}\n{key}\n")
-        })
-        .await;
+        let mut env = start_https("api-https").await;
         let api = env.api.clone().unwrap();
         let port = api.rsplit(':').next().unwrap().to_owned();
         assert!(api.starts_with("https://"), "{api}");
@@ -1456,10 +1468,7 @@ fn the_cli_speaks_https_and_a_unix_socket() {
     smol::block_on(async {
         let sock_dir = common::TempDir::new("api-cli-sock");
         let sock = sock_dir.path().join("api.sock");
-        let mut env = Env::start_with("api-cli-unix", |t| {
-            format!("{t}\n[api]\nlisten = \"unix:{}\"\n", sock.display())
-        })
-        .await;
+        let mut env = start_unix("api-cli-unix", &sock).await;
         let admin = key(&env.store(), Role::Admin);
         let api = env.api.clone().unwrap();
         let (code, out, err) = cli(
@@ -1472,18 +1481,7 @@ fn the_cli_speaks_https_and_a_unix_socket() {
         env.finish().await.expect("clean stop");
     });
     smol::block_on(async {
-        let mut env = Env::start_with("api-cli-https", |t| {
-            let cert = t
-                .lines()
-                .find(|l| l.starts_with("cert = ") && l.contains("agent.crt"))
-                .unwrap()
-                .to_owned();
-            let key = cert
-                .replace("cert = ", "key = ")
-                .replace("agent.crt", "agent.key");
-            format!("{t}\n[api]\nlisten = \"127.0.0.1:0\"\n{cert}\n{key}\n")
-        })
-        .await;
+        let mut env = start_https("api-cli-https").await;
         let admin = key(&env.store(), Role::Admin);
         let port = env
             .api

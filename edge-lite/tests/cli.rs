@@ -369,7 +369,10 @@ fn help_names_every_command_flag_stdout_line_signal_and_exit_code() {
             ],
         ),
         (&["session", "list"], &["--token <ID>"]),
-        (&["endpoint", "release"], &["<NAME>", "next token allowed to bind it owns"]),
+        (
+            &["endpoint", "release"],
+            &["<NAME>", "next token allowed to bind it owns"],
+        ),
         (
             &["provision"],
             &[
