@@ -46,6 +46,9 @@ pub struct Config {
     /// What the store keeps of the events, and where else they go.
     #[serde(default)]
     pub events: EventsConfig,
+    /// Automatic rotation.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// Per-endpoint traffic policies, keyed by an exact endpoint name or
     /// `*<suffix>`; every matching key applies, on top of the mandatory one.
     #[serde(default)]
@@ -202,6 +205,22 @@ impl Default for EventsConfig {
         }
     }
 }
+
+/// `[rotation]`: rotating tokens without an operator asking.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// A token older than this many seconds (since it was created, or
+    /// minted as a successor) is rotated while its device is connected, as
+    /// if an operator had asked (`POST /tokens/{id}/rotate`). Absent: only
+    /// on request.
+    #[serde(default)]
+    pub max_token_age_secs: Option<u64>,
+}
+
+/// The accepted range of `rotation.max_token_age_secs`: a second (for
+/// tests) to ten years.
+pub const MAX_TOKEN_AGE_RANGE: std::ops::RangeInclusive<u64> = 1..=10 * 365 * 86_400;
 
 /// Where `[events] json_lines` sends events.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -701,6 +720,18 @@ impl Config {
         }
         if let Err(why) = self.events.sink() {
             return Err(doc.at(&["events", "json_lines"], why));
+        }
+        if let Some(v) = self.rotation.max_token_age_secs {
+            if !MAX_TOKEN_AGE_RANGE.contains(&v) {
+                return Err(doc.at(
+                    &["rotation", "max_token_age_secs"],
+                    format!(
+                        "{v} is outside the accepted range {}..={} (leave it out to rotate only on request)",
+                        MAX_TOKEN_AGE_RANGE.start(),
+                        MAX_TOKEN_AGE_RANGE.end()
+                    ),
+                ));
+            }
         }
         // Last, the files: every value above is checked first.
         tls::load_identity(&self.agent.cert, &self.agent.key).map_err(|e| match e {

@@ -317,6 +317,11 @@ impl Server {
         let agents = crate::state::spawn(accept_agents(state.clone(), agent));
         let public = tls.map(|(l, _)| crate::state::spawn(public::accept_tls(state.clone(), l)));
         let watcher = crate::state::spawn(watch_store(state.clone(), rev));
+        let aging = state
+            .cfg
+            .rotation
+            .max_token_age_secs
+            .map(|age| crate::state::spawn(crate::rotation::rotate_aged(state.clone(), age)));
         let summary = {
             let st = state.clone();
             crate::state::spawn(crate::metrics::summarise(
@@ -348,6 +353,9 @@ impl Server {
             t.cancel().await;
         }
         watcher.cancel().await;
+        if let Some(t) = aging {
+            t.cancel().await;
+        }
         summary.cancel().await;
         pruner.cancel().await;
         if let Some(t) = api {

@@ -1607,3 +1607,64 @@ fn an_endpoint_released_through_the_api_can_be_bound_by_another_token_at_once() 
         env.finish().await.expect("clean stop");
     });
 }
+
+#[test]
+fn tokens_older_than_the_maximum_age_are_rotated_while_their_device_is_connected() {
+    smol::block_on(async {
+        let mut env = start("api-max-age", "\n[rotation]\nmax_token_age_secs = 2").await;
+        let store = env.store();
+        let (old, old_id) = env.token(&["cam"]);
+        let (_, idle_id) = env.token(&["ssh"]);
+        let created = Instant::now();
+        let a = Agent::welcome(&env, &old).await;
+        a.bind_ok("cam", EndpointKind::Tcp).await;
+        // Younger than 2 s (ages count whole seconds: at least 1 s after
+        // creation): no offer yet.
+        let early =
+            futures_lite::future::or(async { Some(a.session.recv_control().await) }, async {
+                smol::Timer::after(Duration::from_millis(900).saturating_sub(created.elapsed()))
+                    .await;
+                None
+            })
+            .await;
+        assert!(
+            early.is_none(),
+            "offered before the token was 2 s old: {early:?}"
+        );
+        // Then the live session is offered a successor, as if an operator
+        // had asked: within a check (0.5 s) and a store poll of the age.
+        let got = common::within(Duration::from_secs(3), a.session.recv_control())
+            .await
+            .expect("a control message");
+        let (new_id, _) = offered(&got);
+        let waited = created.elapsed();
+        assert!(
+            waited < Duration::from_millis(3500),
+            "offered after {waited:?}"
+        );
+        let new = store.get(&new_id).unwrap().unwrap();
+        assert!(new.pending && new.rotated_from.unwrap().to_string() == old_id);
+        // The event says why, with no key.
+        let ev = store
+            .events(&tether_edge::events::EventQuery {
+                kind: tether_edge::events::EventKind::parse("token_rotated"),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        let asked: Vec<_> = ev
+            .iter()
+            .filter(|e| e.event.token.as_ref().map(ToString::to_string) == Some(old_id.clone()))
+            .collect();
+        assert_eq!(asked.len(), 1, "{ev:?}");
+        assert!(asked[0].event.api_key.is_none());
+        assert_eq!(
+            asked[0].event.detail,
+            "requested: older than rotation.max_token_age_secs (2 s)"
+        );
+        // A token whose device is not connected is left alone.
+        let idle = store.get(&idle_id).unwrap().unwrap();
+        assert!(idle.rotation_requested_at.is_none(), "{idle:?}");
+        env.finish().await.expect("clean stop");
+    });
+}

@@ -220,9 +220,13 @@ fn values_outside_their_range_are_refused_with_the_range_instead_of_overflowing_
             "18446744073709551615",
         ),
         ("limits", "idle_timeout_ms", "999"),
+        ("rotation", "max_token_age_secs", "0"),
+        ("rotation", "max_token_age_secs", "315360001"),
     ];
     for (table, field, value) in cases {
-        let body = if *table == "session" {
+        let body = if *table == "rotation" {
+            format!("{good}\n[rotation]\n{field} = {value}\n")
+        } else if *table == "session" {
             let kept: Vec<&str> = good
                 .lines()
                 .filter(|l| !l.starts_with(&format!("{field} =")))
@@ -247,6 +251,16 @@ fn values_outside_their_range_are_refused_with_the_range_instead_of_overflowing_
     let c = load(dir.path(), &body).expect("bounds load");
     assert_eq!(c.limits.idle_timeout_ms, 1000);
     assert_eq!(c.limits.sessions_per_token, 4, "defaults for the rest");
+    assert_eq!(
+        c.rotation.max_token_age_secs, None,
+        "rotation only on request"
+    );
+    let c = load(
+        dir.path(),
+        &format!("{good}\n[rotation]\nmax_token_age_secs = 1\n"),
+    )
+    .expect("a second loads");
+    assert_eq!(c.rotation.max_token_age_secs, Some(1));
 }
 
 /// The mandatory policy, a per-endpoint one and `[agent]` allow / deny load;
