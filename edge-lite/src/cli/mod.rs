@@ -24,11 +24,12 @@ tls endpoints, and carries every public connection to its device as a stream.
 event, status) are clients of the running edge's admin API: the address
 comes from --api, TETHER_API_URL or the [api] section of --config, the key
 from --api-key-file, TETHER_API_KEY or TETHER_API_KEY_FILE, and every change
-is recorded with the key's id. With --offline --config FILE they work on the
-token store directly instead (no key; how the first API key is made, and for
-recovery when the edge is down); a running edge applies what they change
-within 1 s. session and status need the running edge. provision always
-works on the store. Each command has its own --help.";
+is recorded with the key's id; each request has 30 s. With --offline
+--config FILE they work on the token store directly instead (no key; how the
+first API key is made, and for recovery when the edge is down); a running
+edge applies what they change within 1 s. session and status need the
+running edge. provision always works on the store. Each command has its own
+--help.";
 
 /// The end of `--help`, in help2man's layout: subsections (`Output:`,
 /// `Signals:`, `Exit status:`), then the sections help2man knows
