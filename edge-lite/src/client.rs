@@ -8,8 +8,7 @@
 //! never logs or prints it (see [`ApiKey`]).
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_lite::future;
@@ -18,8 +17,7 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use smol_hyper::rt::FuturesIo;
@@ -357,7 +355,7 @@ impl Client {
                         self.url
                     )));
                 };
-                let tls = client_config(ca)?;
+                let tls = crate::tls::api_client(ca).map_err(ClientError::Tls)?;
                 let name = ServerName::try_from(host.clone())
                     .map_err(|e| ClientError::Tls(format!("{host:?}: {e}")))?;
                 let s = smol::net::TcpStream::connect((host.as_str(), *port))
@@ -387,30 +385,6 @@ where
     })
     .detach();
     Ok(send)
-}
-
-/// TLS 1.2 or 1.3, verifying the server against the certificates of `ca`.
-fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    let bad = |e: String| ClientError::Tls(format!("{}: {e}", ca.display()));
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca)
-        .map_err(|e| bad(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no PEM certificate in the file".into()));
-    }
-    for c in certs {
-        roots.add(c).map_err(|e| bad(e.to_string()))?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| bad(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(cfg))
 }
 
 #[cfg(test)]

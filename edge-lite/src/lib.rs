@@ -30,8 +30,8 @@
 //! - [`config`]: the typed `edge.toml`; [`store`]: the store interface and
 //!   its SQLite implementation (tokens as salted hashes, never secrets, with
 //!   their scopes; endpoint owners; versioned schema migrations); `tls`: rustls
-//!   (server configs per endpoint policy, the client-certificate verifier,
-//!   the identity of a verified leaf); [`policy`]: the traffic-policy model,
+//!   (server configs per endpoint policy, the CLI's client config, the
+//!   client-certificate verifier, the identity of a verified leaf); [`policy`]: the traffic-policy model,
 //!   pure (no I/O, no clock): parsing, `restrict-ips`, and the conjunction of
 //!   the edge's, the endpoint's and the agent's layers; [`scope`]: the
 //!   other half of the policy model, pure too: a token's bind rules

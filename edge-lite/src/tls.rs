@@ -3,7 +3,9 @@
 //! agent port: TLS 1.3 only with ALPN `tether/1`; the shared public port:
 //! TLS 1.3 with the wildcard certificate; and one per endpoint whose policy
 //! asks for other versions, its own certificate or client certificates,
-//! built once when the endpoint is bound, never per connection).
+//! built once when the endpoint is bound, never per connection), and the
+//! one client configuration, the CLI's for an HTTPS admin API
+//! ([`api_client`]).
 //!
 //! Client certificates are verified by rustls' webpki verifier, once per
 //! layer's CA set ([`AllOf`]: a certificate must verify against every
@@ -65,18 +67,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The PEM certificates of a file, at least one; the error names the file.
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no PEM certificate in the file",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 /// Reads a PEM certificate chain and private key, and checks that they belong together.
 pub fn load_identity(cert: &Path, key: &Path) -> Result<Identity, IdentityError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| IdentityError::Cert(format!("{}: {e}", cert.display())))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| IdentityError::Cert(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(IdentityError::Cert(format!(
-            "{}: no PEM certificate in the file",
-            cert.display()
-        )));
-    }
+    let certs = load_certs(cert).map_err(IdentityError::Cert)?;
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| IdentityError::Key(format!("{}: {e}", key.display())))?;
     let signing = provider()
@@ -116,6 +124,22 @@ pub fn api_server(id: &Identity) -> Result<Arc<ServerConfig>, rustls::Error> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(id.certs.clone(), id.key.clone_key())?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The CLI's client of an HTTPS admin API: TLS 1.2 and 1.3, ALPN
+/// `http/1.1`, the server verified against the certificates of `ca`.
+pub fn api_client(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(ca)? {
+        roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
